@@ -1,1 +1,191 @@
-//! Store backends.
+//! Stores: where narinfos and NARs come from and go to.
+//!
+//! [`Store`] is the one interface every backend implements: the local Nix store
+//! ([`local::LocalStore`]), and binary caches ([`binary_cache::BinaryCache`]) over any
+//! [`blobs::Blobs`] backend such as a folder ([`file::FileBlobs`]). [`url::StoreUrl`] turns the
+//! URLs users type into one of them.
+
+pub mod binary_cache;
+pub mod blobs;
+pub mod file;
+pub mod local;
+pub mod url;
+
+use std::io;
+use std::pin::Pin;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use thiserror::Error;
+
+use crate::formats::{CacheInfo, NarInfo};
+
+/// Bytes that arrive in chunks; NARs of any size travel like this, never as one buffer.
+pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
+
+/// A byte range, as in an HTTP `Range` header, already resolved against nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteRange {
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte; `None` for "to the end".
+    pub end: Option<u64>,
+}
+
+impl ByteRange {
+    /// Clamps the range to an object of `size` bytes; `None` when it starts past the end.
+    pub fn resolve(self, size: u64) -> Option<(u64, u64)> {
+        let end = self.end.unwrap_or(size).min(size);
+        (self.start < end || (self.start == 0 && size == 0)).then_some((self.start, end))
+    }
+}
+
+/// An object's bytes, possibly a slice of it.
+pub struct Blob {
+    /// The bytes of the requested range (or of the whole object).
+    pub stream: ByteStream,
+    /// Where the slice starts and ends in the object; `(0, total)` without a range.
+    pub span: (u64, u64),
+    /// The object's whole size.
+    pub total: u64,
+}
+
+impl std::fmt::Debug for Blob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Blob")
+            .field("span", &self.span)
+            .field("total", &self.total)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Blob {
+    /// Reads the whole blob into memory; for small objects (narinfos, listings) only.
+    pub async fn into_bytes(mut self) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        while let Some(chunk) = self.stream.next().await {
+            out.extend_from_slice(&chunk?);
+        }
+        Ok(out)
+    }
+}
+
+/// What can go wrong talking to a store, in terms a user can act on.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// The object does not exist (HTTP 404).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The request itself is malformed (bad hash, path traversal): the caller's fault.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// The store cannot do this (for example writing into the local Nix store).
+    #[error("{0}")]
+    Unsupported(String),
+    /// The store holds data that does not parse.
+    #[error("corrupt data in the store: {0}")]
+    Corrupt(String),
+    /// The backend failed (I/O, network, database); may be transient.
+    #[error("{context}: {source}")]
+    Backend {
+        /// What was being done.
+        context: String,
+        /// The cause.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl StoreError {
+    /// Wraps a backend error with what was being done.
+    pub fn backend(context: impl Into<String>, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        StoreError::Backend {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+
+    /// True for [`StoreError::NotFound`].
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StoreError::NotFound(_))
+    }
+}
+
+/// Result of store operations.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// One interface over every kind of store.
+///
+/// Reads are what `serve` needs; writes are what `upload` needs. A store that cannot be
+/// written answers writes with [`StoreError::Unsupported`].
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// A short description for logs (the store URL without secrets).
+    fn describe(&self) -> String;
+
+    /// The cache's `nix-cache-info`.
+    async fn cache_info(&self) -> Result<CacheInfo>;
+
+    /// The narinfo of the store object with this 32-character digest.
+    async fn narinfo(&self, digest: &str) -> Result<NarInfo>;
+
+    /// The file a narinfo's `URL:` names, or a slice of it.
+    async fn nar(&self, url: &str, range: Option<ByteRange>) -> Result<Blob>;
+
+    /// The `.ls` listing of an object's NAR, as JSON text.
+    async fn listing(&self, digest: &str) -> Result<String>;
+
+    /// The build log of a derivation (`<digest>-<name>.drv`), uncompressed.
+    async fn log(&self, drv: &str) -> Result<Blob>;
+
+    /// The digests of every object in the store (order unspecified).
+    async fn list(&self) -> Result<Vec<String>>;
+
+    /// Writes a NAR file under `url` (relative, as it will appear in the narinfo).
+    async fn put_nar(&self, url: &str, data: ByteStream) -> Result<u64>;
+
+    /// Writes a narinfo; callers write it only after its NAR and references exist.
+    async fn put_narinfo(&self, info: &NarInfo) -> Result<()>;
+
+    /// Writes an object's `.ls` listing.
+    async fn put_listing(&self, digest: &str, json: &str) -> Result<()>;
+
+    /// Writes a derivation's build log.
+    async fn put_log(&self, drv: &str, data: ByteStream) -> Result<()>;
+
+    /// True when a file exists at `url` (a NAR URL, or `<digest>.narinfo`).
+    async fn exists(&self, url: &str) -> Result<bool>;
+}
+
+/// Restricts a stream to `[start, end)` of its bytes, discarding what comes before and
+/// dropping the source as soon as `end` is reached (which stops whatever produces it).
+pub fn slice_stream(stream: ByteStream, start: u64, end: u64) -> ByteStream {
+    use futures::future::ready;
+    Box::pin(
+        stream
+            .scan(0u64, move |pos, chunk| {
+                if *pos >= end {
+                    return ready(None);
+                }
+                ready(Some(chunk.map(|c| {
+                    let len = c.len() as u64;
+                    let from = start.saturating_sub(*pos).min(len);
+                    let to = end.saturating_sub(*pos).min(len);
+                    *pos += len;
+                    c.slice(from as usize..to.max(from) as usize)
+                })))
+            })
+            .filter(|c| ready(!matches!(c, Ok(c) if c.is_empty()))),
+    )
+}
+
+/// Checks that `digest` is a store-path digest, so it can be used in keys and paths.
+pub fn check_digest(digest: &str) -> Result<()> {
+    if crate::formats::store_path::is_valid_digest(digest) {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!(
+            "{digest:?} is not a 32-character nixbase32 store-path digest"
+        )))
+    }
+}

@@ -1,0 +1,61 @@
+//! Key-value object storage underneath a binary cache: a folder, an S3 or a GCS bucket.
+
+use async_trait::async_trait;
+
+use super::{Blob, ByteRange, ByteStream, Result, StoreError};
+
+/// Objects by key, the way buckets store them.
+///
+/// Keys are relative, `/`-separated, and never contain `.` or `..` components; [`check_key`]
+/// enforces that before any backend sees one.
+#[async_trait]
+pub trait Blobs: Send + Sync + 'static {
+    /// A description for logs (`file:///srv/cache`).
+    fn describe(&self) -> String;
+
+    /// Reads an object or a slice of it; a missing key is [`StoreError::NotFound`].
+    async fn get(&self, key: &str, range: Option<ByteRange>) -> Result<Blob>;
+
+    /// Writes an object from a stream, atomically: readers see the old object or the whole new
+    /// one, never a part. Returns the bytes written.
+    async fn put(&self, key: &str, data: ByteStream, content_type: &str) -> Result<u64>;
+
+    /// The size of an object, or `None` when it does not exist.
+    async fn head(&self, key: &str) -> Result<Option<u64>>;
+
+    /// Every key directly under `prefix` (which is empty or ends in `/`), without descending.
+    async fn list(&self, prefix: &str) -> Result<Vec<String>>;
+}
+
+/// Refuses keys that could leave the bucket's root or confuse a file system.
+pub fn check_key(key: &str) -> Result<()> {
+    let bad = |why: &str| Err(StoreError::Invalid(format!("object key {key:?} {why}")));
+    if key.is_empty() {
+        return bad("is empty");
+    }
+    if key.starts_with('/') || key.contains("://") {
+        return bad("must be relative to the cache root");
+    }
+    if key.contains('\0') || key.contains('\\') {
+        return bad("contains a NUL or backslash");
+    }
+    if key.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+        return bad("has an empty, '.' or '..' component");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_cannot_escape() {
+        for k in ["", "/etc/passwd", "../x", "nar/../../x", "a//b", "./a", "a\\b", "http://x/y", "a/."] {
+            assert!(check_key(k).is_err(), "{k:?}");
+        }
+        for k in ["nix-cache-info", "nar/abc.nar.xz", "log/x.drv", "abc.narinfo"] {
+            assert!(check_key(k).is_ok(), "{k:?}");
+        }
+    }
+}

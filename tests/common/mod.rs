@@ -1,0 +1,171 @@
+//! Shared harness for the integration tests: a private Nix environment per test (own chroot
+//! store, own `XDG_CACHE_HOME`), trees to archive, and a small closure built by the real Nix.
+#![allow(dead_code)] // Each test binary uses a different part of the harness.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A private Nix environment: a scratch folder with its own chroot store and caches.
+pub struct NixEnv {
+    pub dir: tempfile::TempDir,
+}
+
+/// A closure built by [`NixEnv::build_closure`]: `app` → `lib` → `dep`, plus the busybox
+/// that built them (which nothing references).
+pub struct Closure {
+    pub app: String,
+    pub lib: String,
+    pub dep: String,
+    /// Every path of the closure of `app`, in `nix-store -qR` order (dependencies first).
+    pub paths: Vec<String>,
+}
+
+impl NixEnv {
+    /// Makes a fresh environment; fails loudly when the real Nix is missing, because every
+    /// test here is about agreeing with it.
+    pub fn new() -> NixEnv {
+        let found = Command::new("nix-store").arg("--version").output();
+        assert!(
+            found.map(|o| o.status.success()).unwrap_or(false),
+            "the real Nix (nix-store) is not installed: run scripts/test, which installs the test peers"
+        );
+        let dir = tempfile::Builder::new().prefix("nixcached-test-").tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("xdg")).unwrap();
+        NixEnv { dir }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// The chroot store of this environment (created by Nix on first use).
+    pub fn store_root(&self) -> PathBuf {
+        self.path("store")
+    }
+
+    /// `--store` argument for the chroot store.
+    pub fn store_arg(&self) -> String {
+        self.store_root().display().to_string()
+    }
+
+    /// A command with this environment's cache folder, so Nix's narinfo cache never leaks
+    /// between tests.
+    pub fn cmd(&self, program: &str) -> Command {
+        let mut c = Command::new(program);
+        c.env("XDG_CACHE_HOME", self.path("xdg"));
+        c.env("HOME", self.dir.path());
+        c
+    }
+
+    /// Runs a command, panicking with its stderr when it fails; returns stdout.
+    pub fn run(&self, program: &str, args: &[&str]) -> String {
+        let out = self.output(program, args);
+        assert!(
+            out.status.success(),
+            "{program} {args:?} failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs a command and returns its whole output, success or not.
+    pub fn output(&self, program: &str, args: &[&str]) -> Output {
+        self.cmd(program).args(args).output().unwrap()
+    }
+
+    /// Adds a file-system tree to the chroot store; returns its store path.
+    pub fn add(&self, path: &Path) -> String {
+        self.run("nix-store", &["--store", &self.store_arg(), "--add", path.to_str().unwrap()])
+            .trim()
+            .to_string()
+    }
+
+    /// `nix-store --dump` of a file-system path.
+    pub fn dump(&self, path: &Path) -> Vec<u8> {
+        let out = self.output("nix-store", &["--dump", path.to_str().unwrap()]);
+        assert!(out.status.success(), "nix-store --dump: {}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    }
+
+    /// Generates a signing key pair with Nix; returns (secret key file, public key text).
+    pub fn keypair(&self, name: &str) -> (PathBuf, String) {
+        let sk = self.path(&format!("{name}.sk"));
+        let pk = self.path(&format!("{name}.pk"));
+        self.run(
+            "nix-store",
+            &["--generate-binary-cache-key", name, sk.to_str().unwrap(), pk.to_str().unwrap()],
+        );
+        (sk, std::fs::read_to_string(pk).unwrap().trim().to_string())
+    }
+
+    /// Builds a three-path closure with references in the chroot store, using the static
+    /// busybox that Debian's busybox-static ships as the builder.
+    pub fn build_closure(&self) -> Closure {
+        let bb = self.path("bbdir/bin");
+        std::fs::create_dir_all(&bb).unwrap();
+        std::fs::copy("/bin/busybox", bb.join("busybox"))
+            .expect("/bin/busybox missing: run scripts/test, which installs busybox-static");
+        let bb = self.add(&self.path("bbdir"));
+        let dep_dir = self.path("dep");
+        std::fs::create_dir_all(dep_dir.join("sub/empty")).unwrap();
+        std::fs::write(dep_dir.join("a"), "a\n").unwrap();
+        std::fs::write(dep_dir.join("sub/b"), vec![b'b'; 70_000]).unwrap();
+        let dep = self.add(&dep_dir);
+        let nix = format!(
+            r#"let bb = builtins.storePath "{bb}"; dep = builtins.storePath "{dep}";
+  mk = name: cmd: builtins.derivation {{ inherit name; system = builtins.currentSystem;
+    builder = "${{bb}}/bin/busybox"; args = [ "sh" "-c" cmd ]; PATH = "${{bb}}/bin"; }};
+in rec {{
+  lib = mk "testlib" "mkdir -p $out/lib && echo ${{dep}} > $out/lib/x && echo building testlib";
+  app = mk "testapp" "mkdir -p $out/bin && echo ${{lib}} > $out/bin/uses-lib && ln -s ${{lib}}/lib/x $out/link && printf '#!/bin/sh\necho hi\n' > $out/bin/hi && chmod +x $out/bin/hi && head -c 300000 /dev/urandom > $out/random";
+}}"#
+        );
+        let file = self.path("closure.nix");
+        std::fs::write(&file, nix).unwrap();
+        let build = |attr: &str| {
+            self.run(
+                "nix-build",
+                &["--store", &self.store_arg(), file.to_str().unwrap(), "-A", attr, "--no-out-link"],
+            )
+            .trim()
+            .to_string()
+        };
+        let lib = build("lib");
+        let app = build("app");
+        let paths = self
+            .run("nix-store", &["--store", &self.store_arg(), "-qR", &app])
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        Closure { app, lib, dep, paths }
+    }
+
+    /// The real file-system location of a store path of the chroot store.
+    pub fn real(&self, store_path: &str) -> PathBuf {
+        self.store_root().join(store_path.trim_start_matches('/'))
+    }
+
+    /// `nix copy` from the chroot store to a URL.
+    pub fn copy_to(&self, url: &str, paths: &[&str]) {
+        let store = self.store_arg();
+        let mut args = vec!["copy", "--from", store.as_str(), "--to", url];
+        args.extend_from_slice(paths);
+        self.run("nix", &args);
+    }
+}
+
+/// Runs a future to completion on a fresh runtime (tests stay plain `#[test]` functions).
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// SHA-256 of bytes in `sha256:<nixbase32>` form.
+pub fn nix32_sha256(data: &[u8]) -> String {
+    nixcached_actors::formats::Hash::sha256_of(data).to_nix32()
+}
