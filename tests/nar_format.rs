@@ -71,7 +71,17 @@ fn directories_deep_trees_empty_dirs_and_odd_names() {
     fs::create_dir_all(&deep).unwrap();
     fs::write(deep.join("bottom"), "bottom\n").unwrap();
     // Sorting is by bytes: upper case before lower, and multi-byte names last.
-    for name in ["B", "a", "a.b", "a-b", "Zz", "with space", "ünïcödé", "new\nline", "tab\tname"] {
+    for name in [
+        "B",
+        "a",
+        "a.b",
+        "a-b",
+        "Zz",
+        "with space",
+        "ünïcödé",
+        "new\nline",
+        "tab\tname",
+    ] {
         fs::write(t.join(name), name).unwrap();
     }
     fs::write(t.join(OsStr::from_bytes(b"latin1-\xe9")), "not utf-8").unwrap();
@@ -152,13 +162,20 @@ fn async_stream_matches_and_listing_matches_nix_ls() {
     let sp = env.add(&t);
     let cache = env.path("cache");
     env.copy_to(
-        &format!("file://{}?compression=none&write-nar-listing=true", cache.display()),
+        &format!(
+            "file://{}?compression=none&write-nar-listing=true",
+            cache.display()
+        ),
         &[&sp],
     );
     let digest = &sp["/nix/store/".len()..][..32];
     let nix_ls = fs::read_to_string(cache.join(format!("{digest}.ls"))).unwrap();
     let listing = nar::dump(&env.real(&sp), &mut std::io::sink()).unwrap();
-    assert_eq!(listing.to_json(), nix_ls, "listing must be byte-identical to Nix's .ls");
+    assert_eq!(
+        listing.to_json(),
+        nix_ls,
+        "listing must be byte-identical to Nix's .ls"
+    );
     assert_eq!(nar::Listing::from_json(&nix_ls).unwrap(), listing);
 
     let streamed = common::block_on(async {
@@ -180,7 +197,10 @@ fn reader_rejects_nars_nix_would_reject() {
     fs::write(&f, "content").unwrap();
     let good = env.dump(&f);
     assert!(nar::read(&good[..], &mut ()).is_ok());
-    assert!(nar::read(&good[..good.len() - 8], &mut ()).is_err(), "truncated");
+    assert!(
+        nar::read(&good[..good.len() - 8], &mut ()).is_err(),
+        "truncated"
+    );
     let mut bad_magic = good.clone();
     bad_magic[8] = b'X';
     assert!(nar::read(&bad_magic[..], &mut ()).is_err(), "bad magic");

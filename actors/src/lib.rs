@@ -6,4 +6,5 @@
 #![warn(missing_docs)]
 
 pub mod formats;
+pub mod publish;
 pub mod store;

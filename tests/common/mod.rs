@@ -29,7 +29,10 @@ impl NixEnv {
             found.map(|o| o.status.success()).unwrap_or(false),
             "the real Nix (nix-store) is not installed: run scripts/test, which installs the test peers"
         );
-        let dir = tempfile::Builder::new().prefix("nixcached-test-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("nixcached-test-")
+            .tempdir()
+            .unwrap();
         std::fs::create_dir_all(dir.path().join("xdg")).unwrap();
         NixEnv { dir }
     }
@@ -76,15 +79,27 @@ impl NixEnv {
 
     /// Adds a file-system tree to the chroot store; returns its store path.
     pub fn add(&self, path: &Path) -> String {
-        self.run("nix-store", &["--store", &self.store_arg(), "--add", path.to_str().unwrap()])
-            .trim()
-            .to_string()
+        self.run(
+            "nix-store",
+            &[
+                "--store",
+                &self.store_arg(),
+                "--add",
+                path.to_str().unwrap(),
+            ],
+        )
+        .trim()
+        .to_string()
     }
 
     /// `nix-store --dump` of a file-system path.
     pub fn dump(&self, path: &Path) -> Vec<u8> {
         let out = self.output("nix-store", &["--dump", path.to_str().unwrap()]);
-        assert!(out.status.success(), "nix-store --dump: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "nix-store --dump: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         out.stdout
     }
 
@@ -94,7 +109,12 @@ impl NixEnv {
         let pk = self.path(&format!("{name}.pk"));
         self.run(
             "nix-store",
-            &["--generate-binary-cache-key", name, sk.to_str().unwrap(), pk.to_str().unwrap()],
+            &[
+                "--generate-binary-cache-key",
+                name,
+                sk.to_str().unwrap(),
+                pk.to_str().unwrap(),
+            ],
         );
         (sk, std::fs::read_to_string(pk).unwrap().trim().to_string())
     }
@@ -126,7 +146,14 @@ in rec {{
         let build = |attr: &str| {
             self.run(
                 "nix-build",
-                &["--store", &self.store_arg(), file.to_str().unwrap(), "-A", attr, "--no-out-link"],
+                &[
+                    "--store",
+                    &self.store_arg(),
+                    file.to_str().unwrap(),
+                    "-A",
+                    attr,
+                    "--no-out-link",
+                ],
             )
             .trim()
             .to_string()
@@ -138,7 +165,12 @@ in rec {{
             .lines()
             .map(str::to_owned)
             .collect();
-        Closure { app, lib, dep, paths }
+        Closure {
+            app,
+            lib,
+            dep,
+            paths,
+        }
     }
 
     /// The real file-system location of a store path of the chroot store.

@@ -5,7 +5,7 @@ use thiserror::Error;
 use super::store_path::{StoreDir, StorePathError};
 
 /// The parsed `nix-cache-info`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CacheInfo {
     /// The store directory the cache's paths belong to.
     pub store_dir: StoreDir,
@@ -13,16 +13,6 @@ pub struct CacheInfo {
     pub want_mass_query: bool,
     /// Substituter priority (lower is preferred); absent when the cache does not say.
     pub priority: Option<u32>,
-}
-
-impl Default for CacheInfo {
-    fn default() -> Self {
-        CacheInfo {
-            store_dir: StoreDir::default(),
-            want_mass_query: false,
-            priority: None,
-        }
-    }
 }
 
 /// Why a `nix-cache-info` was refused.

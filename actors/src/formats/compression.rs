@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::str::FromStr;
 
 use async_compression::tokio::bufread as dec;
+use async_compression::tokio::bufread as benc;
 use async_compression::tokio::write as enc;
 use async_compression::Level;
 use thiserror::Error;
@@ -139,6 +140,39 @@ impl Compression {
                     lvl
                 };
                 Box::pin(enc::BrotliEncoder::with_quality(output, lvl))
+            }
+        }
+    }
+}
+
+impl Compression {
+    /// Wraps an uncompressed byte source so that reading it yields compressed bytes; the pull
+    /// form of [`Compression::encoder`], for pipelines that hand a stream onwards.
+    pub fn compress_reader<'a, R>(
+        self,
+        input: R,
+        level: Option<i32>,
+    ) -> Pin<Box<dyn AsyncRead + Send + 'a>>
+    where
+        R: AsyncBufRead + Send + 'a,
+    {
+        let lvl = match level {
+            Some(l) => Level::Precise(l),
+            None => Level::Default,
+        };
+        match self {
+            Compression::None => Box::pin(input),
+            Compression::Xz => Box::pin(benc::XzEncoder::with_quality(input, lvl)),
+            Compression::Zstd => Box::pin(benc::ZstdEncoder::with_quality(input, lvl)),
+            Compression::Bzip2 => Box::pin(benc::BzEncoder::with_quality(input, lvl)),
+            Compression::Gzip => Box::pin(benc::GzipEncoder::with_quality(input, lvl)),
+            Compression::Br => {
+                let lvl = if level.is_none() {
+                    Level::Precise(5)
+                } else {
+                    lvl
+                };
+                Box::pin(benc::BrotliEncoder::with_quality(input, lvl))
             }
         }
     }

@@ -25,7 +25,7 @@ pub enum Algo {
 
 impl Algo {
     /// Digest length in bytes.
-    pub const fn len(self) -> usize {
+    pub const fn digest_len(self) -> usize {
         match self {
             Algo::Md5 => 16,
             Algo::Sha1 => 20,
@@ -81,7 +81,7 @@ impl Hash {
     pub fn new(algo: Algo, digest: &[u8]) -> Hash {
         assert_eq!(
             digest.len(),
-            algo.len(),
+            algo.digest_len(),
             "digest length for {}",
             algo.name()
         );
@@ -124,7 +124,7 @@ impl Hash {
     /// Parses a digest without prefix, given its algorithm, in any of Nix's three encodings.
     pub fn from_digest_text(algo: Algo, text: &str) -> Result<Hash, HashError> {
         let bad = || HashError::BadDigest(text.to_string());
-        let n = algo.len();
+        let n = algo.digest_len();
         let digest = if text.len() == 2 * n {
             hex::decode(text).map_err(|_| bad())?
         } else if text.len() == nixbase32::encoded_len(n) {
@@ -155,7 +155,7 @@ impl FromStr for Hash {
             let digest = B64
                 .decode(rest)
                 .map_err(|_| HashError::BadDigest(s.to_string()))?;
-            if digest.len() != algo.len() {
+            if digest.len() != algo.digest_len() {
                 return Err(HashError::BadDigest(s.to_string()));
             }
             return Ok(Hash { algo, digest });

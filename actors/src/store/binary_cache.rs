@@ -55,7 +55,8 @@ impl BinaryCache {
             .into_bytes()
             .await
             .map_err(|e| StoreError::backend(format!("reading {key}"), e))?;
-        String::from_utf8(bytes).map_err(|_| StoreError::Corrupt(format!("{key} is not UTF-8 text")))
+        String::from_utf8(bytes)
+            .map_err(|_| StoreError::Corrupt(format!("{key} is not UTF-8 text")))
     }
 
     /// Writes `nix-cache-info` for `store_dir` when the cache has none; refuses a cache that
@@ -63,7 +64,8 @@ impl BinaryCache {
     pub async fn ensure_cache_info(&self, store_dir: &StoreDir) -> Result<CacheInfo> {
         match self.small(CACHE_INFO_KEY).await {
             Ok(text) => {
-                let info = CacheInfo::parse(&text).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let info =
+                    CacheInfo::parse(&text).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 if &info.store_dir != store_dir {
                     return Err(StoreError::Invalid(format!(
                         "{} holds paths of store directory {}, not {}; use another cache or prefix",
@@ -164,7 +166,11 @@ impl Store for BinaryCache {
     async fn put_listing(&self, digest: &str, json: &str) -> Result<()> {
         check_digest(digest)?;
         self.blobs
-            .put(&format!("{digest}.ls"), once(json.to_owned()), "application/json")
+            .put(
+                &format!("{digest}.ls"),
+                once(json.to_owned()),
+                "application/json",
+            )
             .await
             .map(|_| ())
     }

@@ -39,7 +39,10 @@ pub fn check_key(key: &str) -> Result<()> {
     if key.contains('\0') || key.contains('\\') {
         return bad("contains a NUL or backslash");
     }
-    if key.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+    if key
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
         return bad("has an empty, '.' or '..' component");
     }
     Ok(())
@@ -51,10 +54,25 @@ mod tests {
 
     #[test]
     fn keys_cannot_escape() {
-        for k in ["", "/etc/passwd", "../x", "nar/../../x", "a//b", "./a", "a\\b", "http://x/y", "a/."] {
+        for k in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "nar/../../x",
+            "a//b",
+            "./a",
+            "a\\b",
+            "http://x/y",
+            "a/.",
+        ] {
             assert!(check_key(k).is_err(), "{k:?}");
         }
-        for k in ["nix-cache-info", "nar/abc.nar.xz", "log/x.drv", "abc.narinfo"] {
+        for k in [
+            "nix-cache-info",
+            "nar/abc.nar.xz",
+            "log/x.drv",
+            "abc.narinfo",
+        ] {
             assert!(check_key(k).is_ok(), "{k:?}");
         }
     }

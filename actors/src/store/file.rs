@@ -25,8 +25,9 @@ impl FileBlobs {
     pub fn open(root: impl Into<PathBuf>, create: bool) -> Result<FileBlobs> {
         let root: PathBuf = root.into();
         if create {
-            std::fs::create_dir_all(&root)
-                .map_err(|e| StoreError::backend(format!("creating cache folder {}", root.display()), e))?;
+            std::fs::create_dir_all(&root).map_err(|e| {
+                StoreError::backend(format!("creating cache folder {}", root.display()), e)
+            })?;
         }
         let root = root.canonicalize().map_err(|e| {
             StoreError::backend(
@@ -38,7 +39,10 @@ impl FileBlobs {
             )
         })?;
         if !root.is_dir() {
-            return Err(StoreError::Invalid(format!("{} is not a folder", root.display())));
+            return Err(StoreError::Invalid(format!(
+                "{} is not a folder",
+                root.display()
+            )));
         }
         Ok(FileBlobs { root })
     }
@@ -52,16 +56,32 @@ impl FileBlobs {
     /// or through a symlink planted inside the cache).
     fn path_of(&self, key: &str) -> Result<PathBuf> {
         check_key(key)?;
-        if key.rsplit('/').next().is_some_and(|n| n.starts_with(TMP_PREFIX)) {
+        if key
+            .rsplit('/')
+            .next()
+            .is_some_and(|n| n.starts_with(TMP_PREFIX))
+        {
             return Err(StoreError::NotFound(key.into()));
         }
         let path = self.root.join(key);
-        match path.canonicalize() {
-            Ok(real) if !real.starts_with(&self.root) => Err(StoreError::Invalid(format!(
+        // Resolve the deepest part that exists: a symlink anywhere along the way (to a file
+        // or to a folder a write would go into) must still land inside the root.
+        let mut probe = path.as_path();
+        let real = loop {
+            match probe.canonicalize() {
+                Ok(real) => break real,
+                Err(_) => match probe.parent() {
+                    Some(parent) => probe = parent,
+                    None => break self.root.clone(),
+                },
+            }
+        };
+        if !real.starts_with(&self.root) {
+            return Err(StoreError::Invalid(format!(
                 "object key {key:?} resolves outside the cache folder"
-            ))),
-            _ => Ok(path),
+            )));
         }
+        Ok(path)
     }
 }
 
@@ -81,7 +101,9 @@ impl Blobs for FileBlobs {
 
     async fn get(&self, key: &str, range: Option<ByteRange>) -> Result<Blob> {
         let path = self.path_of(key)?;
-        let mut f = tokio::fs::File::open(&path).await.map_err(|e| io_err("reading", key, e))?;
+        let mut f = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| io_err("reading", key, e))?;
         let meta = f.metadata().await.map_err(|e| io_err("reading", key, e))?;
         if !meta.is_file() {
             return Err(StoreError::NotFound(key.into()));
@@ -89,12 +111,14 @@ impl Blobs for FileBlobs {
         let total = meta.len();
         let (start, end) = match range {
             None => (0, total),
-            Some(r) => r
-                .resolve(total)
-                .ok_or_else(|| StoreError::Invalid(format!("range starts past the end of {key}")))?,
+            Some(r) => r.resolve(total).ok_or_else(|| {
+                StoreError::Invalid(format!("range starts past the end of {key}"))
+            })?,
         };
         if start > 0 {
-            f.seek(SeekFrom::Start(start)).await.map_err(|e| io_err("reading", key, e))?;
+            f.seek(SeekFrom::Start(start))
+                .await
+                .map_err(|e| io_err("reading", key, e))?;
         }
         let stream = ReaderStream::with_capacity(f.take(end - start), 256 * 1024);
         Ok(Blob {
@@ -106,20 +130,28 @@ impl Blobs for FileBlobs {
 
     async fn put(&self, key: &str, mut data: ByteStream, _content_type: &str) -> Result<u64> {
         let path = self.path_of(key)?;
-        let dir = path.parent().expect("keys are below the root").to_path_buf();
+        let dir = path
+            .parent()
+            .expect("keys are below the root")
+            .to_path_buf();
         tokio::fs::create_dir_all(&dir)
             .await
             .map_err(|e| StoreError::backend(format!("creating {}", dir.display()), e))?;
         let tmp = tempfile::Builder::new()
             .prefix(TMP_PREFIX)
             .tempfile_in(&dir)
-            .map_err(|e| StoreError::backend(format!("creating a temporary file in {}", dir.display()), e))?;
+            .map_err(|e| {
+                StoreError::backend(format!("creating a temporary file in {}", dir.display()), e)
+            })?;
         let (std_file, tmp_path) = tmp.into_parts();
         let mut f = tokio::fs::File::from_std(std_file);
         let mut n = 0u64;
         while let Some(chunk) = data.next().await {
-            let chunk = chunk.map_err(|e| StoreError::backend(format!("receiving data for {key}"), e))?;
-            f.write_all(&chunk).await.map_err(|e| io_err("writing", key, e))?;
+            let chunk =
+                chunk.map_err(|e| StoreError::backend(format!("receiving data for {key}"), e))?;
+            f.write_all(&chunk)
+                .await
+                .map_err(|e| io_err("writing", key, e))?;
             n += chunk.len() as u64;
         }
         f.sync_all().await.map_err(|e| io_err("writing", key, e))?;
@@ -156,7 +188,11 @@ impl Blobs for FileBlobs {
             Err(e) => return Err(io_err("listing", prefix, e)),
         };
         let mut keys = Vec::new();
-        while let Some(e) = rd.next_entry().await.map_err(|e| io_err("listing", prefix, e))? {
+        while let Some(e) = rd
+            .next_entry()
+            .await
+            .map_err(|e| io_err("listing", prefix, e))?
+        {
             let name = e.file_name();
             let Some(name) = name.to_str() else { continue };
             if name.starts_with(TMP_PREFIX) || !e.file_type().await.is_ok_and(|t| t.is_file()) {

@@ -30,7 +30,10 @@ impl LocalStoreLayout {
     /// (so `/nix/store` has its state in `/nix/var/nix`, as Nix's defaults say).
     pub fn system(store_dir: &str) -> Result<LocalStoreLayout> {
         let dir = StoreDir::new(store_dir).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        let parent = Path::new(dir.as_str()).parent().unwrap_or(Path::new("/")).to_path_buf();
+        let parent = Path::new(dir.as_str())
+            .parent()
+            .unwrap_or(Path::new("/"))
+            .to_path_buf();
         Ok(LocalStoreLayout {
             real_store_dir: PathBuf::from(dir.as_str()),
             state_dir: parent.join("var/nix"),
@@ -152,7 +155,11 @@ impl LocalStore {
         .map_err(|e| StoreError::backend("database task", e))?
     }
 
-    fn query_row_by_digest(conn: &Connection, store_dir: &str, digest: &str) -> rusqlite::Result<Option<PathRow>> {
+    fn query_row_by_digest(
+        conn: &Connection,
+        store_dir: &str,
+        digest: &str,
+    ) -> rusqlite::Result<Option<PathRow>> {
         // Store paths sort as "<dir>/<digest>-<name>": a range scan on the unique path index.
         let lo = format!("{store_dir}/{digest}-");
         let hi = format!("{store_dir}/{digest}.");
@@ -175,19 +182,30 @@ impl LocalStore {
                 ))
             })
             .optional()?;
-        let Some((id, mut row)) = row else { return Ok(None) };
+        let Some((id, mut row)) = row else {
+            return Ok(None);
+        };
         let mut stmt = conn.prepare_cached(
             "SELECT v.path FROM Refs r JOIN ValidPaths v ON r.reference = v.id WHERE r.referrer = ?1",
         )?;
-        row.refs = stmt.query_map([id], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+        row.refs = stmt
+            .query_map([id], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
         Ok(Some(row))
     }
 
     fn narinfo_from_row(&self, row: PathRow) -> Result<NarInfo> {
-        let corrupt = |what: String| StoreError::Corrupt(format!("Nix database row for {}: {what}", row.path));
+        let corrupt = |what: String| {
+            StoreError::Corrupt(format!("Nix database row for {}: {what}", row.path))
+        };
         let dir = &self.layout.store_dir;
-        let store_path = dir.parse_path(&row.path).map_err(|e| corrupt(e.to_string()))?;
-        let nar_hash: Hash = row.hash.parse().map_err(|e: crate::formats::hash::HashError| corrupt(e.to_string()))?;
+        let store_path = dir
+            .parse_path(&row.path)
+            .map_err(|e| corrupt(e.to_string()))?;
+        let nar_hash: Hash = row
+            .hash
+            .parse()
+            .map_err(|e: crate::formats::hash::HashError| corrupt(e.to_string()))?;
         let nar_size = row
             .nar_size
             .and_then(|n| u64::try_from(n).ok())
@@ -271,7 +289,12 @@ impl Store for Arc<LocalStore> {
         } else {
             format!(
                 "local?root={}",
-                self.layout.real_store_dir.parent().and_then(|p| p.parent()).unwrap_or(Path::new("/")).display()
+                self.layout
+                    .real_store_dir
+                    .parent()
+                    .and_then(|p| p.parent())
+                    .unwrap_or(Path::new("/"))
+                    .display()
             )
         }
     }
@@ -300,9 +323,9 @@ impl Store for Arc<LocalStore> {
         let total = info.nar_size;
         let (start, end) = match range {
             None => (0, total),
-            Some(r) => r
-                .resolve(total)
-                .ok_or_else(|| StoreError::Invalid(format!("range starts past the end of {url}")))?,
+            Some(r) => r.resolve(total).ok_or_else(|| {
+                StoreError::Invalid(format!("range starts past the end of {url}"))
+            })?,
         };
         let path = self.real_path(&info.store_path);
         if std::fs::symlink_metadata(&path).is_err() {
@@ -327,19 +350,18 @@ impl Store for Arc<LocalStore> {
     async fn listing(&self, digest: &str) -> Result<String> {
         let info = self.lookup(digest).await?;
         let path = self.real_path(&info.store_path);
-        tokio::task::spawn_blocking(move || {
-            // Dumping into a sink computes offsets exactly as the NAR has them.
-            nar::dump(&path, &mut std::io::sink()).map(|l| l.to_json())
-        })
-        .await
-        .map_err(|e| StoreError::backend("listing task", e))?
-        .map_err(|e| StoreError::backend(format!("listing {digest}"), e))
+        tokio::task::spawn_blocking(move || nar::listing(&path).map(|l| l.to_json()))
+            .await
+            .map_err(|e| StoreError::backend("listing task", e))?
+            .map_err(|e| StoreError::backend(format!("listing {digest}"), e))
     }
 
     async fn log(&self, drv: &str) -> Result<Blob> {
         let p = StorePath::from_base_name(drv).map_err(|e| StoreError::Invalid(e.to_string()))?;
         if !p.is_derivation() {
-            return Err(StoreError::Invalid(format!("{drv} is not a derivation (.drv)")));
+            return Err(StoreError::Invalid(format!(
+                "{drv} is not a derivation (.drv)"
+            )));
         }
         let base = p.to_string();
         let dir = self.layout.log_dir.join("drvs").join(&base[..2]);
@@ -392,9 +414,10 @@ impl Store for Arc<LocalStore> {
     }
 
     async fn exists(&self, url: &str) -> Result<bool> {
-        let digest = url
-            .strip_suffix(".narinfo")
-            .or_else(|| url.strip_prefix("nar/").and_then(|u| u.strip_suffix(".nar")));
+        let digest = url.strip_suffix(".narinfo").or_else(|| {
+            url.strip_prefix("nar/")
+                .and_then(|u| u.strip_suffix(".nar"))
+        });
         match digest {
             Some(d) => match self.lookup(d).await {
                 Ok(_) => Ok(true),

@@ -98,7 +98,10 @@ pub enum StoreError {
 
 impl StoreError {
     /// Wraps a backend error with what was being done.
-    pub fn backend(context: impl Into<String>, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+    pub fn backend(
+        context: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
         StoreError::Backend {
             context: context.into(),
             source: source.into(),

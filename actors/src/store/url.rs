@@ -36,22 +36,30 @@ impl StoreUrl {
             return Ok(StoreUrl::Local(LocalStoreLayout::detect(Path::new(s))?));
         }
         if s == "local" || s == "auto" || s.starts_with("local?") {
-            let url = url::Url::parse(&format!("local://x/{}", s.strip_prefix("local").unwrap_or("")))
-                .map_err(|e| invalid(format!("store URL {s:?}: {e}")))?;
+            let url = url::Url::parse(&format!(
+                "local://x/{}",
+                s.strip_prefix("local").unwrap_or("")
+            ))
+            .map_err(|e| invalid(format!("store URL {s:?}: {e}")))?;
             let mut root = None;
             for (k, v) in url.query_pairs() {
                 match &*k {
                     "root" => root = Some(PathBuf::from(v.into_owned())),
                     other => {
                         return Err(invalid(format!(
-                            "store URL {s:?}: unknown parameter {other:?}; local stores take root=DIR"
-                        )))
+                        "store URL {s:?}: unknown parameter {other:?}; local stores take root=DIR"
+                    )))
                     }
                 }
             }
             return Ok(StoreUrl::Local(match root {
                 Some(r) if r.is_absolute() => LocalStoreLayout::chroot(&r),
-                Some(r) => return Err(invalid(format!("store URL {s:?}: root {} must be absolute", r.display()))),
+                Some(r) => {
+                    return Err(invalid(format!(
+                        "store URL {s:?}: root {} must be absolute",
+                        r.display()
+                    )))
+                }
                 None => LocalStoreLayout::system("/nix/store")?,
             }));
         }

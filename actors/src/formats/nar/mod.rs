@@ -10,7 +10,7 @@ mod writer;
 
 pub use listing::{Listing, Node};
 pub use reader::{read, NarError, NarVisitor};
-pub use writer::{dump, dump_stream, NarStream};
+pub use writer::{dump, dump_stream, listing, NarStream};
 
 /// The magic string at the start of every NAR.
 pub const MAGIC: &str = "nix-archive-1";

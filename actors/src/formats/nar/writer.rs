@@ -20,6 +20,8 @@ use super::{padding, MAGIC};
 struct Counting<'a, W: Write> {
     inner: &'a mut W,
     written: u64,
+    /// False when only offsets are wanted: file contents are then counted, not read.
+    contents: bool,
 }
 
 impl<W: Write> Counting<'_, W> {
@@ -53,6 +55,21 @@ pub fn dump<W: Write>(path: &Path, out: &mut W) -> io::Result<Listing> {
     let mut w = Counting {
         inner: out,
         written: 0,
+        contents: true,
+    };
+    w.str(MAGIC.as_bytes())?;
+    let root = node(path, &mut w)?;
+    Ok(Listing { root })
+}
+
+/// The listing of the NAR `path` would give, from metadata alone: no file contents are read,
+/// so listing a store object costs a directory walk, not a full read.
+pub fn listing(path: &Path) -> io::Result<Listing> {
+    let mut sink = io::sink();
+    let mut w = Counting {
+        inner: &mut sink,
+        written: 0,
+        contents: false,
     };
     w.str(MAGIC.as_bytes())?;
     let root = node(path, &mut w)?;
@@ -81,8 +98,12 @@ fn node<W: Write>(path: &Path, w: &mut Counting<'_, W>) -> io::Result<Node> {
         let size = meta.len();
         w.u64(size)?;
         let nar_offset = w.written;
-        let mut f = File::open(path)?;
-        let copied = io::copy(&mut (&mut f).take(size), &mut w.inner)?;
+        let copied = if w.contents {
+            let mut f = File::open(path)?;
+            io::copy(&mut (&mut f).take(size), &mut w.inner)?
+        } else {
+            size
+        };
         w.written += copied;
         if copied != size {
             return Err(io::Error::new(

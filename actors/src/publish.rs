@@ -1,0 +1,178 @@
+//! Publishing one store object from a source store into a binary cache: NAR streamed,
+//! checked against its NarHash, compressed, written, then the listing, then the signed narinfo.
+//!
+//! Ordering across objects (references first) is the upload scheduler's job; this module
+//! guarantees the per-object half: a narinfo is written only after its NAR is complete and
+//! verified, so a reader never sees a narinfo pointing at a missing or wrong NAR.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use tokio_util::io::{ReaderStream, StreamReader};
+
+use crate::formats::hash::HashingCounter;
+use crate::formats::{Compression, Hash, NarInfo, SecretKey};
+use crate::store::{ByteStream, Result, Store, StoreError};
+
+/// How objects are written.
+#[derive(Debug, Clone)]
+pub struct PublishOptions {
+    /// NAR compression.
+    pub compression: Compression,
+    /// Codec level; `None` for the codec's default.
+    pub level: Option<i32>,
+    /// Also write `<digest>.ls`.
+    pub write_listing: bool,
+    /// Keys to sign narinfos with.
+    pub keys: Vec<SecretKey>,
+}
+
+impl Default for PublishOptions {
+    fn default() -> Self {
+        PublishOptions {
+            compression: Compression::Zstd,
+            level: None,
+            write_listing: true,
+            keys: Vec::new(),
+        }
+    }
+}
+
+/// What a stream hashed, filled in when it ends.
+type Tally = Arc<Mutex<Option<(Hash, u64)>>>;
+
+/// Hashes and counts a stream as it passes; when `expect` is set, a mismatch at the end
+/// becomes an error *in* the stream, so the consumer (an atomic put) aborts instead of
+/// committing bad bytes.
+struct Hashing {
+    inner: ByteStream,
+    counter: Option<HashingCounter>,
+    expect: Option<(Hash, u64)>,
+    tally: Tally,
+}
+
+impl Stream for Hashing {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.inner.as_mut().poll_next(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                if let Some(c) = self.counter.as_mut() {
+                    c.update(&chunk);
+                }
+                Poll::Ready(Some(Ok(chunk)))
+            }
+            Poll::Ready(None) => {
+                let Some(counter) = self.counter.take() else {
+                    return Poll::Ready(None);
+                };
+                let (hash, len) = counter.finish();
+                if let Some((want_hash, want_len)) = &self.expect {
+                    if *want_hash != hash || *want_len != len {
+                        return Poll::Ready(Some(Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!(
+                                "NAR hash mismatch: expected {want_hash} ({want_len} bytes), got {hash} ({len} bytes); the store object changed or is corrupt"
+                            ),
+                        ))));
+                    }
+                }
+                *self.tally.lock().expect("tally") = Some((hash, len));
+                Poll::Ready(None)
+            }
+            other => other,
+        }
+    }
+}
+
+fn hashing(inner: ByteStream, expect: Option<(Hash, u64)>) -> (ByteStream, Tally) {
+    let tally: Tally = Arc::default();
+    let s = Hashing {
+        inner,
+        counter: Some(HashingCounter::new()),
+        expect,
+        tally: tally.clone(),
+    };
+    (Box::pin(s), tally)
+}
+
+/// Copies the object with store-path digest `digest` from `source` into `dest`.
+///
+/// Existing signatures are kept and each key in `opts.keys` adds its own. Returns the
+/// narinfo written.
+pub async fn publish(
+    source: &dyn Store,
+    dest: &dyn Store,
+    digest: &str,
+    opts: &PublishOptions,
+) -> Result<NarInfo> {
+    let src_info = source.narinfo(digest).await?;
+    let blob = source.nar(&src_info.url, None).await?;
+    // Bring the NAR to its uncompressed form, whatever the source stores.
+    let nar: ByteStream = if src_info.compression == Compression::None {
+        blob.stream
+    } else {
+        let reader = tokio::io::BufReader::new(StreamReader::new(blob.stream));
+        Box::pin(ReaderStream::with_capacity(
+            src_info.compression.decoder(reader),
+            256 * 1024,
+        ))
+    };
+    let (nar, _) = hashing(nar, Some((src_info.nar_hash.clone(), src_info.nar_size)));
+    let compressed: ByteStream = if opts.compression == Compression::None {
+        nar
+    } else {
+        let reader = tokio::io::BufReader::with_capacity(256 * 1024, StreamReader::new(nar));
+        Box::pin(ReaderStream::with_capacity(
+            opts.compression.compress_reader(reader, opts.level),
+            256 * 1024,
+        ))
+    };
+    let (compressed, file_tally) = hashing(compressed, None);
+    // Keyed by the NAR hash (known before compressing), so the NAR streams straight into
+    // the destination with no temporary copy; the narinfo's URL is opaque to clients.
+    let url = format!(
+        "nar/{}.nar{}",
+        crate::formats::nixbase32::encode(src_info.nar_hash.digest()),
+        opts.compression.extension()
+    );
+    dest.put_nar(&url, compressed).await?;
+    let (file_hash, file_size) = file_tally.lock().expect("tally").clone().ok_or_else(|| {
+        StoreError::backend(format!("uploading {url}"), "the NAR stream ended early")
+    })?;
+
+    if opts.write_listing {
+        match source.listing(digest).await {
+            Ok(json) => dest.put_listing(digest, &json).await?,
+            Err(StoreError::NotFound(_)) | Err(StoreError::Unsupported(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+
+    let mut info = NarInfo {
+        url,
+        compression: opts.compression,
+        file_hash: Some(file_hash),
+        file_size: Some(file_size),
+        extra: Vec::new(),
+        ..src_info
+    };
+    for key in &opts.keys {
+        info.sign(key);
+    }
+    dest.put_narinfo(&info).await?;
+    Ok(info)
+}
+
+/// Drains a stream, for callers that only need its side effects or size.
+pub async fn drain(mut s: ByteStream) -> io::Result<u64> {
+    let mut n = 0;
+    while let Some(c) = s.next().await {
+        n += c?.len() as u64;
+    }
+    Ok(n)
+}
