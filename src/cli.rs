@@ -1,6 +1,7 @@
 //! Command-line interface, compatible with the Go nixcached's flags.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -28,6 +29,42 @@ pub enum Command {
     Send(SendArgs),
 }
 
+/// Parses durations as Go writes them (`300ms`, `30s`, `2m`, `1h`, `1h30m`); a bare number
+/// is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("invalid duration {s:?}; write for example 30s, 2m, 1h or 500ms");
+    if let Ok(secs) = s.parse::<f64>() {
+        return (secs >= 0.0)
+            .then(|| Duration::from_secs_f64(secs))
+            .ok_or_else(bad);
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let (num, tail) = rest.split_at(num_len);
+        let n: f64 = num.parse().map_err(|_| bad())?;
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_len);
+        let scale = match unit {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(bad()),
+        };
+        total += Duration::from_secs_f64(n * scale);
+        rest = tail;
+    }
+    Ok(total)
+}
+
 /// `nixcached serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -37,12 +74,39 @@ pub struct ServeArgs {
     /// TCP port.
     #[arg(short, long, default_value_t = 38380)]
     pub port: u16,
-    /// Use systemd socket activation.
+    /// Listen on this address instead of --host/--port: host:port, or unix:/path (repeatable).
+    #[arg(long = "listen", value_name = "ADDR")]
+    pub listen: Vec<String>,
+    /// Use systemd socket activation (one inherited socket).
     #[arg(long)]
     pub systemd: bool,
     /// Folder replacing the embedded web UI resources.
     #[arg(long)]
     pub client: Option<PathBuf>,
+    /// Sign narinfos that lack a signature by this key (repeatable; nix-store --generate-binary-cache-key format).
+    #[arg(long = "secret-key-file", value_name = "FILE")]
+    pub secret_key_files: Vec<PathBuf>,
+    /// Priority advertised in nix-cache-info (lower is preferred by Nix).
+    #[arg(long)]
+    pub priority: Option<u32>,
+    /// Memory for cached narinfos, in MiB.
+    #[arg(long, default_value_t = 64)]
+    pub cache_size_mib: u64,
+    /// How long a found narinfo is cached.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub cache_ttl: Duration,
+    /// How long a missing narinfo is remembered (and may be cached by clients).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub negative_ttl: Duration,
+    /// Longest a store operation may take; slower ones answer 404 (never 5xx, which makes Nix give up on the cache).
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub backend_timeout: Duration,
+    /// How long in-flight responses may run after SIGTERM, SIGINT or SIGHUP.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub grace: Duration,
+    /// HTTP worker threads (default: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
     /// Store to serve: /nix/store, local?root=DIR, file:///DIR, s3://BUCKET, gs://BUCKET or
     /// ssh://HOST. Default: the local Nix store when there is one, else a cache folder.
     pub store: Option<String>,
@@ -83,11 +147,32 @@ pub struct SendArgs {
     #[arg(short, long)]
     pub output: PathBuf,
     /// Give up after this long (for example 30s or 2m).
-    #[arg(long)]
-    pub timeout: Option<String>,
+    #[arg(long, value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
     /// Also tell `upload --allow-finish` to stop after these paths.
     #[arg(long)]
     pub finish: bool,
     /// Store paths to queue.
     pub paths: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert!(parse_duration("2x").is_err());
+        assert!(parse_duration("-1").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
 }

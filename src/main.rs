@@ -1,6 +1,7 @@
 //! The `nixcached` binary: parses the command line and hands over to the actors crate.
 
 mod cli;
+mod serve;
 
 use clap::Parser;
 
@@ -11,6 +12,7 @@ fn init_logging(debug: bool) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -29,7 +31,7 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: cli::Cli) -> anyhow::Result<()> {
     let (name, issue) = match cli.command {
-        cli::Command::Serve(_) => ("serve", 4),
+        cli::Command::Serve(args) => return serve::run(args),
         cli::Command::Upload(_) => ("upload", 5),
         cli::Command::Send(_) => ("send", 5),
     };

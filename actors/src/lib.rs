@@ -5,6 +5,11 @@
 //! so everything here can be used programmatically (see `examples/`).
 #![warn(missing_docs)]
 
+pub mod fetcher;
 pub mod formats;
+pub mod http;
+pub mod lookup;
+pub mod metrics;
 pub mod publish;
+pub mod serve;
 pub mod store;

@@ -109,12 +109,7 @@ impl Blobs for FileBlobs {
             return Err(StoreError::NotFound(key.into()));
         }
         let total = meta.len();
-        let (start, end) = match range {
-            None => (0, total),
-            Some(r) => r.resolve(total).ok_or_else(|| {
-                StoreError::Invalid(format!("range starts past the end of {key}"))
-            })?,
-        };
+        let (start, end) = ByteRange::resolve_or_err(range, total)?;
         if start > 0 {
             f.seek(SeekFrom::Start(start))
                 .await

@@ -321,12 +321,7 @@ impl Store for Arc<LocalStore> {
             other => other?,
         };
         let total = info.nar_size;
-        let (start, end) = match range {
-            None => (0, total),
-            Some(r) => r.resolve(total).ok_or_else(|| {
-                StoreError::Invalid(format!("range starts past the end of {url}"))
-            })?,
-        };
+        let (start, end) = ByteRange::resolve_or_err(range, total)?;
         let path = self.real_path(&info.store_path);
         if std::fs::symlink_metadata(&path).is_err() {
             return Err(StoreError::NotFound(format!(

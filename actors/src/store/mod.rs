@@ -24,20 +24,45 @@ use crate::formats::{CacheInfo, NarInfo};
 /// Bytes that arrive in chunks; NARs of any size travel like this, never as one buffer.
 pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
 
-/// A byte range, as in an HTTP `Range` header, already resolved against nothing.
+/// A byte range, as in an HTTP `Range` header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ByteRange {
-    /// First byte.
-    pub start: u64,
-    /// One past the last byte; `None` for "to the end".
-    pub end: Option<u64>,
+pub enum ByteRange {
+    /// From `start` to one before `end` (`None`: to the end), as in `bytes=0-99` or `bytes=100-`.
+    Span {
+        /// First byte.
+        start: u64,
+        /// One past the last byte; `None` for "to the end".
+        end: Option<u64>,
+    },
+    /// The last `n` bytes, as in `bytes=-500`.
+    Last(u64),
 }
 
 impl ByteRange {
-    /// Clamps the range to an object of `size` bytes; `None` when it starts past the end.
+    /// `[start, end)`; `None` for "to the end".
+    pub fn span(start: u64, end: Option<u64>) -> ByteRange {
+        ByteRange::Span { start, end }
+    }
+
+    /// Clamps the range to an object of `size` bytes; `None` when it selects nothing.
     pub fn resolve(self, size: u64) -> Option<(u64, u64)> {
-        let end = self.end.unwrap_or(size).min(size);
-        (self.start < end || (self.start == 0 && size == 0)).then_some((self.start, end))
+        match self {
+            ByteRange::Span { start, end } => {
+                let end = end.unwrap_or(size).min(size);
+                (start < end).then_some((start, end))
+            }
+            ByteRange::Last(n) => (n > 0 && size > 0).then(|| (size.saturating_sub(n), size)),
+        }
+    }
+
+    /// Resolves against `size`, or the error a client gets for an unsatisfiable range.
+    pub fn resolve_or_err(range: Option<ByteRange>, size: u64) -> Result<(u64, u64)> {
+        match range {
+            None => Ok((0, size)),
+            Some(r) => r
+                .resolve(size)
+                .ok_or(StoreError::RangeNotSatisfiable { total: size }),
+        }
     }
 }
 
@@ -83,6 +108,12 @@ pub enum StoreError {
     /// The store cannot do this (for example writing into the local Nix store).
     #[error("{0}")]
     Unsupported(String),
+    /// The requested byte range selects nothing of an object of `total` bytes (HTTP 416).
+    #[error("requested range is outside the object's {total} bytes")]
+    RangeNotSatisfiable {
+        /// The object's size.
+        total: u64,
+    },
     /// The store holds data that does not parse.
     #[error("corrupt data in the store: {0}")]
     Corrupt(String),

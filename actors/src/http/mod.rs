@@ -1,0 +1,408 @@
+//! HTTP ingress: actix-web handlers that speak the Nix binary cache protocol.
+//!
+//! Handlers turn requests into typed messages for the lookup actor (narinfos) and the fetcher
+//! actor (NARs, listings, logs), and turn the replies into responses. NAR bytes are never
+//! carried by a message: the fetcher hands back a stream, which the response body polls.
+//!
+//! Error policy, because Nix stops using a substituter that answers 5xx: anything the store
+//! lacks, and any store failure or timeout, is a 404 (logged on our side); malformed requests
+//! are 400; wrong methods are 405 with `Allow`. Response bodies never carry internal detail.
+
+pub mod pages;
+pub mod range;
+
+use std::sync::Arc;
+
+use actix::{Actor, Addr};
+use actix_web::body::SizedStream;
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::{Method, StatusCode};
+use actix_web::{web, HttpRequest, HttpResponse, HttpResponseBuilder};
+use bytes::Bytes;
+use futures::StreamExt;
+
+use crate::fetcher::{FetchListing, FetchLog, Fetcher, OpenNar};
+use crate::lookup::{Lookup, LookupActor, LookupError, LookupShared};
+use crate::metrics::Metrics;
+use crate::store::{Blob, StoreError};
+
+/// Everything one served cache needs, shared by all HTTP workers.
+pub struct CacheService {
+    /// The fetcher actor of the store.
+    pub fetcher: Addr<Fetcher>,
+    /// The shared narinfo caches.
+    pub lookups: Arc<LookupShared>,
+    /// The `nix-cache-info` text served.
+    pub cache_info: Bytes,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Seconds clients and CDNs may cache a 404.
+    pub negative_ttl_secs: u64,
+    /// What is served, for the index page.
+    pub description: String,
+}
+
+/// Per-worker state: the shared service plus this worker's lookup actor.
+pub struct Ingress {
+    service: Arc<CacheService>,
+    lookup: Addr<LookupActor>,
+}
+
+impl Ingress {
+    /// Starts this worker's lookup actor; call from inside the HTTP server's app factory so
+    /// the actor lives on the worker's own thread.
+    pub fn start(service: Arc<CacheService>) -> Ingress {
+        let lookup = LookupActor::new(service.lookups.clone()).start();
+        Ingress { service, lookup }
+    }
+}
+
+/// Registers the cache's routes on an app (or scope).
+pub fn configure(cfg: &mut web::ServiceConfig, ingress: Ingress) {
+    cfg.app_data(web::Data::new(ingress))
+        .default_service(web::to(dispatch));
+}
+
+const NARINFO_MAX_AGE: &str = "public, max-age=300";
+const IMMUTABLE: &str = "public, max-age=31536000, immutable";
+
+/// Which resource a path names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Index,
+    CacheInfo,
+    Health,
+    Metrics,
+    NarInfo,
+    Listing,
+    Log,
+    Nar,
+}
+
+impl Route {
+    fn name(self) -> &'static str {
+        match self {
+            Route::Index => "index",
+            Route::CacheInfo => "nix-cache-info",
+            Route::Health => "healthz",
+            Route::Metrics => "metrics",
+            Route::NarInfo => "narinfo",
+            Route::Listing => "ls",
+            Route::Log => "log",
+            Route::Nar => "nar",
+        }
+    }
+
+    fn of(rel: &str) -> Route {
+        match rel {
+            "" => Route::Index,
+            "nix-cache-info" => Route::CacheInfo,
+            "healthz" => Route::Health,
+            "metrics" => Route::Metrics,
+            r if r.len() == 40 && r.ends_with(".narinfo") => Route::NarInfo,
+            r if r.len() == 35 && r.ends_with(".ls") => Route::Listing,
+            r if r.starts_with("log/") => Route::Log,
+            _ => Route::Nar,
+        }
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> HttpResponse {
+    HttpResponse::build(status)
+        .content_type("text/plain; charset=utf-8")
+        .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+        .body(body)
+}
+
+fn not_found(svc: &CacheService) -> HttpResponse {
+    HttpResponse::NotFound()
+        .content_type("text/plain; charset=utf-8")
+        .insert_header((
+            header::CACHE_CONTROL,
+            format!("public, max-age={}", svc.negative_ttl_secs),
+        ))
+        .body("404 not found\n")
+}
+
+fn if_none_match(req: &HttpRequest, etag: &str) -> bool {
+    req.headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
+}
+
+/// Quality the `Accept` header gives a media type (most specific match wins; absent = 0).
+fn accept_quality(accept: &str, ty: &str) -> f32 {
+    let (major, _) = ty.split_once('/').unwrap_or((ty, ""));
+    let mut best: Option<(u8, f32)> = None;
+    for part in accept.split(',') {
+        let mut it = part.split(';');
+        let range = it.next().unwrap_or("").trim();
+        let q = it
+            .filter_map(|p| p.trim().strip_prefix("q="))
+            .find_map(|q| q.parse::<f32>().ok())
+            .unwrap_or(1.0);
+        let specificity = if range == ty {
+            3
+        } else if range == format!("{major}/*") {
+            2
+        } else if range == "*/*" {
+            1
+        } else {
+            continue;
+        };
+        if best.is_none_or(|(s, _)| specificity > s) {
+            best = Some((specificity, q));
+        }
+    }
+    best.map(|(_, q)| q).unwrap_or(0.0)
+}
+
+/// Browsers get HTML; Nix (no Accept), curl (`*/*`) and ties get the narinfo text.
+fn wants_html(req: &HttpRequest) -> bool {
+    let accept = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    accept_quality(accept, "text/html") > accept_quality(accept, "text/x-nix-narinfo")
+}
+
+fn nar_content_type(url: &str) -> &'static str {
+    let ext = url.rsplit('.').next().unwrap_or("");
+    match ext {
+        "nar" => "application/x-nix-nar",
+        "xz" => "application/x-xz",
+        "zst" => "application/zstd",
+        "bz2" => "application/x-bzip2",
+        "gz" => "application/gzip",
+        "br" => "application/x-brotli",
+        _ => "application/octet-stream",
+    }
+}
+
+async fn dispatch(req: HttpRequest, ing: web::Data<Ingress>) -> HttpResponse {
+    let svc = &ing.service;
+    let rel = req
+        .path()
+        .strip_prefix('/')
+        .unwrap_or(req.path())
+        .to_owned();
+    let route = Route::of(&rel);
+    let resp = match *req.method() {
+        Method::GET | Method::HEAD => handle(&req, &ing, route, &rel).await,
+        Method::OPTIONS => HttpResponse::Ok()
+            .insert_header((header::ALLOW, "GET, HEAD, OPTIONS"))
+            .finish(),
+        _ => HttpResponse::MethodNotAllowed()
+            .insert_header((header::ALLOW, "GET, HEAD, OPTIONS"))
+            .content_type("text/plain; charset=utf-8")
+            .body("405 method not allowed: this cache is read-only over HTTP\n"),
+    };
+    svc.metrics.request(route.name(), resp.status().as_u16());
+    resp
+}
+
+async fn handle(req: &HttpRequest, ing: &Ingress, route: Route, rel: &str) -> HttpResponse {
+    let svc = &*ing.service;
+    match route {
+        Route::Index => HttpResponse::Ok()
+            .content_type("text/html; charset=utf-8")
+            .body(pages::layout(
+                "nixcached",
+                &format!(
+                    "<h1>nixcached</h1><p>A Nix binary cache serving <code>{}</code>.</p>\
+<p>Use it as a substituter: <code>nix copy --from http://{}</code>. \
+<a href=\"/nix-cache-info\">nix-cache-info</a> · <a href=\"/metrics\">metrics</a></p>",
+                    pages::escape(&svc.description),
+                    pages::escape(req.connection_info().host())
+                ),
+            )),
+        Route::CacheInfo => HttpResponse::Ok()
+            .content_type("text/x-nix-cache-info")
+            .insert_header((header::CACHE_CONTROL, NARINFO_MAX_AGE))
+            .body(svc.cache_info.clone()),
+        Route::Health => text(StatusCode::OK, "ok\n"),
+        Route::Metrics => HttpResponse::Ok()
+            .content_type("text/plain; version=0.0.4; charset=utf-8")
+            .body(svc.metrics.render()),
+        Route::NarInfo => narinfo(req, ing, &rel[..32]).await,
+        Route::Listing => match svc.fetcher.send(FetchListing(rel[..32].to_owned())).await {
+            Ok(Ok(json)) => HttpResponse::Ok()
+                .content_type("application/json")
+                .insert_header((header::CACHE_CONTROL, IMMUTABLE))
+                .body(json),
+            Ok(Err(e)) => store_error(svc, rel, e),
+            Err(e) => mailbox_error(svc, rel, e),
+        },
+        Route::Log => match svc
+            .fetcher
+            .send(FetchLog(rel["log/".len()..].to_owned()))
+            .await
+        {
+            Ok(Ok(blob)) => HttpResponse::Ok()
+                .content_type("text/plain; charset=utf-8")
+                .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+                .insert_header((header::CONTENT_SECURITY_POLICY, "default-src 'none'"))
+                .body(SizedStream::new(blob.span.1 - blob.span.0, blob.stream)),
+            Ok(Err(e)) => store_error(svc, rel, e),
+            Err(e) => mailbox_error(svc, rel, e),
+        },
+        Route::Nar => nar(req, svc, rel).await,
+    }
+}
+
+fn store_error(svc: &CacheService, what: &str, e: StoreError) -> HttpResponse {
+    match e {
+        StoreError::NotFound(_) => not_found(svc),
+        StoreError::Invalid(m) => {
+            tracing::debug!("refused {what}: {m}");
+            text(StatusCode::BAD_REQUEST, "400 bad request\n")
+        }
+        StoreError::RangeNotSatisfiable { total } => HttpResponse::RangeNotSatisfiable()
+            .insert_header((header::CONTENT_RANGE, format!("bytes */{total}")))
+            .finish(),
+        e => {
+            // A 5xx would make Nix disable this substituter; the client sees a miss instead.
+            tracing::warn!("{what}: {e}; answering 404");
+            not_found(svc)
+        }
+    }
+}
+
+fn mailbox_error(svc: &CacheService, what: &str, e: actix::MailboxError) -> HttpResponse {
+    tracing::error!("{what}: store actor unavailable: {e}; answering 404");
+    not_found(svc)
+}
+
+async fn narinfo(req: &HttpRequest, ing: &Ingress, digest: &str) -> HttpResponse {
+    let svc = &*ing.service;
+    let served = match ing.lookup.send(Lookup(digest.to_owned())).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(LookupError::NotFound)) => return not_found(svc),
+        Ok(Err(LookupError::Invalid(m))) => {
+            tracing::debug!("refused {digest}.narinfo: {m}");
+            return text(
+                StatusCode::BAD_REQUEST,
+                "400 bad request: not a store path digest\n",
+            );
+        }
+        Ok(Err(LookupError::Unavailable(m))) => {
+            tracing::warn!("{digest}.narinfo: {m}; answering 404");
+            return not_found(svc);
+        }
+        Err(e) => return mailbox_error(svc, digest, e),
+    };
+    if wants_html(req) {
+        return HttpResponse::Ok()
+            .content_type("text/html; charset=utf-8")
+            .insert_header((header::VARY, "Accept"))
+            .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+            .body(pages::narinfo_page(&served.info));
+    }
+    let mut b = HttpResponse::Ok();
+    b.insert_header((header::ETAG, served.etag.as_str()))
+        .insert_header((header::CACHE_CONTROL, NARINFO_MAX_AGE))
+        .insert_header((header::VARY, "Accept"));
+    if if_none_match(req, &served.etag) {
+        return b.status(StatusCode::NOT_MODIFIED).finish();
+    }
+    b.content_type("text/x-nix-narinfo")
+        .body(served.text.clone())
+}
+
+async fn nar(req: &HttpRequest, svc: &CacheService, key: &str) -> HttpResponse {
+    let range = req
+        .headers()
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(range::parse);
+    let etag = format!(
+        "\"{}\"",
+        key.rsplit('/').next().unwrap_or(key).replace('"', "")
+    );
+    let blob: Blob = match svc
+        .fetcher
+        .send(OpenNar {
+            url: key.to_owned(),
+            range,
+        })
+        .await
+    {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => return store_error(svc, key, e),
+        Err(e) => return mailbox_error(svc, key, e),
+    };
+    let mut b: HttpResponseBuilder = HttpResponse::Ok();
+    b.insert_header((header::ETAG, etag.as_str()))
+        .insert_header((header::CACHE_CONTROL, IMMUTABLE))
+        .insert_header((header::ACCEPT_RANGES, "bytes"));
+    if if_none_match(req, &etag) {
+        return b.status(StatusCode::NOT_MODIFIED).finish();
+    }
+    let (start, end) = blob.span;
+    if range.is_some() {
+        b.status(StatusCode::PARTIAL_CONTENT).insert_header((
+            header::CONTENT_RANGE,
+            format!("bytes {start}-{}/{}", end.saturating_sub(1), blob.total),
+        ));
+    }
+    b.insert_header((
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(nar_content_type(key)),
+    ));
+    let len = end - start;
+    if req.method() == Method::HEAD {
+        // Dropping the stream stops whatever produces it (for the local store, the dump);
+        // an empty body that declares the size gives HEAD its Content-Length.
+        drop(blob.stream);
+        return b.body(SizedStream::new(
+            len,
+            futures::stream::empty::<Result<Bytes, std::io::Error>>(),
+        ));
+    }
+    let metrics = svc.metrics.clone();
+    let stream = blob.stream.inspect(move |c| {
+        if let Ok(c) = c {
+            Metrics::add(&metrics.nar_bytes_served, c.len() as u64);
+        }
+    });
+    b.body(SizedStream::new(len, stream))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negotiation() {
+        let browser = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8";
+        assert!(
+            accept_quality(browser, "text/html") > accept_quality(browser, "text/x-nix-narinfo")
+        );
+        assert_eq!(
+            accept_quality("*/*", "text/html"),
+            accept_quality("*/*", "text/x-nix-narinfo")
+        );
+        assert_eq!(accept_quality("", "text/html"), 0.0);
+        assert_eq!(
+            accept_quality("text/*;q=0.5, text/html;q=0.1", "text/html"),
+            0.1
+        );
+    }
+
+    #[test]
+    fn routes() {
+        assert_eq!(Route::of(""), Route::Index);
+        assert_eq!(
+            Route::of("0123456789abcdfghijklmnpqrsvwxyz.narinfo"),
+            Route::NarInfo
+        );
+        assert_eq!(
+            Route::of("0123456789abcdfghijklmnpqrsvwxyz.ls"),
+            Route::Listing
+        );
+        assert_eq!(Route::of("nar/x.nar.xz"), Route::Nar);
+        assert_eq!(Route::of("log/x.drv"), Route::Log);
+    }
+}

@@ -1,0 +1,195 @@
+//! The lookup actor: narinfos from memory when possible, from the fetcher otherwise.
+//!
+//! Positive answers are kept in a size-bounded moka cache with a TTL, negative ones in a
+//! second cache with a short TTL (a path missing now may be uploaded soon). Concurrent misses
+//! of one digest share a single backend fetch. The cache itself is shared; each HTTP worker
+//! runs its own `Lookup` actor in front of it, so lookups never queue behind one thread.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::{Actor, Addr, Context, Handler, Message, ResponseFuture};
+use bytes::Bytes;
+use moka::future::Cache;
+
+use crate::fetcher::{FetchNarInfo, Fetcher};
+use crate::formats::{NarInfo, SecretKey};
+use crate::metrics::Metrics;
+use crate::store::StoreError;
+
+/// A narinfo ready to serve: parsed, signed, rendered once.
+#[derive(Debug)]
+pub struct ServedNarInfo {
+    /// The narinfo (with any signatures this server adds).
+    pub info: NarInfo,
+    /// Its text, as served.
+    pub text: Bytes,
+    /// Strong ETag of `text`.
+    pub etag: String,
+}
+
+impl ServedNarInfo {
+    /// Renders and tags a narinfo.
+    pub fn new(info: NarInfo) -> ServedNarInfo {
+        let text = Bytes::from(info.render());
+        let h = crate::formats::Hash::sha256_of(&text);
+        let etag = format!(
+            "\"{}\"",
+            &crate::formats::nixbase32::encode(h.digest())[..26]
+        );
+        ServedNarInfo { info, text, etag }
+    }
+}
+
+/// Why a lookup gave no narinfo.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LookupError {
+    /// The store does not have it.
+    #[error("not found")]
+    NotFound,
+    /// The digest is malformed.
+    #[error("{0}")]
+    Invalid(String),
+    /// The store failed or timed out; the message is for logs, not for clients.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Look up the narinfo of a store-path digest.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Arc<ServedNarInfo>, LookupError>")]
+pub struct Lookup(pub String);
+
+/// Sizing of the lookup caches.
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    /// Bytes of narinfo text kept in memory.
+    pub max_bytes: u64,
+    /// How long a found narinfo is trusted.
+    pub ttl: Duration,
+    /// How long a miss is remembered.
+    pub negative_ttl: Duration,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings {
+            max_bytes: 64 * 1024 * 1024,
+            ttl: Duration::from_secs(3600),
+            negative_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+/// State shared by every worker's lookup actor.
+pub struct LookupShared {
+    positive: Cache<String, Arc<ServedNarInfo>>,
+    negative: Cache<String, ()>,
+    fetcher: Addr<Fetcher>,
+    keys: Vec<SecretKey>,
+    metrics: Arc<Metrics>,
+}
+
+impl LookupShared {
+    /// Builds the caches in front of `fetcher`; narinfos lacking a signature by one of `keys`
+    /// get one before they are cached.
+    pub fn new(
+        fetcher: Addr<Fetcher>,
+        settings: &CacheSettings,
+        keys: Vec<SecretKey>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<LookupShared> {
+        let positive = Cache::builder()
+            .max_capacity(settings.max_bytes)
+            .weigher(|k: &String, v: &Arc<ServedNarInfo>| {
+                (k.len() + v.text.len() * 3).try_into().unwrap_or(u32::MAX)
+            })
+            .time_to_live(settings.ttl)
+            .build();
+        let negative = Cache::builder()
+            .max_capacity(1_000_000)
+            .time_to_live(settings.negative_ttl)
+            .build();
+        Arc::new(LookupShared {
+            positive,
+            negative,
+            fetcher,
+            keys,
+            metrics,
+        })
+    }
+
+    /// Forgets everything (for tests and for a store known to have changed).
+    pub fn invalidate_all(&self) {
+        self.positive.invalidate_all();
+        self.negative.invalidate_all();
+    }
+
+    async fn lookup(self: Arc<Self>, digest: String) -> Result<Arc<ServedNarInfo>, LookupError> {
+        if let Some(hit) = self.positive.get(&digest).await {
+            Metrics::add(&self.metrics.cache_hits, 1);
+            return Ok(hit);
+        }
+        if self.negative.contains_key(&digest) {
+            Metrics::add(&self.metrics.cache_hits, 1);
+            return Err(LookupError::NotFound);
+        }
+        Metrics::add(&self.metrics.cache_misses, 1);
+        let this = self.clone();
+        let d = digest.clone();
+        self.positive
+            .try_get_with(digest, async move {
+                let fetched = this
+                    .fetcher
+                    .send(FetchNarInfo(d.clone()))
+                    .await
+                    .map_err(|e| LookupError::Unavailable(format!("fetcher: {e}")))?;
+                match fetched {
+                    Ok(mut info) => {
+                        for key in &this.keys {
+                            if !info.sigs.iter().any(|s| s.key_name == key.name()) {
+                                info.sign(key);
+                            }
+                        }
+                        Ok(Arc::new(ServedNarInfo::new(info)))
+                    }
+                    Err(StoreError::NotFound(_)) => {
+                        this.negative.insert(d, ()).await;
+                        Err(LookupError::NotFound)
+                    }
+                    Err(StoreError::Invalid(m)) => Err(LookupError::Invalid(m)),
+                    Err(e) => Err(LookupError::Unavailable(e.to_string())),
+                }
+            })
+            .await
+            .map_err(|e: Arc<LookupError>| (*e).clone())
+    }
+}
+
+/// The per-worker actor in front of [`LookupShared`].
+pub struct LookupActor {
+    shared: Arc<LookupShared>,
+}
+
+impl LookupActor {
+    /// An actor over shared caches.
+    pub fn new(shared: Arc<LookupShared>) -> LookupActor {
+        LookupActor { shared }
+    }
+}
+
+impl Actor for LookupActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(4096);
+    }
+}
+
+impl Handler<Lookup> for LookupActor {
+    type Result = ResponseFuture<Result<Arc<ServedNarInfo>, LookupError>>;
+
+    fn handle(&mut self, msg: Lookup, _: &mut Context<Self>) -> Self::Result {
+        Box::pin(self.shared.clone().lookup(msg.0))
+    }
+}

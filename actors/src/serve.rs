@@ -1,0 +1,222 @@
+//! Wiring of `serve`: a store behind a fetcher actor, shared lookup caches, and an actix-web
+//! server whose workers each run an ingress with their own lookup actor.
+
+use std::io;
+use std::net::ToSocketAddrs;
+use std::os::fd::FromRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Actor;
+use actix_web::{App, HttpServer};
+use bytes::Bytes;
+
+use crate::fetcher::{FetchCacheInfo, Fetcher};
+use crate::formats::SecretKey;
+use crate::http::{self, CacheService, Ingress};
+use crate::lookup::{CacheSettings, LookupShared};
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// Where to accept connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// A TCP address, `host:port` (port 0 picks a free one).
+    Tcp(String),
+    /// A unix socket path (created; an existing socket file is replaced).
+    Unix(PathBuf),
+    /// The socket systemd passed (socket activation).
+    Systemd,
+}
+
+impl Listen {
+    /// Parses `--listen`: `unix:/path`, an absolute path, or `host:port`.
+    pub fn parse(s: &str) -> Listen {
+        if let Some(p) = s.strip_prefix("unix:") {
+            Listen::Unix(p.into())
+        } else if s.starts_with('/') {
+            Listen::Unix(s.into())
+        } else {
+            Listen::Tcp(s.into())
+        }
+    }
+}
+
+/// Everything `serve` needs.
+pub struct ServeOptions {
+    /// The store to serve.
+    pub store: Arc<dyn Store>,
+    /// Listening sockets.
+    pub listen: Vec<Listen>,
+    /// Keys to sign narinfos that lack their signature.
+    pub keys: Vec<SecretKey>,
+    /// `Priority` advertised in `nix-cache-info` (the store's own when `None`).
+    pub priority: Option<u32>,
+    /// Lookup cache sizing.
+    pub cache: CacheSettings,
+    /// Longest a store operation may take before the client gets a 404.
+    pub backend_timeout: Duration,
+    /// How long in-flight responses may run after a stop signal.
+    pub grace: Duration,
+    /// HTTP worker threads (0: one per core).
+    pub workers: usize,
+}
+
+/// A started cache service: what the HTTP layer needs, and its counters.
+pub async fn start_service(opts: &ServeOptions) -> io::Result<Arc<CacheService>> {
+    let metrics = Arc::new(Metrics::default());
+    let fetcher = Fetcher::new(opts.store.clone(), opts.backend_timeout, metrics.clone()).start();
+    let mut info = fetcher
+        .send(FetchCacheInfo)
+        .await
+        .map_err(io::Error::other)?
+        .map_err(|e| io::Error::other(format!("reading the store's nix-cache-info: {e}")))?;
+    info.want_mass_query = true;
+    if opts.priority.is_some() {
+        info.priority = opts.priority;
+    }
+    let lookups = LookupShared::new(
+        fetcher.clone(),
+        &opts.cache,
+        opts.keys.clone(),
+        metrics.clone(),
+    );
+    Ok(Arc::new(CacheService {
+        fetcher,
+        lookups,
+        cache_info: Bytes::from(info.render()),
+        metrics,
+        negative_ttl_secs: opts.cache.negative_ttl.as_secs(),
+        description: opts.store.describe(),
+    }))
+}
+
+fn systemd_listener() -> io::Result<Either> {
+    let pid: u32 = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| {
+            io::Error::other(
+                "--systemd: LISTEN_PID is not set; start nixcached from a systemd .socket unit",
+            )
+        })?;
+    if pid != std::process::id() {
+        return Err(io::Error::other(
+            "--systemd: LISTEN_PID names another process",
+        ));
+    }
+    let fds: u32 = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    if fds != 1 {
+        return Err(io::Error::other(format!(
+            "systemd passed in {fds} sockets (want 1)"
+        )));
+    }
+    // SAFETY: systemd's protocol hands us fd 3, open and owned by this process, exactly once.
+    let tcp = unsafe { std::net::TcpListener::from_raw_fd(3) };
+    if tcp.local_addr().is_ok() {
+        return Ok(Either::Tcp(tcp));
+    }
+    let fd = std::os::fd::IntoRawFd::into_raw_fd(tcp);
+    // SAFETY: the same fd, re-wrapped as the unix listener it turned out to be.
+    Ok(Either::Unix(unsafe {
+        std::os::unix::net::UnixListener::from_raw_fd(fd)
+    }))
+}
+
+enum Either {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+/// Binds every listener; returns them with the URLs to log.
+fn bind(listen: &[Listen]) -> io::Result<Vec<(Either, String)>> {
+    let mut out = Vec::new();
+    for l in listen {
+        match l {
+            Listen::Tcp(addr) => {
+                let addrs: Vec<_> = addr
+                    .to_socket_addrs()
+                    .map_err(|e| io::Error::other(format!("--listen {addr}: {e}; give host:port")))?
+                    .collect();
+                let first = addrs.first().ok_or_else(|| {
+                    io::Error::other(format!("--listen {addr}: resolves to nothing"))
+                })?;
+                let tcp = std::net::TcpListener::bind(first)
+                    .map_err(|e| io::Error::other(format!("listening on {first}: {e}")))?;
+                let local = tcp.local_addr()?;
+                out.push((Either::Tcp(tcp), format!("http://{local}/")));
+            }
+            Listen::Unix(path) => {
+                if std::fs::symlink_metadata(path).is_ok_and(|m| {
+                    use std::os::unix::fs::FileTypeExt;
+                    m.file_type().is_socket()
+                }) {
+                    std::fs::remove_file(path)?;
+                }
+                let u = std::os::unix::net::UnixListener::bind(path).map_err(|e| {
+                    io::Error::other(format!("listening on {}: {e}", path.display()))
+                })?;
+                out.push((Either::Unix(u), format!("unix:{}", path.display())));
+            }
+            Listen::Systemd => {
+                let l = systemd_listener()?;
+                let url = match &l {
+                    Either::Tcp(t) => format!("http://{}/ (systemd)", t.local_addr()?),
+                    Either::Unix(_) => "systemd unix socket".to_owned(),
+                };
+                out.push((l, url));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Resolves on SIGTERM, SIGINT or SIGHUP.
+pub async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("signal handler");
+    let mut int = signal(SignalKind::interrupt()).expect("signal handler");
+    let mut hup = signal(SignalKind::hangup()).expect("signal handler");
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+        _ = hup.recv() => "SIGHUP",
+    }
+}
+
+/// Serves until a stop signal, then lets in-flight responses finish within the grace period.
+/// Must run inside an actix system.
+pub async fn run(opts: ServeOptions) -> io::Result<()> {
+    let service = start_service(&opts).await?;
+    let listeners = bind(&opts.listen)?;
+    let svc = service.clone();
+    let mut server = HttpServer::new(move || {
+        let ingress = Ingress::start(svc.clone());
+        App::new().configure(move |cfg| http::configure(cfg, ingress))
+    })
+    .disable_signals()
+    .shutdown_timeout(opts.grace.as_secs().max(1))
+    .client_request_timeout(Duration::from_secs(30));
+    if opts.workers > 0 {
+        server = server.workers(opts.workers);
+    }
+    for (l, url) in listeners {
+        server = match l {
+            Either::Tcp(t) => server.listen(t)?,
+            Either::Unix(u) => server.listen_uds(u)?,
+        };
+        tracing::info!("Listening on {url} serving {}", service.description);
+    }
+    let server = server.run();
+    let handle = server.handle();
+    actix_web::rt::spawn(async move {
+        let sig = stop_signal().await;
+        tracing::info!("{sig}: shutting down (finishing in-flight responses)");
+        handle.stop(true).await;
+    });
+    server.await
+}

@@ -1,0 +1,99 @@
+//! `nixcached serve`: turns flags into [`ServeOptions`] and runs the server.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use nixcached_actors::formats::{SecretKey, StoreDir};
+use nixcached_actors::lookup::CacheSettings;
+use nixcached_actors::serve::{Listen, ServeOptions};
+use nixcached_actors::store::binary_cache::BinaryCache;
+use nixcached_actors::store::file::FileBlobs;
+use nixcached_actors::store::url::StoreUrl;
+use nixcached_actors::store::Store;
+
+use crate::cli::ServeArgs;
+
+/// Reads `nix-store --generate-binary-cache-key` secret key files.
+pub fn read_keys(files: &[PathBuf]) -> anyhow::Result<Vec<SecretKey>> {
+    files
+        .iter()
+        .map(|f| {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("reading secret key file {}", f.display()))?;
+            SecretKey::parse(&text).with_context(|| format!("secret key file {}", f.display()))
+        })
+        .collect()
+}
+
+/// The store served when none is named: the local Nix store when its database is there,
+/// else a cache folder under the user's cache directory (created, and empty at first).
+fn default_store() -> anyhow::Result<Arc<dyn Store>> {
+    if std::path::Path::new("/nix/var/nix/db/db.sqlite").is_file() {
+        if let Ok(s) = StoreUrl::parse("/nix/store").and_then(|u| u.open()) {
+            return Ok(s);
+        }
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = base.join("nixcached/cache");
+    let cache = BinaryCache::new(Arc::new(FileBlobs::open(&dir, true)?));
+    futures_lite_block_on(cache.ensure_cache_info(&StoreDir::default()))?;
+    tracing::info!(
+        "no local Nix store found; serving the cache folder {} (give a store URL to serve another)",
+        dir.display()
+    );
+    Ok(Arc::new(cache))
+}
+
+fn futures_lite_block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(f)
+}
+
+/// Runs `serve`.
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    if args.client.is_some() {
+        tracing::warn!(
+            "--client is accepted but the explorer UI templates are not overridable yet"
+        );
+    }
+    let store = match &args.store {
+        Some(url) => StoreUrl::parse(url)
+            .and_then(|u| u.open())
+            .with_context(|| format!("opening store {url}"))?,
+        None => default_store()?,
+    };
+    let mut listen: Vec<Listen> = args.listen.iter().map(|l| Listen::parse(l)).collect();
+    if args.systemd {
+        if !listen.is_empty() {
+            bail!("--systemd and --listen exclude each other");
+        }
+        listen.push(Listen::Systemd);
+    }
+    if listen.is_empty() {
+        listen.push(Listen::Tcp(format!("{}:{}", args.host, args.port)));
+    }
+    let opts = ServeOptions {
+        store,
+        listen,
+        keys: read_keys(&args.secret_key_files)?,
+        priority: args.priority,
+        cache: CacheSettings {
+            max_bytes: args.cache_size_mib * 1024 * 1024,
+            ttl: args.cache_ttl,
+            negative_ttl: args.negative_ttl,
+        },
+        backend_timeout: args.backend_timeout,
+        grace: args.grace,
+        workers: args.workers,
+    };
+    actix_web::rt::System::new().block_on(nixcached_actors::serve::run(opts))?;
+    tracing::info!("stopped");
+    Ok(())
+}
