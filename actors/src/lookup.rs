@@ -193,3 +193,96 @@ impl Handler<Lookup> for LookupActor {
         Box::pin(self.shared.clone().lookup(msg.0))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::binary_cache::BinaryCache;
+    use crate::store::blobs::Blobs;
+    use crate::store::memory::MemoryBlobs;
+    use crate::store::{Blob, ByteRange, ByteStream, Store};
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// A bucket whose reads are slow, so that concurrent misses really overlap.
+    struct Slow {
+        inner: MemoryBlobs,
+        gets: AtomicU64,
+    }
+
+    #[async_trait::async_trait]
+    impl Blobs for Slow {
+        fn describe(&self) -> String {
+            "slow".into()
+        }
+        async fn get(&self, key: &str, range: Option<ByteRange>) -> crate::store::Result<Blob> {
+            self.gets.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            self.inner.get(key, range).await
+        }
+        async fn put(&self, key: &str, data: ByteStream, ct: &str) -> crate::store::Result<u64> {
+            self.inner.put(key, data, ct).await
+        }
+        async fn head(&self, key: &str) -> crate::store::Result<Option<u64>> {
+            self.inner.head(key).await
+        }
+        async fn list(&self, prefix: &str) -> crate::store::Result<Vec<String>> {
+            self.inner.list(prefix).await
+        }
+    }
+
+    const NARINFO: &str = "StorePath: /nix/store/5r1dlyl2wyar1nn50ry8xi6apps79m0j-dir1\nURL: nar/x.nar\nCompression: none\nNarHash: sha256:1vn8cv29b1lzdb1pfpx4klpf2xja1iq8jbrvfk82f2ms1gc0gz4y\nNarSize: 1240\nReferences: \n";
+
+    #[actix::test]
+    async fn concurrent_misses_share_one_fetch_across_workers_and_misses_are_remembered() {
+        let slow = Arc::new(Slow {
+            inner: MemoryBlobs::new(),
+            gets: AtomicU64::new(0),
+        });
+        let cache = BinaryCache::new(slow.clone());
+        cache
+            .put_narinfo(&NarInfo::parse(NARINFO).unwrap())
+            .await
+            .unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let fetcher =
+            Fetcher::new(Arc::new(cache), Duration::from_secs(5), metrics.clone()).start();
+        let shared = LookupShared::new(
+            fetcher,
+            &CacheSettings::default(),
+            Vec::new(),
+            metrics.clone(),
+        );
+        // Two "workers", each with its own actor over the same caches.
+        let actors = [
+            LookupActor::new(shared.clone()).start(),
+            LookupActor::new(shared.clone()).start(),
+        ];
+        let digest = "5r1dlyl2wyar1nn50ry8xi6apps79m0j".to_string();
+        let replies =
+            futures::future::join_all((0..200).map(|i| actors[i % 2].send(Lookup(digest.clone()))))
+                .await;
+        for r in replies {
+            assert_eq!(r.unwrap().unwrap().info.store_path.digest(), digest);
+        }
+        assert_eq!(
+            slow.gets.load(Ordering::SeqCst),
+            1,
+            "one backend read for 200 lookups"
+        );
+        assert_eq!(metrics.backend_narinfo_fetches.load(Ordering::SeqCst), 1);
+
+        let missing = "00000000000000000000000000000000".to_string();
+        let replies =
+            futures::future::join_all((0..50).map(|_| actors[0].send(Lookup(missing.clone()))))
+                .await;
+        for r in replies {
+            assert!(matches!(r.unwrap(), Err(LookupError::NotFound)));
+        }
+        let _ = actors[1].send(Lookup(missing.clone())).await.unwrap();
+        assert_eq!(
+            slow.gets.load(Ordering::SeqCst),
+            2,
+            "one read for the miss, then the negative cache"
+        );
+    }
+}

@@ -175,22 +175,39 @@ fn bind(listen: &[Listen]) -> io::Result<Vec<(Either, String)>> {
     Ok(out)
 }
 
-/// Resolves on SIGTERM, SIGINT or SIGHUP.
-pub async fn stop_signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("signal handler");
-    let mut int = signal(SignalKind::interrupt()).expect("signal handler");
-    let mut hup = signal(SignalKind::hangup()).expect("signal handler");
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-        _ = hup.recv() => "SIGHUP",
+/// SIGTERM, SIGINT and SIGHUP, caught from the moment this is made: install it before
+/// announcing readiness, so an early signal is a clean stop rather than the default kill.
+pub struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Installs the handlers (inside a Tokio runtime).
+    pub fn install() -> io::Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Resolves with the name of the first signal received.
+    pub async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+            _ = self.hup.recv() => "SIGHUP",
+        }
     }
 }
 
 /// Serves until a stop signal, then lets in-flight responses finish within the grace period.
 /// Must run inside an actix system.
 pub async fn run(opts: ServeOptions) -> io::Result<()> {
+    let mut signals = StopSignals::install()?;
     let service = start_service(&opts).await?;
     let listeners = bind(&opts.listen)?;
     let svc = service.clone();
@@ -214,7 +231,7 @@ pub async fn run(opts: ServeOptions) -> io::Result<()> {
     let server = server.run();
     let handle = server.handle();
     actix_web::rt::spawn(async move {
-        let sig = stop_signal().await;
+        let sig = signals.recv().await;
         tracing::info!("{sig}: shutting down (finishing in-flight responses)");
         handle.stop(true).await;
     });

@@ -201,3 +201,145 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
 pub fn nix32_sha256(data: &[u8]) -> String {
     nixcached_actors::formats::Hash::sha256_of(data).to_nix32()
 }
+
+/// A running `nixcached` process, stopped (SIGTERM) when dropped.
+pub struct Daemon {
+    child: std::process::Child,
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    /// Starts `nixcached ARGS… --listen 127.0.0.1:0` and waits until it listens.
+    pub fn start(env: &NixEnv, args: &[&str]) -> Daemon {
+        use std::io::BufRead;
+        let mut child = env
+            .cmd(env!("CARGO_BIN_EXE_nixcached"))
+            .args(args)
+            .args(["--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start nixcached");
+        let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let l2 = log.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(i) = line.find("Listening on http://") {
+                    let rest = &line[i + "Listening on ".len()..];
+                    let url = rest.split('/').take(3).collect::<Vec<_>>().join("/");
+                    let _ = tx.send(url);
+                }
+                eprintln!("[nixcached] {line}");
+                l2.lock().unwrap().push(line);
+            }
+        });
+        let url = match rx.recv_timeout(std::time::Duration::from_secs(30)) {
+            Ok(u) => u,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "nixcached did not start listening: {:?}",
+                    log.lock().unwrap()
+                );
+            }
+        };
+        Daemon { child, url, log }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Lines logged so far.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Peak resident memory so far, in KiB (VmHWM).
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM")
+    }
+
+    /// The value of a counter from `/metrics`.
+    pub fn metric(&self, name: &str) -> u64 {
+        let (_, body) = curl(&[&format!("{}/metrics", self.url)]);
+        let body = String::from_utf8(body).unwrap();
+        body.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("metric {name} missing from:\n{body}"))
+            .parse()
+            .unwrap()
+    }
+
+    /// Sends a signal and waits for the exit status.
+    pub fn signal_and_wait(mut self, sig: &str) -> std::process::ExitStatus {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let status = self.child.wait().unwrap();
+        std::mem::forget(self);
+        status
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs curl (a real HTTP client) and returns (status code, body). Headers are written to
+/// stderr by `-D /dev/stderr` when asked for in `args`.
+pub fn curl(args: &[&str]) -> (u16, Vec<u8>) {
+    let out = Command::new("curl")
+        .args(["-s", "-o", "-", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl is installed by scripts/test");
+    let mut body = out.stdout;
+    let nl = body.iter().rposition(|&b| b == b'\n').expect("status line");
+    let code = String::from_utf8_lossy(&body[nl + 1..])
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    body.truncate(nl);
+    (code, body)
+}
+
+/// Response headers of a request (lower-cased names), via `curl -I`-like `-D -`.
+pub fn curl_headers(args: &[&str]) -> (u16, Vec<(String, String)>) {
+    let out = Command::new("curl")
+        .args(["-s", "-D", "-", "-o", "/dev/null"])
+        .args(args)
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut lines = text.lines();
+    let code = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    (code, headers)
+}

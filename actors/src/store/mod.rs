@@ -9,6 +9,7 @@ pub mod binary_cache;
 pub mod blobs;
 pub mod file;
 pub mod local;
+pub mod memory;
 pub mod url;
 
 use std::io;

@@ -1,0 +1,363 @@
+//! `nixcached serve` as a real process, used by the real Nix client and by curl.
+
+mod common;
+
+use std::fs;
+
+use common::{curl, curl_headers, Daemon, NixEnv};
+
+fn digest(path: &str) -> &str {
+    &path["/nix/store/".len()..][..32]
+}
+
+#[test]
+fn nix_copies_substitutes_and_lists_from_the_local_store() {
+    let env = NixEnv::new();
+    let closure = env.build_closure();
+    let (sk, pk) = env.keypair("serve-local-1");
+    let d = Daemon::start(
+        &env,
+        &[
+            "serve",
+            "--secret-key-file",
+            sk.to_str().unwrap(),
+            &env.store_arg(),
+        ],
+    );
+
+    let (code, info) = curl(&[&format!("{}/nix-cache-info", d.url)]);
+    assert_eq!(code, 200);
+    assert_eq!(
+        String::from_utf8(info).unwrap(),
+        "StoreDir: /nix/store\nWantMassQuery: 1\n"
+    );
+
+    // nix copy with signature checking on.
+    let fresh = env.path("fresh");
+    env.run(
+        "nix",
+        &[
+            "copy",
+            "--from",
+            &d.url,
+            "--to",
+            fresh.to_str().unwrap(),
+            "--trusted-public-keys",
+            &pk,
+            &closure.app,
+        ],
+    );
+    for p in &closure.paths {
+        assert!(fresh.join(p.trim_start_matches('/')).exists(), "{p} copied");
+    }
+
+    // Substitution into another store, with the daemon as the only substituter.
+    let sub = env.path("substituted");
+    env.run(
+        "nix-store",
+        &[
+            "--store",
+            sub.to_str().unwrap(),
+            "--realise",
+            &closure.app,
+            "--option",
+            "substituters",
+            &d.url,
+            "--option",
+            "trusted-public-keys",
+            &pk,
+        ],
+    );
+    assert!(sub
+        .join(closure.app.trim_start_matches('/'))
+        .join("bin/hi")
+        .exists());
+
+    // Without the key the same copy is refused: signatures are really checked.
+    let out = env.output(
+        "nix",
+        &[
+            "copy",
+            "--from",
+            &d.url,
+            "--to",
+            env.path("unsigned").to_str().unwrap(),
+            &closure.app,
+        ],
+    );
+    assert!(!out.status.success(), "copy without trusted key must fail");
+
+    // nix store ls lists files through the daemon.
+    let ls = env.run(
+        "nix",
+        &["store", "ls", "--store", &d.url, "-R", &closure.app],
+    );
+    assert!(ls.contains("./bin/hi"), "{ls}");
+    assert!(ls.contains("./random"), "{ls}");
+}
+
+#[test]
+fn nix_copies_through_folder_caches_in_each_compression() {
+    let env = NixEnv::new();
+    let closure = env.build_closure();
+    let (sk, pk) = env.keypair("folder-1");
+    for comp in ["zstd", "xz", "none"] {
+        let dir = env.path(&format!("cache-{comp}"));
+        env.copy_to(
+            &format!(
+                "file://{}?compression={comp}&secret-key={}",
+                dir.display(),
+                sk.display()
+            ),
+            &[&closure.app],
+        );
+        let d = Daemon::start(&env, &["serve", &format!("file://{}", dir.display())]);
+        let fresh = env.path(&format!("fresh-{comp}"));
+        env.run(
+            "nix",
+            &[
+                "copy",
+                "--from",
+                &d.url,
+                "--to",
+                fresh.to_str().unwrap(),
+                "--trusted-public-keys",
+                &pk,
+                &closure.app,
+            ],
+        );
+        let sub = env.path(&format!("sub-{comp}"));
+        env.run(
+            "nix-store",
+            &[
+                "--store",
+                sub.to_str().unwrap(),
+                "--realise",
+                &closure.app,
+                "--option",
+                "substituters",
+                &d.url,
+                "--option",
+                "trusted-public-keys",
+                &pk,
+            ],
+        );
+        // The served narinfo is byte-identical to the stored one (no signing key given).
+        let (code, body) = curl(&[&format!("{}/{}.narinfo", d.url, digest(&closure.app))]);
+        assert_eq!(code, 200);
+        assert_eq!(
+            body,
+            fs::read(dir.join(format!("{}.narinfo", digest(&closure.app)))).unwrap()
+        );
+    }
+}
+
+#[test]
+fn ranges_resume_and_conditional_requests() {
+    let env = NixEnv::new();
+    let closure = env.build_closure();
+    let d = Daemon::start(&env, &["serve", &env.store_arg()]);
+    let url = format!("{}/nar/{}.nar", d.url, digest(&closure.app));
+    let (code, full) = curl(&[&url]);
+    assert_eq!(code, 200);
+    assert!(full.len() > 300_000);
+
+    // An interrupted download resumed with Range gives identical bytes.
+    let part = env.path("partial");
+    fs::write(&part, &full[..123_457]).unwrap();
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-C",
+            "-",
+            "-o",
+            part.to_str().unwrap(),
+            "-w",
+            "%{http_code}",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "206");
+    assert!(fs::read(&part).unwrap() == full);
+
+    let (code, headers) = curl_headers(&["-H", "Range: bytes=100-199", &url]);
+    assert_eq!(code, 206);
+    let get =
+        |h: &[(String, String)], k: &str| h.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    assert_eq!(
+        get(&headers, "content-range").unwrap(),
+        format!("bytes 100-199/{}", full.len())
+    );
+    assert_eq!(get(&headers, "content-length").unwrap(), "100");
+    assert!(get(&headers, "content-encoding").is_none());
+    let (_, tail) = curl(&["-H", "Range: bytes=-10", &url]);
+    assert!(tail == full[full.len() - 10..]);
+    let (code, headers) = curl_headers(&["-H", &format!("Range: bytes={}-", full.len() + 5), &url]);
+    assert_eq!(code, 416);
+    assert_eq!(
+        get(&headers, "content-range").unwrap(),
+        format!("bytes */{}", full.len())
+    );
+
+    // HEAD gives the length without a body; ETag revalidation gives 304.
+    let (code, headers) = curl_headers(&["-I", &url]);
+    assert_eq!(code, 200);
+    assert_eq!(
+        get(&headers, "content-length").unwrap(),
+        full.len().to_string()
+    );
+    let etag = get(&headers, "etag").unwrap();
+    let (code, _) = curl_headers(&["-H", &format!("If-None-Match: {etag}"), &url]);
+    assert_eq!(code, 304);
+    let ni = format!("{}/{}.narinfo", d.url, digest(&closure.app));
+    let (_, h) = curl_headers(&[&ni]);
+    let (code, _) = curl_headers(&[
+        "-H",
+        &format!("If-None-Match: {}", get(&h, "etag").unwrap()),
+        &ni,
+    ]);
+    assert_eq!(code, 304);
+}
+
+#[test]
+fn errors_methods_and_traversal() {
+    let env = NixEnv::new();
+    let closure = env.build_closure();
+    let d = Daemon::start(&env, &["serve", &env.store_arg()]);
+    let missing = format!("{}/00000000000000000000000000000000.narinfo", d.url);
+    let (code, body) = curl(&[&missing]);
+    assert_eq!(code, 404);
+    assert_eq!(body, b"404 not found\n");
+    let (code, _) = curl(&[&format!(
+        "{}/eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee.narinfo",
+        d.url
+    )]);
+    assert_eq!(code, 400);
+    let (code, headers) = curl_headers(&[
+        "-X",
+        "PUT",
+        "--data",
+        "x",
+        &format!("{}/{}.narinfo", d.url, digest(&closure.app)),
+    ]);
+    assert_eq!(code, 405);
+    assert!(headers
+        .iter()
+        .any(|(k, v)| k == "allow" && v.contains("GET")));
+    for evil in [
+        "/nar/../../../../etc/passwd",
+        "/../../etc/passwd",
+        "/nar/%2e%2e/%2e%2e/etc/passwd",
+        "/log/../../etc/passwd",
+    ] {
+        let (code, body) = curl(&["--path-as-is", &format!("{}{evil}", d.url)]);
+        assert!(code == 404 || code == 400, "{evil}: {code}");
+        assert!(
+            !String::from_utf8_lossy(&body).contains("root:"),
+            "{evil} leaked a file"
+        );
+    }
+    // The HTML view escapes and links references.
+    let (code, html) = curl(&[
+        "-H",
+        "Accept: text/html,*/*;q=0.8",
+        &format!("{}/{}.narinfo", d.url, digest(&closure.app)),
+    ]);
+    assert_eq!(code, 200);
+    let html = String::from_utf8(html).unwrap();
+    assert!(
+        html.contains(&format!("href=\"/{}.narinfo\"", digest(&closure.lib))),
+        "{html}"
+    );
+    let (code, _) = curl(&[&format!("{}/healthz", d.url)]);
+    assert_eq!(code, 200);
+    assert!(d.metric("nixcached_backend_narinfo_fetches_total") >= 1);
+}
+
+#[test]
+fn two_hundred_concurrent_misses_make_one_backend_fetch() {
+    let env = NixEnv::new();
+    let closure = env.build_closure();
+    let d = Daemon::start(&env, &["serve", &env.store_arg()]);
+    let url = format!("{}/{}.narinfo", d.url, digest(&closure.lib));
+    let config = env.path("curl.cfg");
+    let mut cfg = String::new();
+    for i in 0..200 {
+        cfg.push_str(&format!(
+            "url = \"{url}\"\noutput = \"{}\"\n",
+            env.path(&format!("o{i}")).display()
+        ));
+    }
+    fs::write(&config, cfg).unwrap();
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "--parallel",
+            "--parallel-immediate",
+            "--parallel-max",
+            "200",
+            "-w",
+            "%{http_code}\n",
+            "-K",
+        ])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let codes = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        codes.lines().filter(|c| *c == "200").count(),
+        200,
+        "{codes}"
+    );
+    assert_eq!(d.metric("nixcached_backend_narinfo_fetches_total"), 1);
+    let first = fs::read(env.path("o0")).unwrap();
+    for i in 1..200 {
+        assert_eq!(fs::read(env.path(&format!("o{i}"))).unwrap(), first);
+    }
+}
+
+#[test]
+fn one_gib_nar_streams_in_bounded_memory() {
+    let env = NixEnv::new();
+    let big = env.path("big/data");
+    fs::create_dir_all(big.parent().unwrap()).unwrap();
+    let f = fs::File::create(&big).unwrap();
+    f.set_len(1024 * 1024 * 1024 + 17).unwrap();
+    drop(f);
+    let sp = env.add(big.parent().unwrap());
+    let d = Daemon::start(&env, &["serve", &env.store_arg()]);
+    let url = format!("{}/nar/{}.nar", d.url, digest(&sp));
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_download}",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    let res = String::from_utf8(out.stdout).unwrap();
+    let (code, size) = res.split_once(' ').unwrap();
+    assert_eq!(code, "200");
+    assert!(size.parse::<u64>().unwrap() > 1024 * 1024 * 1024);
+    let peak = d.peak_rss_kib();
+    eprintln!("peak RSS serving a 1 GiB NAR: {} MiB", peak / 1024);
+    assert!(peak < 100 * 1024, "peak RSS {peak} KiB");
+}
+
+#[test]
+fn stop_signals_exit_zero() {
+    let env = NixEnv::new();
+    let dir = env.path("empty-cache");
+    for sig in ["TERM", "INT", "HUP"] {
+        let d = Daemon::start(
+            &env,
+            &["serve", &format!("file://{}?create_dir=1", dir.display())],
+        );
+        let status = d.signal_and_wait(sig);
+        assert!(status.success(), "SIG{sig}: {status}");
+    }
+}
