@@ -2,6 +2,8 @@
 //! store, own `XDG_CACHE_HOME`), trees to archive, and a small closure built by the real Nix.
 #![allow(dead_code)] // Each test binary uses a different part of the harness.
 
+pub mod conformance;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
