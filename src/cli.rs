@@ -130,13 +130,31 @@ pub struct UploadArgs {
     /// NAR compression: zstd, xz, bzip2, gzip, br or none.
     #[arg(long, default_value = "zstd")]
     pub compression: String,
-    /// Also write a .ls listing of each NAR.
+    /// Compression level, on the codec's own scale (zstd 1-19, xz 0-9, …).
+    #[arg(long)]
+    pub compression_level: Option<i32>,
+    /// Also write a .ls listing of each NAR (--write-nar-listing=false to disable).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub write_nar_listing: bool,
-    /// Objects uploaded concurrently.
+    /// Objects uploaded concurrently (at least 1).
     #[arg(short, long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     pub jobs: u32,
-    /// Destination binary cache URL.
+    /// Sign narinfos with this key (repeatable; nix-store --generate-binary-cache-key format).
+    #[arg(long = "secret-key-file", value_name = "FILE")]
+    pub secret_key_files: Vec<PathBuf>,
+    /// Folder for the durable queue (default: $STATE_DIRECTORY, else ~/.local/state/nixcached).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Accepted-but-unfinished paths before reading pauses (and senders block).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub queue_size: u32,
+    /// How often to log progress (0 to never).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub progress_interval: Duration,
+    /// The local Nix store the paths are in: /nix/store, or local?root=DIR for a chroot store.
+    #[arg(long, default_value = "/nix/store")]
+    pub from: String,
+    /// Destination: file:///DIR, s3://BUCKET, gs://BUCKET or ssh://HOST.
     pub dest: String,
 }
 

@@ -1,7 +1,9 @@
 //! The `nixcached` binary: parses the command line and hands over to the actors crate.
 
 mod cli;
+mod send;
 mod serve;
+mod upload;
 
 use clap::Parser;
 
@@ -30,12 +32,9 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: cli::Cli) -> anyhow::Result<()> {
-    let (name, issue) = match cli.command {
-        cli::Command::Serve(args) => return serve::run(args),
-        cli::Command::Upload(_) => ("upload", 5),
-        cli::Command::Send(_) => ("send", 5),
-    };
-    anyhow::bail!(
-        "`nixcached {name}` is not built yet (tracked in issue #{issue}); this build provides the Nix formats and stores only"
-    )
+    match cli.command {
+        cli::Command::Serve(args) => serve::run(args),
+        cli::Command::Upload(args) => upload::run(args),
+        cli::Command::Send(args) => send::run(args),
+    }
 }

@@ -11,5 +11,7 @@ pub mod http;
 pub mod lookup;
 pub mod metrics;
 pub mod publish;
+pub mod send;
 pub mod serve;
 pub mod store;
+pub mod upload;

@@ -42,8 +42,8 @@ impl Default for PublishOptions {
     }
 }
 
-/// What a stream hashed, filled in when it ends.
-type Tally = Arc<Mutex<Option<(Hash, u64)>>>;
+/// What a stream hashed, filled in when it ends; or why it did not match.
+type Tally = Arc<Mutex<Option<Result<(Hash, u64), String>>>>;
 
 /// Hashes and counts a stream as it passes; when `expect` is set, a mismatch at the end
 /// becomes an error *in* the stream, so the consumer (an atomic put) aborts instead of
@@ -73,15 +73,14 @@ impl Stream for Hashing {
                 let (hash, len) = counter.finish();
                 if let Some((want_hash, want_len)) = &self.expect {
                     if *want_hash != hash || *want_len != len {
-                        return Poll::Ready(Some(Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            format!(
-                                "NAR hash mismatch: expected {want_hash} ({want_len} bytes), got {hash} ({len} bytes); the store object changed or is corrupt"
-                            ),
-                        ))));
+                        let msg = format!(
+                            "NAR hash mismatch: expected {want_hash} ({want_len} bytes), got {hash} ({len} bytes); the store object changed or is corrupt"
+                        );
+                        *self.tally.lock().expect("tally") = Some(Err(msg.clone()));
+                        return Poll::Ready(Some(Err(io::Error::new(io::ErrorKind::InvalidData, msg))));
                     }
                 }
-                *self.tally.lock().expect("tally") = Some((hash, len));
+                *self.tally.lock().expect("tally") = Some(Ok((hash, len)));
                 Poll::Ready(None)
             }
             other => other,
@@ -122,7 +121,7 @@ pub async fn publish(
             256 * 1024,
         ))
     };
-    let (nar, _) = hashing(nar, Some((src_info.nar_hash.clone(), src_info.nar_size)));
+    let (nar, nar_tally) = hashing(nar, Some((src_info.nar_hash.clone(), src_info.nar_size)));
     let compressed: ByteStream = if opts.compression == Compression::None {
         nar
     } else {
@@ -140,10 +139,22 @@ pub async fn publish(
         crate::formats::nixbase32::encode(src_info.nar_hash.digest()),
         opts.compression.extension()
     );
-    dest.put_nar(&url, compressed).await?;
-    let (file_hash, file_size) = file_tally.lock().expect("tally").clone().ok_or_else(|| {
-        StoreError::backend(format!("uploading {url}"), "the NAR stream ended early")
-    })?;
+    if let Err(e) = dest.put_nar(&url, compressed).await {
+        // A NAR that does not match its hash is a permanent failure, not a flaky network.
+        if let Some(Err(msg)) = nar_tally.lock().expect("tally").clone() {
+            return Err(StoreError::Corrupt(format!("{}: {msg}", src_info.store_path)));
+        }
+        return Err(e);
+    }
+    let (file_hash, file_size) = match file_tally.lock().expect("tally").clone() {
+        Some(Ok(t)) => t,
+        _ => {
+            return Err(StoreError::backend(
+                format!("uploading {url}"),
+                "the NAR stream ended early",
+            ))
+        }
+    };
 
     if opts.write_listing {
         match source.listing(digest).await {

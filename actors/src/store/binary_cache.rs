@@ -188,4 +188,8 @@ impl Store for BinaryCache {
         check_key(url)?;
         Ok(self.blobs.head(url).await?.is_some())
     }
+
+    async fn prepare_for_upload(&self, store_dir: &StoreDir) -> Result<()> {
+        self.ensure_cache_info(store_dir).await.map(|_| ())
+    }
 }

@@ -257,6 +257,57 @@ impl LocalStore {
         self.narinfo_from_row(row)
     }
 
+    /// The closure of `roots` (store paths as absolute strings): every member with its
+    /// direct references. A root Nix does not know is [`StoreError::NotFound`].
+    pub async fn closure(self: &Arc<Self>, roots: Vec<String>) -> Result<Vec<(StorePath, Vec<StorePath>)>> {
+        let dir = self.layout.store_dir.clone();
+        let rows = self
+            .with_db(move |c| {
+                let mut ids = std::collections::BTreeMap::<i64, String>::new();
+                let mut missing = Vec::new();
+                let mut walk = c.prepare_cached(
+                    "WITH RECURSIVE c(id) AS (
+                         SELECT id FROM ValidPaths WHERE path = ?1
+                         UNION SELECT r.reference FROM Refs r JOIN c ON r.referrer = c.id)
+                     SELECT v.id, v.path FROM ValidPaths v JOIN c ON v.id = c.id",
+                )?;
+                for root in &roots {
+                    let before = ids.len();
+                    let mut found = false;
+                    for row in walk.query_map([root], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))? {
+                        let (id, path) = row?;
+                        found = true;
+                        ids.insert(id, path);
+                    }
+                    if !found && ids.len() == before {
+                        missing.push(root.clone());
+                    }
+                }
+                let mut refs_of = c.prepare_cached(
+                    "SELECT v.path FROM Refs r JOIN ValidPaths v ON r.reference = v.id WHERE r.referrer = ?1",
+                )?;
+                let mut out = Vec::new();
+                for (id, path) in &ids {
+                    let refs = refs_of
+                        .query_map([id], |r| r.get::<_, String>(0))?
+                        .collect::<rusqlite::Result<Vec<_>>>()?;
+                    out.push((path.clone(), refs));
+                }
+                Ok((out, missing))
+            })
+            .await?;
+        let (rows, missing) = rows;
+        if let Some(m) = missing.first() {
+            return Err(StoreError::NotFound(format!("{m} is not a valid path in {}", dir)));
+        }
+        rows.into_iter()
+            .map(|(p, refs)| {
+                let parse = |x: &str| dir.parse_path(x).map_err(|e| StoreError::Corrupt(e.to_string()));
+                Ok((parse(&p)?, refs.iter().map(|r| parse(r)).collect::<Result<Vec<_>>>()?))
+            })
+            .collect()
+    }
+
     /// The file-system path of a valid store object, or NotFound.
     fn real_path(&self, p: &StorePath) -> PathBuf {
         self.layout.real_store_dir.join(p.to_string())

@@ -190,6 +190,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// True when a file exists at `url` (a NAR URL, or `<digest>.narinfo`).
     async fn exists(&self, url: &str) -> Result<bool>;
+
+    /// Gets the store ready to receive uploads of paths from `store_dir` (a binary cache
+    /// writes its `nix-cache-info`, and refuses one made for another store directory).
+    async fn prepare_for_upload(&self, _store_dir: &crate::formats::StoreDir) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Restricts a stream to `[start, end)` of its bytes, discarding what comes before and

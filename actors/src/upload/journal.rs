@@ -1,0 +1,227 @@
+//! The durable queue of `upload`: every accepted store path is committed to a SQLite
+//! journal before it is acknowledged, and stays there until its whole closure is in the
+//! destination, so a crash or restart resumes where it stopped.
+//!
+//! The spool is how `send` hands over paths durably: it writes (and fsyncs) a file into
+//! `<FIFO>.spool/` before writing to the FIFO itself, so a path `send` reported as sent
+//! survives even when the uploader is killed while the bytes are still in the pipe.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection};
+
+/// Why the journal failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// SQLite failed.
+    #[error("upload journal {path}: {source} (check that --state-dir is writable)")]
+    Db {
+        /// The database file.
+        path: PathBuf,
+        /// The cause.
+        source: rusqlite::Error,
+    },
+    /// Spool files could not be read or removed.
+    #[error("spool {path}: {source}")]
+    Spool {
+        /// The spool folder.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// Where a path stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Accepted, not yet fully uploaded.
+    Pending,
+    /// It and its closure are in the destination.
+    Done,
+    /// Gave up: the error is recorded.
+    Failed,
+}
+
+impl State {
+    fn code(self) -> i64 {
+        match self {
+            State::Pending => 0,
+            State::Done => 1,
+            State::Failed => 2,
+        }
+    }
+}
+
+/// The journal of one upload pipeline.
+pub struct Journal {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Journal({})", self.path.display())
+    }
+}
+
+impl Journal {
+    /// Opens (creating) the journal file.
+    pub fn open(path: &Path) -> Result<Journal, JournalError> {
+        let err = |source| JournalError::Db {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| JournalError::Spool {
+                path: dir.to_owned(),
+                source: e,
+            })?;
+        }
+        let conn = Connection::open(path).map_err(err)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL;
+             PRAGMA synchronous=FULL;
+             CREATE TABLE IF NOT EXISTS paths (
+                 path TEXT PRIMARY KEY,
+                 state INTEGER NOT NULL,
+                 attempts INTEGER NOT NULL DEFAULT 0,
+                 error TEXT,
+                 updated INTEGER NOT NULL
+             );",
+        )
+        .map_err(err)?;
+        Ok(Journal {
+            path: path.to_owned(),
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn err(&self, source: rusqlite::Error) -> JournalError {
+        JournalError::Db {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Commits paths as pending (again, if they were done or failed: a path sent again is
+    /// checked again). Returns once the commit is on disk.
+    pub fn add(&self, paths: &[String]) -> Result<(), JournalError> {
+        let mut conn = self.conn.lock().expect("journal");
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT INTO paths (path, state, updated) VALUES (?1, 0, strftime('%s','now'))
+                     ON CONFLICT(path) DO UPDATE SET state = 0, updated = excluded.updated WHERE state != 0",
+                )
+                .map_err(|e| self.err(e))?;
+            for p in paths {
+                stmt.execute(params![p]).map_err(|e| self.err(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// Records a final state.
+    pub fn set(&self, path: &str, state: State, error: Option<&str>) -> Result<(), JournalError> {
+        self.conn
+            .lock()
+            .expect("journal")
+            .execute(
+                "UPDATE paths SET state = ?2, error = ?3, attempts = attempts + 1, updated = strftime('%s','now') WHERE path = ?1",
+                params![path, state.code(), error],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Paths accepted earlier and not finished: the work to resume.
+    pub fn pending(&self) -> Result<Vec<String>, JournalError> {
+        let conn = self.conn.lock().expect("journal");
+        let mut stmt = conn
+            .prepare("SELECT path FROM paths WHERE state = 0 ORDER BY updated, path")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| r.get(0))
+            .map_err(|e| self.err(e))?
+            .collect::<Result<Vec<String>, _>>()
+            .map_err(|e| self.err(e));
+        rows
+    }
+
+    /// The state of one path, if known.
+    pub fn state(&self, path: &str) -> Result<Option<(State, Option<String>)>, JournalError> {
+        let conn = self.conn.lock().expect("journal");
+        let r = conn.query_row("SELECT state, error FROM paths WHERE path = ?1", params![path], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?))
+        });
+        match r {
+            Ok((s, e)) => Ok(Some((
+                match s {
+                    0 => State::Pending,
+                    1 => State::Done,
+                    _ => State::Failed,
+                },
+                e,
+            ))),
+            Err(rusqlite::Error::QueryReturnedNoRows) => Ok(None),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+}
+
+/// The spool folder `send` writes to for a given FIFO.
+pub fn spool_dir(fifo: &Path) -> PathBuf {
+    let mut s = fifo.as_os_str().to_owned();
+    s.push(".spool");
+    PathBuf::from(s)
+}
+
+/// Reads every complete spool file: returns their lines and the files to delete once the
+/// lines are committed. Temporary files (still being written by `send`) are left alone.
+pub fn read_spool(dir: &Path) -> Result<(Vec<Vec<u8>>, Vec<PathBuf>), JournalError> {
+    let err = |source| JournalError::Spool {
+        path: dir.to_owned(),
+        source,
+    };
+    let mut lines = Vec::new();
+    let mut files = Vec::new();
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((lines, files)),
+        Err(e) => return Err(err(e)),
+    };
+    let mut entries: Vec<_> = rd.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+    entries.sort();
+    for p in entries {
+        if p.file_name().and_then(|n| n.to_str()).is_none_or(|n| n.starts_with('.')) {
+            continue;
+        }
+        let data = std::fs::read(&p).map_err(err)?;
+        lines.extend(data.split(|&b| b == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec));
+        files.push(p);
+    }
+    Ok((lines, files))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_survives_reopen_and_states_update() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("j.sqlite");
+        let j = Journal::open(&p).unwrap();
+        j.add(&["/nix/store/a".into(), "/nix/store/b".into()]).unwrap();
+        j.set("/nix/store/a", State::Done, None).unwrap();
+        drop(j);
+        let j = Journal::open(&p).unwrap();
+        assert_eq!(j.pending().unwrap(), vec!["/nix/store/b".to_string()]);
+        j.add(&["/nix/store/a".into()]).unwrap();
+        assert_eq!(j.pending().unwrap().len(), 2, "a re-sent path is pending again");
+        j.set("/nix/store/b", State::Failed, Some("gone")).unwrap();
+        assert_eq!(j.state("/nix/store/b").unwrap(), Some((State::Failed, Some("gone".into()))));
+    }
+}

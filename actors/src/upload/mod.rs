@@ -1,0 +1,140 @@
+//! `upload`: an asynchronous pipeline that takes store paths from a FIFO and pushes their
+//! closures into a binary cache, durably and in reference order.
+//!
+//! ```text
+//! FIFO ──lines──► FifoReader ──Enqueue──► Scheduler ──Upload──► Uploader ×J ──► destination
+//!                 (send().await:           (journal, closure,     (one arbiter
+//!                  backpressure)            order, retries)        each)
+//! ```
+
+pub mod input;
+pub mod journal;
+pub mod reader;
+pub mod scheduler;
+pub mod uploader;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use actix::{Actor, Arbiter};
+use tokio::sync::oneshot;
+
+use crate::formats::StoreDir;
+use crate::publish::PublishOptions;
+use crate::serve::StopSignals;
+use crate::store::local::LocalStore;
+use crate::store::Store;
+use journal::Journal;
+use reader::{FifoReader, InputEnd, InputSpec, StopReading};
+use scheduler::{Drain, Enqueue, Scheduler, SchedulerSettings, Summary};
+use uploader::Uploader;
+
+/// Everything an upload pipeline needs.
+pub struct UploadConfig {
+    /// The local store paths come from.
+    pub source: Arc<LocalStore>,
+    /// The destination cache.
+    pub dest: Arc<dyn Store>,
+    /// Where paths are read from.
+    pub input: InputSpec,
+    /// The journal file.
+    pub journal: PathBuf,
+    /// How objects are written.
+    pub publish: PublishOptions,
+    /// Write objects even when present.
+    pub force: bool,
+    /// Concurrent uploads.
+    pub jobs: usize,
+    /// Queue and retry settings.
+    pub scheduler: SchedulerSettings,
+}
+
+/// How a pipeline ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// Totals.
+    pub summary: Summary,
+    /// Why it stopped: `"end of input"`, `"finish marker"`, `"SIGHUP"`, `"SIGTERM"`, …
+    pub reason: String,
+    /// True when everything accepted was finished (not a prompt stop).
+    pub drained: bool,
+    /// An input error, if reading failed.
+    pub input_error: Option<String>,
+}
+
+/// Runs a pipeline inside an actix system until the input ends or a signal arrives.
+///
+/// End of input, the finish marker and SIGHUP drain: everything accepted is finished first.
+/// SIGTERM and SIGINT stop promptly; unfinished work stays in the journal for the next start.
+pub async fn run(cfg: UploadConfig) -> Result<Outcome, String> {
+    let mut signals = StopSignals::install().map_err(|e| e.to_string())?;
+    let store_dir: StoreDir = cfg.source.layout().store_dir.clone();
+    cfg.dest
+        .prepare_for_upload(&store_dir)
+        .await
+        .map_err(|e| format!("preparing {}: {e}", cfg.dest.describe()))?;
+    let journal = Arc::new(Journal::open(&cfg.journal).map_err(|e| e.to_string())?);
+    let source: Arc<dyn Store> = Arc::new(cfg.source.clone());
+    let uploaders = (0..cfg.jobs.max(1))
+        .map(|_| {
+            let (s, d, p, f) = (source.clone(), cfg.dest.clone(), cfg.publish.clone(), cfg.force);
+            Uploader::start_in_arbiter(&Arbiter::new().handle(), move |_| Uploader::new(s, d, p, f))
+        })
+        .collect();
+    let scheduler = Scheduler::new(cfg.source.clone(), journal.clone(), uploaders, cfg.scheduler.clone()).start();
+
+    let resumed = journal.pending().map_err(|e| e.to_string())?;
+    if !resumed.is_empty() {
+        tracing::info!("resuming {} paths left unfinished by an earlier run", resumed.len());
+        scheduler
+            .send(Enqueue(resumed))
+            .await
+            .map_err(|e| e.to_string())??;
+    }
+
+    let (ended_tx, ended_rx) = oneshot::channel();
+    let reader = FifoReader::new(cfg.input.clone(), scheduler.clone(), ended_tx).start();
+    let (reason, drain, input_error) = tokio::select! {
+        end = ended_rx => match end.unwrap_or(InputEnd::Eof) {
+            InputEnd::Eof => ("end of input".to_owned(), true, None),
+            InputEnd::Finish => ("finish marker".to_owned(), true, None),
+            InputEnd::Error(e) => (format!("input error: {e}"), true, Some(e)),
+        },
+        sig = signals.recv() => {
+            let drain = sig == "SIGHUP";
+            (sig.to_owned(), drain, None)
+        }
+    };
+    reader.do_send(StopReading);
+    if !drain {
+        tracing::info!("{reason}: stopping now; unfinished paths stay queued in {}", cfg.journal.display());
+        return Ok(Outcome {
+            summary: Summary::default(),
+            reason,
+            drained: false,
+            input_error,
+        });
+    }
+    tracing::info!("{reason}: finishing the {} accepted paths before exiting", journal.pending().map(|p| p.len()).unwrap_or(0));
+    // Drain is queued behind every Enqueue already accepted; a second signal stops at once.
+    let summary = tokio::select! {
+        s = scheduler.send(Drain) => s.map_err(|e| e.to_string())?,
+        sig = signals.recv() => {
+            tracing::info!("{sig}: stopping without finishing; unfinished paths stay queued");
+            return Ok(Outcome { summary: Summary::default(), reason: sig.to_owned(), drained: false, input_error });
+        }
+    };
+    tracing::info!(
+        "done: {} uploaded, {} already present, {} failed, {} bytes written",
+        summary.uploaded,
+        summary.present,
+        summary.failed,
+        summary.bytes
+    );
+    Ok(Outcome {
+        summary,
+        reason,
+        drained: true,
+        input_error,
+    })
+}
