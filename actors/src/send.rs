@@ -54,8 +54,11 @@ pub enum SendError {
     },
 }
 
+/// The writes to make, and the paths refused with the reason.
+pub type Framed = (Vec<Vec<u8>>, Vec<(String, &'static str)>);
+
 /// Packs paths into atomic writes; returns the writes and the paths refused (with reasons).
-pub fn frame(paths: &[String], finish: bool) -> Result<(Vec<Vec<u8>>, Vec<(String, &'static str)>), SendError> {
+pub fn frame(paths: &[String], finish: bool) -> Result<Framed, SendError> {
     if let Some(i) = paths.iter().position(|p| p.contains('\0')) {
         return Err(SendError::Nul(i + 1));
     }
@@ -110,10 +113,17 @@ fn spool(output: &Path, writes: &[Vec<u8>]) -> Result<bool, SendError> {
     let mut f = std::fs::File::create(&tmp).map_err(io(format!("writing {}", tmp.display())))?;
     for w in writes {
         // The finish marker is for the live pipe only; a spooled copy must not stop a later run.
-        let data: Vec<u8> = w.split_inclusive(|&b| b == b'\n').filter(|l| *l != FINISH_MARKER).flatten().copied().collect();
-        f.write_all(&data).map_err(io(format!("writing {}", tmp.display())))?;
+        let data: Vec<u8> = w
+            .split_inclusive(|&b| b == b'\n')
+            .filter(|l| *l != FINISH_MARKER)
+            .flatten()
+            .copied()
+            .collect();
+        f.write_all(&data)
+            .map_err(io(format!("writing {}", tmp.display())))?;
     }
-    f.sync_all().map_err(io(format!("syncing {}", tmp.display())))?;
+    f.sync_all()
+        .map_err(io(format!("syncing {}", tmp.display())))?;
     std::fs::rename(&tmp, dir.join(&stamp)).map_err(io(format!("renaming {}", tmp.display())))?;
     std::fs::File::open(&dir)
         .and_then(|d| d.sync_all())
@@ -122,7 +132,12 @@ fn spool(output: &Path, writes: &[Vec<u8>]) -> Result<bool, SendError> {
 }
 
 /// Sends paths (and the finish marker) to `output`, giving up after `timeout`.
-pub fn send(output: &Path, paths: &[String], finish: bool, timeout: Option<Duration>) -> Result<(), SendError> {
+pub fn send(
+    output: &Path,
+    paths: &[String],
+    finish: bool,
+    timeout: Option<Duration>,
+) -> Result<(), SendError> {
     if paths.is_empty() && !finish {
         return Err(SendError::NoPaths);
     }
@@ -140,7 +155,11 @@ pub fn send(output: &Path, paths: &[String], finish: bool, timeout: Option<Durat
             }
         }
     })?;
-    let spooled = if meta.file_type().is_fifo() { spool(output, &writes)? } else { false };
+    let spooled = if meta.file_type().is_fifo() {
+        spool(output, &writes)?
+    } else {
+        false
+    };
     let deadline = timeout.map(|t| Instant::now() + t);
     let timed_out = || SendError::Timeout {
         path: output.to_owned(),
@@ -178,7 +197,8 @@ pub fn send(output: &Path, paths: &[String], finish: bool, timeout: Option<Durat
                 // Writes of at most PIPE_BUF are all-or-nothing on a pipe; a short write can
                 // only happen on a regular file, where finishing it is safe.
                 Ok(n) => {
-                    f.write_all(&w[n..]).map_err(io(format!("writing {}", output.display())))?;
+                    f.write_all(&w[n..])
+                        .map_err(io(format!("writing {}", output.display())))?;
                     break;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -208,19 +228,34 @@ mod tests {
         let paths: Vec<String> = (0..40).map(|i| format!("/nix/store/{i:032}-p")).collect();
         let (writes, rejected) = frame(&paths, true).unwrap();
         assert!(rejected.is_empty());
-        assert!(writes.iter().all(|w| w.len() <= MAX_WRITE && w.ends_with(b"\n")));
+        assert!(writes
+            .iter()
+            .all(|w| w.len() <= MAX_WRITE && w.ends_with(b"\n")));
         let all: Vec<u8> = writes.concat();
-        let expected: Vec<u8> = paths.iter().flat_map(|p| format!("{p}\n").into_bytes()).chain(FINISH_MARKER.iter().copied()).collect();
+        let expected: Vec<u8> = paths
+            .iter()
+            .flat_map(|p| format!("{p}\n").into_bytes())
+            .chain(FINISH_MARKER.iter().copied())
+            .collect();
         assert_eq!(all, expected);
     }
 
     #[test]
     fn refusals() {
-        assert!(matches!(frame(&["a".into(), "b\0".into()], false), Err(SendError::Nul(2))));
+        assert!(matches!(
+            frame(&["a".into(), "b\0".into()], false),
+            Err(SendError::Nul(2))
+        ));
         let (w, r) = frame(&["ok".into(), "bad\nline".into(), "x".repeat(600)], false).unwrap();
         assert_eq!(w, vec![b"ok\n".to_vec()]);
         assert_eq!(r.len(), 2);
-        assert_eq!(SendError::Rejected(1).to_string(), "unable to send 1 output path");
-        assert_eq!(SendError::Rejected(2).to_string(), "unable to send 2 output paths");
+        assert_eq!(
+            SendError::Rejected(1).to_string(),
+            "unable to send 1 output path"
+        );
+        assert_eq!(
+            SendError::Rejected(2).to_string(),
+            "unable to send 2 output paths"
+        );
     }
 }

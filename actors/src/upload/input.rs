@@ -100,7 +100,10 @@ pub enum Parsed {
 /// Validates one line as a store path in `dir`.
 pub fn parse_line(dir: &StoreDir, line: &[u8]) -> Parsed {
     let Ok(text) = std::str::from_utf8(line) else {
-        return Parsed::Skip(format!("received non-UTF-8 input {:?}, skipping", String::from_utf8_lossy(line)));
+        return Parsed::Skip(format!(
+            "received non-UTF-8 input {:?}, skipping",
+            String::from_utf8_lossy(line)
+        ));
     };
     if text.trim().is_empty() {
         return Parsed::Blank;
@@ -108,9 +111,13 @@ pub fn parse_line(dir: &StoreDir, line: &[u8]) -> Parsed {
     // Tolerate what shells and humans add: trailing slashes.
     let cleaned = text.trim_end_matches('/');
     match dir.parse_path(cleaned) {
-        Ok(p) if p.is_derivation() => Parsed::Skip(format!("received store derivation path {text:?}, skipping")),
+        Ok(p) if p.is_derivation() => {
+            Parsed::Skip(format!("received store derivation path {text:?}, skipping"))
+        }
         Ok(p) => Parsed::Path(p),
-        Err(e) => Parsed::Skip(format!("received invalid store path {text:?}, skipping: {e}")),
+        Err(e) => Parsed::Skip(format!(
+            "received invalid store path {text:?}, skipping: {e}"
+        )),
     }
 }
 
@@ -153,17 +160,33 @@ mod tests {
     fn lines_split_across_reads_and_bounded() {
         let mut s = LineSplitter::new(false);
         assert!(s.push(b"/nix/st").unwrap().is_empty());
-        assert_eq!(s.push(b"ore/x\n").unwrap(), vec![Token::Line(b"/nix/store/x".to_vec())]);
+        assert_eq!(
+            s.push(b"ore/x\n").unwrap(),
+            vec![Token::Line(b"/nix/store/x".to_vec())]
+        );
         assert_eq!(s.push(&vec![b'a'; MAX_LINE + 1]), Err(InputError::TooLong));
     }
 
     #[test]
     fn path_validation() {
         let d = StoreDir::default();
-        assert!(matches!(parse_line(&d, b"/nix/store/5r1dlyl2wyar1nn50ry8xi6apps79m0j-dir1"), Parsed::Path(_)));
-        assert!(matches!(parse_line(&d, b"/nix/store/5r1dlyl2wyar1nn50ry8xi6apps79m0j-dir1/"), Parsed::Path(_)));
+        assert!(matches!(
+            parse_line(&d, b"/nix/store/5r1dlyl2wyar1nn50ry8xi6apps79m0j-dir1"),
+            Parsed::Path(_)
+        ));
+        assert!(matches!(
+            parse_line(&d, b"/nix/store/5r1dlyl2wyar1nn50ry8xi6apps79m0j-dir1/"),
+            Parsed::Path(_)
+        ));
         assert_eq!(parse_line(&d, b"   "), Parsed::Blank);
-        for bad in [&b"/nix/store/5r1dlyl2wyar1nn50ry8xi6apps79m0j-x.drv"[..], b"relative", b" /nix/store/5r1dlyl2wyar1nn50ry8xi6apps79m0j-dir1", b"/nix/store/5r1dlyl2wyar1nn50ry8xi6apps79m0j-dir1/bin/sh", b"/tmp/x", b"\xff"] {
+        for bad in [
+            &b"/nix/store/5r1dlyl2wyar1nn50ry8xi6apps79m0j-x.drv"[..],
+            b"relative",
+            b" /nix/store/5r1dlyl2wyar1nn50ry8xi6apps79m0j-dir1",
+            b"/nix/store/5r1dlyl2wyar1nn50ry8xi6apps79m0j-dir1/bin/sh",
+            b"/tmp/x",
+            b"\xff",
+        ] {
             assert!(matches!(parse_line(&d, bad), Parsed::Skip(_)), "{bad:?}");
         }
     }

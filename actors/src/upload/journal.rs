@@ -153,9 +153,11 @@ impl Journal {
     /// The state of one path, if known.
     pub fn state(&self, path: &str) -> Result<Option<(State, Option<String>)>, JournalError> {
         let conn = self.conn.lock().expect("journal");
-        let r = conn.query_row("SELECT state, error FROM paths WHERE path = ?1", params![path], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?))
-        });
+        let r = conn.query_row(
+            "SELECT state, error FROM paths WHERE path = ?1",
+            params![path],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?)),
+        );
         match r {
             Ok((s, e)) => Ok(Some((
                 match s {
@@ -195,11 +197,18 @@ pub fn read_spool(dir: &Path) -> Result<(Vec<Vec<u8>>, Vec<PathBuf>), JournalErr
     let mut entries: Vec<_> = rd.filter_map(|e| e.ok()).map(|e| e.path()).collect();
     entries.sort();
     for p in entries {
-        if p.file_name().and_then(|n| n.to_str()).is_none_or(|n| n.starts_with('.')) {
+        if p.file_name()
+            .and_then(|n| n.to_str())
+            .is_none_or(|n| n.starts_with('.'))
+        {
             continue;
         }
         let data = std::fs::read(&p).map_err(err)?;
-        lines.extend(data.split(|&b| b == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec));
+        lines.extend(
+            data.split(|&b| b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(<[u8]>::to_vec),
+        );
         files.push(p);
     }
     Ok((lines, files))
@@ -214,14 +223,22 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("j.sqlite");
         let j = Journal::open(&p).unwrap();
-        j.add(&["/nix/store/a".into(), "/nix/store/b".into()]).unwrap();
+        j.add(&["/nix/store/a".into(), "/nix/store/b".into()])
+            .unwrap();
         j.set("/nix/store/a", State::Done, None).unwrap();
         drop(j);
         let j = Journal::open(&p).unwrap();
         assert_eq!(j.pending().unwrap(), vec!["/nix/store/b".to_string()]);
         j.add(&["/nix/store/a".into()]).unwrap();
-        assert_eq!(j.pending().unwrap().len(), 2, "a re-sent path is pending again");
+        assert_eq!(
+            j.pending().unwrap().len(),
+            2,
+            "a re-sent path is pending again"
+        );
         j.set("/nix/store/b", State::Failed, Some("gone")).unwrap();
-        assert_eq!(j.state("/nix/store/b").unwrap(), Some((State::Failed, Some("gone".into()))));
+        assert_eq!(
+            j.state("/nix/store/b").unwrap(),
+            Some((State::Failed, Some("gone".into())))
+        );
     }
 }

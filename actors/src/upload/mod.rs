@@ -77,15 +77,29 @@ pub async fn run(cfg: UploadConfig) -> Result<Outcome, String> {
     let source: Arc<dyn Store> = Arc::new(cfg.source.clone());
     let uploaders = (0..cfg.jobs.max(1))
         .map(|_| {
-            let (s, d, p, f) = (source.clone(), cfg.dest.clone(), cfg.publish.clone(), cfg.force);
+            let (s, d, p, f) = (
+                source.clone(),
+                cfg.dest.clone(),
+                cfg.publish.clone(),
+                cfg.force,
+            );
             Uploader::start_in_arbiter(&Arbiter::new().handle(), move |_| Uploader::new(s, d, p, f))
         })
         .collect();
-    let scheduler = Scheduler::new(cfg.source.clone(), journal.clone(), uploaders, cfg.scheduler.clone()).start();
+    let scheduler = Scheduler::new(
+        cfg.source.clone(),
+        journal.clone(),
+        uploaders,
+        cfg.scheduler.clone(),
+    )
+    .start();
 
     let resumed = journal.pending().map_err(|e| e.to_string())?;
     if !resumed.is_empty() {
-        tracing::info!("resuming {} paths left unfinished by an earlier run", resumed.len());
+        tracing::info!(
+            "resuming {} paths left unfinished by an earlier run",
+            resumed.len()
+        );
         scheduler
             .send(Enqueue(resumed))
             .await
@@ -107,7 +121,10 @@ pub async fn run(cfg: UploadConfig) -> Result<Outcome, String> {
     };
     reader.do_send(StopReading);
     if !drain {
-        tracing::info!("{reason}: stopping now; unfinished paths stay queued in {}", cfg.journal.display());
+        tracing::info!(
+            "{reason}: stopping now; unfinished paths stay queued in {}",
+            cfg.journal.display()
+        );
         return Ok(Outcome {
             summary: Summary::default(),
             reason,
@@ -115,7 +132,10 @@ pub async fn run(cfg: UploadConfig) -> Result<Outcome, String> {
             input_error,
         });
     }
-    tracing::info!("{reason}: finishing the {} accepted paths before exiting", journal.pending().map(|p| p.len()).unwrap_or(0));
+    tracing::info!(
+        "{reason}: finishing the {} accepted paths before exiting",
+        journal.pending().map(|p| p.len()).unwrap_or(0)
+    );
     // Drain is queued behind every Enqueue already accepted; a second signal stops at once.
     let summary = tokio::select! {
         s = scheduler.send(Drain) => s.map_err(|e| e.to_string())?,

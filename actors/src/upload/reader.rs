@@ -5,7 +5,9 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use actix::{Actor, ActorContext, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message, WrapFuture};
+use actix::{
+    Actor, ActorContext, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message, WrapFuture,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use super::input::{parse_line, LineSplitter, Parsed, Token};
@@ -53,7 +55,11 @@ pub struct FifoReader {
 
 impl FifoReader {
     /// A reader that reports how input ended through `ended`.
-    pub fn new(spec: InputSpec, scheduler: Addr<Scheduler>, ended: oneshot::Sender<InputEnd>) -> FifoReader {
+    pub fn new(
+        spec: InputSpec,
+        scheduler: Addr<Scheduler>,
+        ended: oneshot::Sender<InputEnd>,
+    ) -> FifoReader {
         FifoReader {
             spec,
             scheduler,
@@ -83,7 +89,10 @@ fn spawn_reading_thread(spec: &InputSpec) -> mpsc::Receiver<std::io::Result<Vec<
                     match o.open(p) {
                         Ok(f) => Box::new(f),
                         Err(e) => {
-                            let _ = tx.blocking_send(Err(std::io::Error::new(e.kind(), format!("opening {}: {e}", p.display()))));
+                            let _ = tx.blocking_send(Err(std::io::Error::new(
+                                e.kind(),
+                                format!("opening {}: {e}", p.display()),
+                            )));
                             return;
                         }
                     }
@@ -131,13 +140,18 @@ async fn enqueue(scheduler: &Addr<Scheduler>, paths: Vec<String>) -> Result<(), 
         return Ok(());
     }
     tracing::debug!("accepting {paths:?}");
-    scheduler.send(Enqueue(paths)).await.map_err(|e| e.to_string())?
+    scheduler
+        .send(Enqueue(paths))
+        .await
+        .map_err(|e| e.to_string())?
 }
 
 /// Moves whatever `send` spooled into the scheduler, deleting spool files only after the
 /// scheduler has committed their paths.
 async fn ingest_spool(spec: &InputSpec, scheduler: &Addr<Scheduler>) -> Result<(), String> {
-    let Some(dir) = &spec.spool else { return Ok(()) };
+    let Some(dir) = &spec.spool else {
+        return Ok(());
+    };
     let (lines, files) = read_spool(dir).map_err(|e| e.to_string())?;
     if files.is_empty() {
         return Ok(());

@@ -15,7 +15,10 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::{Actor, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message, ResponseActFuture, WrapFuture};
+use actix::{
+    Actor, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message, ResponseActFuture,
+    WrapFuture,
+};
 use tokio::sync::{oneshot, Semaphore};
 
 use super::journal::{Journal, State};
@@ -114,13 +117,21 @@ pub struct Scheduler {
     permits: Arc<Semaphore>,
     settings: SchedulerSettings,
     drain_waiters: Vec<oneshot::Sender<Summary>>,
+    /// Enqueues accepted but not yet registered (journaling, closure queries): a drain
+    /// must wait for them too.
+    enqueues_in_progress: usize,
     summary: Summary,
     last_progress: (Instant, u64),
 }
 
 impl Scheduler {
     /// A scheduler feeding `uploaders` from `source`'s closures, journaling into `journal`.
-    pub fn new(source: Arc<LocalStore>, journal: Arc<Journal>, uploaders: Vec<Addr<Uploader>>, settings: SchedulerSettings) -> Scheduler {
+    pub fn new(
+        source: Arc<LocalStore>,
+        journal: Arc<Journal>,
+        uploaders: Vec<Addr<Uploader>>,
+        settings: SchedulerSettings,
+    ) -> Scheduler {
         let idle = (0..uploaders.len()).collect();
         Scheduler {
             source,
@@ -133,13 +144,18 @@ impl Scheduler {
             permits: Arc::new(Semaphore::new(settings.queue_bound.max(1))),
             settings,
             drain_waiters: Vec::new(),
+            enqueues_in_progress: 0,
             summary: Summary::default(),
             last_progress: (Instant::now(), 0),
         }
     }
 
     /// Registers an accepted root with its closure.
-    fn add_root(&mut self, root: String, closure: Result<Vec<(StorePath, Vec<StorePath>)>, StoreError>) {
+    fn add_root(
+        &mut self,
+        root: String,
+        closure: Result<Vec<(StorePath, Vec<StorePath>)>, StoreError>,
+    ) {
         if self.roots.contains_key(&root) {
             // Already on its way: the second acceptance needs no queue slot.
             self.permits.add_permits(1);
@@ -160,7 +176,11 @@ impl Scheduler {
             let d = path.digest().to_owned();
             let obj = self.objects.entry(d.clone()).or_insert_with(|| Obj {
                 path: path.clone(),
-                refs: refs.iter().map(|r| r.digest().to_owned()).filter(|r| r != path.digest()).collect(),
+                refs: refs
+                    .iter()
+                    .map(|r| r.digest().to_owned())
+                    .filter(|r| r != path.digest())
+                    .collect(),
                 referrers: HashSet::new(),
                 roots: HashSet::new(),
                 state: ObjState::Waiting,
@@ -196,19 +216,24 @@ impl Scheduler {
 
     /// Moves a waiting object to the ready queue when all its references are done.
     fn promote(&mut self, digest: &str) {
-        let Some(obj) = self.objects.get(digest) else { return };
+        let Some(obj) = self.objects.get(digest) else {
+            return;
+        };
         if obj.state != ObjState::Waiting {
             return;
         }
         let mut blocked_by_failure = None;
-        let all_done = obj.refs.iter().all(|r| match self.objects.get(r).map(|o| &o.state) {
-            Some(ObjState::Done) => true,
-            Some(ObjState::Failed(m)) => {
-                blocked_by_failure = Some(format!("its reference {r} failed: {m}"));
-                false
-            }
-            _ => false,
-        });
+        let all_done = obj
+            .refs
+            .iter()
+            .all(|r| match self.objects.get(r).map(|o| &o.state) {
+                Some(ObjState::Done) => true,
+                Some(ObjState::Failed(m)) => {
+                    blocked_by_failure = Some(format!("its reference {r} failed: {m}"));
+                    false
+                }
+                _ => false,
+            });
         if let Some(why) = blocked_by_failure {
             self.fail(digest, why);
         } else if all_done {
@@ -220,7 +245,9 @@ impl Scheduler {
     fn dispatch(&mut self, ctx: &mut Context<Self>) {
         while let (Some(&slot), Some(digest)) = (self.idle.last(), self.ready.front().cloned()) {
             self.ready.pop_front();
-            let Some(obj) = self.objects.get_mut(&digest) else { continue };
+            let Some(obj) = self.objects.get_mut(&digest) else {
+                continue;
+            };
             if obj.state != ObjState::Ready {
                 continue;
             }
@@ -241,7 +268,12 @@ impl Scheduler {
         }
     }
 
-    fn finished(&mut self, digest: &str, res: Result<Uploaded, UploadFailure>, ctx: &mut Context<Self>) {
+    fn finished(
+        &mut self,
+        digest: &str,
+        res: Result<Uploaded, UploadFailure>,
+        ctx: &mut Context<Self>,
+    ) {
         match res {
             Ok(up) => {
                 match up {
@@ -251,7 +283,9 @@ impl Scheduler {
                     }
                     Uploaded::Present { .. } => self.summary.present += 1,
                 }
-                let Some(obj) = self.objects.get_mut(digest) else { return };
+                let Some(obj) = self.objects.get_mut(digest) else {
+                    return;
+                };
                 obj.state = ObjState::Done;
                 let referrers: Vec<String> = obj.referrers.iter().cloned().collect();
                 let roots: Vec<String> = obj.roots.drain().collect();
@@ -267,14 +301,20 @@ impl Scheduler {
                 self.fail(digest, f.message);
             }
             Err(f) => {
-                let Some(obj) = self.objects.get_mut(digest) else { return };
+                let Some(obj) = self.objects.get_mut(digest) else {
+                    return;
+                };
                 obj.attempts += 1;
                 let delay = self
                     .settings
                     .backoff_start
                     .saturating_mul(1 << obj.attempts.min(16).saturating_sub(1))
                     .min(self.settings.backoff_max);
-                tracing::warn!("{} (attempt {}); retrying in {delay:?}", f.message, obj.attempts);
+                tracing::warn!(
+                    "{} (attempt {}); retrying in {delay:?}",
+                    f.message,
+                    obj.attempts
+                );
                 obj.state = ObjState::Ready;
                 let d = digest.to_owned();
                 ctx.run_later(delay, move |act, ctx| {
@@ -289,7 +329,9 @@ impl Scheduler {
     fn fail(&mut self, digest: &str, why: String) {
         let mut stack = vec![(digest.to_owned(), why)];
         while let Some((d, why)) = stack.pop() {
-            let Some(obj) = self.objects.get_mut(&d) else { continue };
+            let Some(obj) = self.objects.get_mut(&d) else {
+                continue;
+            };
             if matches!(obj.state, ObjState::Done | ObjState::Failed(_)) {
                 continue;
             }
@@ -309,7 +351,9 @@ impl Scheduler {
     }
 
     fn member_settled(&mut self, root: &str, digest: &str) {
-        let Some(r) = self.roots.get_mut(root) else { return };
+        let Some(r) = self.roots.get_mut(root) else {
+            return;
+        };
         r.remaining.remove(digest);
         if r.remaining.is_empty() {
             self.finish_root(root);
@@ -317,13 +361,23 @@ impl Scheduler {
     }
 
     fn finish_root(&mut self, root: &str) {
-        let Some(r) = self.roots.remove(root) else { return };
+        let Some(r) = self.roots.remove(root) else {
+            return;
+        };
         match &r.failure {
             None => self.record(root, State::Done, None),
             Some(why) => self.record(root, State::Failed, Some(why)),
         }
         self.permits.add_permits(1);
-        if self.roots.is_empty() {
+        self.answer_drains();
+    }
+
+    fn idle_now(&self) -> bool {
+        self.roots.is_empty() && self.enqueues_in_progress == 0
+    }
+
+    fn answer_drains(&mut self) {
+        if self.idle_now() {
             for w in self.drain_waiters.drain(..) {
                 let _ = w.send(self.summary.clone());
             }
@@ -372,6 +426,7 @@ impl Handler<Enqueue> for Scheduler {
     fn handle(&mut self, msg: Enqueue, _: &mut Context<Self>) -> Self::Result {
         let paths = msg.0;
         let n = paths.len() as u32;
+        self.enqueues_in_progress += 1;
         let permits = self.permits.clone();
         let journal = self.journal.clone();
         let source = self.source.clone();
@@ -400,12 +455,15 @@ impl Handler<Enqueue> for Scheduler {
             Ok(closures)
         };
         Box::pin(fut.into_actor(self).map(|res, act, ctx| {
-            let closures = res?;
-            for (root, c) in closures {
-                act.add_root(root, c);
-            }
+            act.enqueues_in_progress -= 1;
+            let result = res.map(|closures| {
+                for (root, c) in closures {
+                    act.add_root(root, c);
+                }
+            });
             act.dispatch(ctx);
-            Ok(())
+            act.answer_drains();
+            result
         }))
     }
 }
@@ -415,7 +473,7 @@ impl Handler<Drain> for Scheduler {
 
     fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> Self::Result {
         let (tx, rx) = oneshot::channel();
-        if self.roots.is_empty() {
+        if self.idle_now() {
             let _ = tx.send(self.summary.clone());
         } else {
             self.drain_waiters.push(tx);

@@ -45,7 +45,10 @@ impl UploadFailure {
     fn from_store(what: &str, e: StoreError) -> UploadFailure {
         let permanent = matches!(
             e,
-            StoreError::NotFound(_) | StoreError::Corrupt(_) | StoreError::Invalid(_) | StoreError::Unsupported(_)
+            StoreError::NotFound(_)
+                | StoreError::Corrupt(_)
+                | StoreError::Invalid(_)
+                | StoreError::Unsupported(_)
         );
         UploadFailure {
             permanent,
@@ -64,7 +67,12 @@ pub struct Uploader {
 
 impl Uploader {
     /// An uploader; with `force`, objects are written even when the destination has them.
-    pub fn new(source: Arc<dyn Store>, dest: Arc<dyn Store>, opts: PublishOptions, force: bool) -> Uploader {
+    pub fn new(
+        source: Arc<dyn Store>,
+        dest: Arc<dyn Store>,
+        opts: PublishOptions,
+        force: bool,
+    ) -> Uploader {
         Uploader {
             source,
             dest,
@@ -80,7 +88,12 @@ impl Actor for Uploader {
 
 /// When the destination already has the object, adds the signatures it lacks (ours and the
 /// local store's) instead of uploading again. Returns `None` when it must be uploaded.
-async fn merge_existing(source: &dyn Store, dest: &dyn Store, opts: &PublishOptions, path: &StorePath) -> Result<Option<usize>, StoreError> {
+async fn merge_existing(
+    source: &dyn Store,
+    dest: &dyn Store,
+    opts: &PublishOptions,
+    path: &StorePath,
+) -> Result<Option<usize>, StoreError> {
     let existing = match dest.narinfo(path.digest()).await {
         Ok(n) => n,
         // Absent, or unreadable: (re)write it.
@@ -115,14 +128,24 @@ impl Handler<Upload> for Uploader {
     type Result = ResponseFuture<Result<Uploaded, UploadFailure>>;
 
     fn handle(&mut self, msg: Upload, _: &mut Context<Self>) -> Self::Result {
-        let (source, dest, opts, force) = (self.source.clone(), self.dest.clone(), self.opts.clone(), self.force);
+        let (source, dest, opts, force) = (
+            self.source.clone(),
+            self.dest.clone(),
+            self.opts.clone(),
+            self.force,
+        );
         Box::pin(async move {
             let path = msg.0;
             if !force {
                 match merge_existing(&*source, &*dest, &opts, &path).await {
                     Ok(Some(n)) => return Ok(Uploaded::Present { new_signatures: n }),
                     Ok(None) => {}
-                    Err(e) => return Err(UploadFailure::from_store(&format!("checking {path} in the destination"), e)),
+                    Err(e) => {
+                        return Err(UploadFailure::from_store(
+                            &format!("checking {path} in the destination"),
+                            e,
+                        ))
+                    }
                 }
             }
             tracing::info!("uploading {path}");

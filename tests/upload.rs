@@ -1,0 +1,435 @@
+//! `nixcached upload` and `send` as real processes, fed by a real Nix post-build hook.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::NixEnv;
+
+const BIN: &str = env!("CARGO_BIN_EXE_nixcached");
+
+fn mkfifo(p: &Path) {
+    assert!(Command::new("mkfifo").arg(p).status().unwrap().success());
+}
+
+struct Upload {
+    child: Child,
+}
+
+impl Upload {
+    fn start(env: &NixEnv, fifo: &Path, dest: &str, extra: &[&str]) -> Upload {
+        let state = env.path("state");
+        let child = env
+            .cmd(BIN)
+            .args([
+                "upload",
+                "-k",
+                "--input",
+                fifo.to_str().unwrap(),
+                "--state-dir",
+                state.to_str().unwrap(),
+            ])
+            .args([
+                "--from",
+                &format!("local?root={}", env.store_arg()),
+                "--progress-interval",
+                "0",
+            ])
+            .args(extra)
+            .arg(dest)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        // The spool folder appears once the uploader has started and owns the FIFO.
+        let spool = PathBuf::from(format!("{}.spool", fifo.display()));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !spool.is_dir() {
+            assert!(Instant::now() < deadline, "upload did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Upload { child }
+    }
+
+    fn signal(&self, sig: &str) {
+        assert!(Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    fn wait(mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                std::mem::forget(self);
+                return s;
+            }
+            assert!(Instant::now() < deadline, "upload did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn send(fifo: &Path, paths: &[&str], extra: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(["send", "-o", fifo.to_str().unwrap()])
+        .args(extra)
+        .args(paths)
+        .output()
+        .unwrap()
+}
+
+fn digest(p: &str) -> &str {
+    &p["/nix/store/".len()..][..32]
+}
+
+/// Every narinfo in a folder cache points at an existing NAR and its references' narinfos
+/// exist: the invariant a watcher must see at every instant.
+fn check_consistent(dir: &Path) -> usize {
+    let mut n = 0;
+    let Ok(rd) = fs::read_dir(dir) else { return 0 };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if !name.ends_with(".narinfo") {
+            continue;
+        }
+        let Ok(text) = fs::read_to_string(e.path()) else {
+            continue;
+        };
+        let info = nixcached_actors::formats::NarInfo::parse(&text).unwrap();
+        assert!(
+            dir.join(&info.url).is_file(),
+            "{name} points at missing {}",
+            info.url
+        );
+        for r in &info.references {
+            assert!(
+                dir.join(format!("{}.narinfo", r.digest())).is_file(),
+                "{name} appeared before its reference {r}"
+            );
+        }
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn post_build_hook_uploads_a_closure_that_nix_then_substitutes() {
+    let env = NixEnv::new();
+    let fifo = env.path("upload.fifo");
+    mkfifo(&fifo);
+    let (sk, pk) = env.keypair("upload-1");
+    // The chroot store must exist before the uploader opens its database.
+    many_paths(&env, 1);
+    let dest = env.path("cache");
+    let up = Upload::start(
+        &env,
+        &fifo,
+        &format!("file://{}", dest.display()),
+        &["--allow-finish", "--secret-key-file", sk.to_str().unwrap()],
+    );
+    let hook = env.path("hook.sh");
+    // Debian's Nix 2.8 leaves OUT_PATHS empty (a Nix bug); the hook then asks for the
+    // derivation's outputs, as the README's hook does.
+    fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\nset -eu\nOUT=\"${{OUT_PATHS:-$(nix-store --store {} -q --outputs \"$DRV_PATH\")}}\"\nexec {BIN} send -o {} $OUT\n",
+            env.store_arg(),
+            fifo.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::env::set_var(
+        "NIX_CONFIG",
+        format!("post-build-hook = {}", hook.display()),
+    );
+    let closure = env.build_closure();
+    std::env::remove_var("NIX_CONFIG");
+    let out = send(&fifo, &[], &["--finish"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(up.wait().success());
+
+    let url = format!("file://{}", dest.display());
+    env.run(
+        "nix",
+        &[
+            "store",
+            "verify",
+            "--store",
+            &url,
+            "--trusted-public-keys",
+            &pk,
+            "-r",
+            &closure.app,
+        ],
+    );
+    let fresh = env.path("fresh");
+    env.run(
+        "nix",
+        &[
+            "copy",
+            "--from",
+            &url,
+            "--to",
+            fresh.to_str().unwrap(),
+            "--trusted-public-keys",
+            &pk,
+            &closure.app,
+        ],
+    );
+    env.run(
+        "nix",
+        &[
+            "store",
+            "verify",
+            "--store",
+            fresh.to_str().unwrap(),
+            "--trusted-public-keys",
+            &pk,
+            "-r",
+            &closure.app,
+        ],
+    );
+    assert_eq!(check_consistent(&dest), closure.paths.len());
+}
+
+/// Store paths with no references, made quickly.
+fn many_paths(env: &NixEnv, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let d = env.path(&format!("src{i}"));
+            fs::create_dir_all(&d).unwrap();
+            fs::write(d.join("data"), format!("object {i}\n").repeat(1000 + i)).unwrap();
+            env.add(&d)
+        })
+        .collect()
+}
+
+#[test]
+fn sighup_with_paths_queued_uploads_them_all_and_exits_zero() {
+    let env = NixEnv::new();
+    let paths = many_paths(&env, 25);
+    let fifo = env.path("f");
+    mkfifo(&fifo);
+    let dest = env.path("cache");
+    let up = Upload::start(
+        &env,
+        &fifo,
+        &format!("file://{}?compression=xz", dest.display()),
+        &["--jobs", "1", "--compression", "xz"],
+    );
+    let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+    let out = send(&fifo, &refs, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    up.signal("HUP");
+    assert!(up.wait().success());
+    for p in &paths {
+        assert!(
+            dest.join(format!("{}.narinfo", digest(p))).is_file(),
+            "{p} missing after SIGHUP drain"
+        );
+    }
+}
+
+#[test]
+fn sigkill_at_any_moment_loses_no_sent_path_and_the_cache_stays_consistent() {
+    let env = NixEnv::new();
+    let closure = env.build_closure();
+    let mut all: Vec<String> = many_paths(&env, 30);
+    all.push(closure.app.clone());
+    let fifo = env.path("f");
+    mkfifo(&fifo);
+    let dest = env.path("cache");
+    let dest_url = format!("file://{}", dest.display());
+
+    // A watcher polls the destination the whole time.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (dest, stop) = (dest.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut checks = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                check_consistent(&dest);
+                checks += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            checks
+        })
+    };
+
+    let mut sent = BTreeSet::new();
+    let mut chunks = all.chunks(3);
+    for round in 0..5u64 {
+        let up = Upload::start(&env, &fifo, &dest_url, &["--jobs", "2"]);
+        for _ in 0..2 {
+            if let Some(chunk) = chunks.next() {
+                let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+                let out = send(&fifo, &refs, &["--timeout", "10s"]);
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                sent.extend(chunk.iter().cloned());
+            }
+        }
+        // Kill at a different moment each round, mid-upload or not.
+        std::thread::sleep(Duration::from_millis(round * 37 % 120));
+        up.signal("KILL");
+        up.wait();
+    }
+    // Whatever is left, sent while no uploader runs: it must wait in the spool.
+    let rest: Vec<&str> = chunks.flatten().map(String::as_str).collect();
+    if !rest.is_empty() {
+        let out = send(&fifo, &rest, &["--timeout", "1s"]);
+        assert!(
+            !out.status.success(),
+            "nobody reads the FIFO, send must time out"
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("spooled"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        sent.extend(rest.iter().map(|s| s.to_string()));
+    }
+    let up = Upload::start(&env, &fifo, &dest_url, &["--jobs", "2"]);
+    // Let it pick up the journal and the spool, then drain.
+    std::thread::sleep(Duration::from_millis(1500));
+    up.signal("HUP");
+    assert!(up.wait().success());
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let checks = watcher.join().unwrap();
+    assert!(checks > 10, "the watcher ran {checks} times");
+
+    for p in &sent {
+        assert!(
+            dest.join(format!("{}.narinfo", digest(p))).is_file(),
+            "{p} was sent but is missing"
+        );
+    }
+    for p in &closure.paths {
+        assert!(
+            dest.join(format!("{}.narinfo", digest(p))).is_file(),
+            "closure member {p} missing"
+        );
+    }
+    check_consistent(&dest);
+    env.run(
+        "nix",
+        &[
+            "store",
+            "verify",
+            "--store",
+            &dest_url,
+            "--no-trust",
+            "-r",
+            &closure.app,
+        ],
+    );
+}
+
+#[test]
+fn a_full_queue_blocks_senders_until_their_timeout() {
+    let env = NixEnv::new();
+    let paths = many_paths(&env, 1);
+    let fifo = env.path("f");
+    mkfifo(&fifo);
+    let dest = env.path("cache");
+    fs::create_dir_all(&dest).unwrap();
+    let up = Upload::start(
+        &env,
+        &fifo,
+        &format!("file://{}", dest.display()),
+        &["--queue-size", "1", "--jobs", "1"],
+    );
+    // Take the destination away: the first path cannot finish and holds the only slot.
+    let away = env.path("cache-away");
+    fs::rename(&dest, &away).unwrap();
+    fs::write(&dest, "not a folder").unwrap();
+    let out = send(&fifo, &[&paths[0]], &["--timeout", "20s"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Thousands of lines: more than the queue, the reader's buffer and the pipe hold.
+    let filler: Vec<String> = (0..4000)
+        .map(|i| format!("/nix/store/{:0>32}-filler{i}", i % 10))
+        .collect();
+    let refs: Vec<&str> = filler.iter().map(String::as_str).collect();
+    let started = Instant::now();
+    let out = send(&fifo, &refs, &["--timeout", "2s"]);
+    assert!(!out.status.success(), "send must block and time out");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("timed out"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    // The destination comes back: the stuck path is retried and lands.
+    fs::remove_file(&dest).unwrap();
+    fs::rename(&away, &dest).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !dest
+        .join(format!("{}.narinfo", digest(&paths[0])))
+        .is_file()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "upload did not resume after the outage"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    up.signal("TERM");
+    assert!(up.wait().success());
+}
+
+#[test]
+fn send_errors_are_clear() {
+    let env = NixEnv::new();
+    let missing = env.path("no-such-fifo");
+    let out = send(&missing, &["/nix/store/x"], &[]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not exist"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !missing.exists(),
+        "send must not create a regular file in place of the FIFO"
+    );
+    let fifo = env.path("f");
+    mkfifo(&fifo);
+    let out = send(&fifo, &[], &[]);
+    assert!(!out.status.success());
+    let out = Command::new(BIN)
+        .args(["upload", "--jobs", "0", "file:///tmp/x"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
