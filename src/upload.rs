@@ -19,7 +19,12 @@ use crate::cli::UploadArgs;
 fn default_state_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("STATE_DIRECTORY") {
         // systemd's StateDirectory= may list several; the first is ours.
-        let first = d.to_string_lossy().split(':').next().unwrap_or_default().to_owned();
+        let first = d
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
         return PathBuf::from(first);
     }
     std::env::var_os("XDG_STATE_HOME")
@@ -32,10 +37,16 @@ fn default_state_dir() -> PathBuf {
 /// Runs `upload`; returns the process exit code.
 pub fn run(args: UploadArgs) -> anyhow::Result<()> {
     let compression: Compression = args.compression.parse()?;
-    let source = match StoreUrl::parse(&args.from).with_context(|| format!("--from {}", args.from))? {
-        StoreUrl::Local(layout) => LocalStore::open(layout).with_context(|| format!("opening {}", args.from))?,
-        _ => bail!("--from must name a local Nix store (/nix/store or local?root=DIR), not {}", args.from),
-    };
+    let source =
+        match StoreUrl::parse(&args.from).with_context(|| format!("--from {}", args.from))? {
+            StoreUrl::Local(layout) => {
+                LocalStore::open(layout).with_context(|| format!("opening {}", args.from))?
+            }
+            _ => bail!(
+                "--from must name a local Nix store (/nix/store or local?root=DIR), not {}",
+                args.from
+            ),
+        };
     let dest_url = match StoreUrl::parse(&args.dest).with_context(|| format!("destination {}", args.dest))? {
         StoreUrl::File { dir, .. } => StoreUrl::File { dir, create: true },
         StoreUrl::Local(_) => bail!(
@@ -44,7 +55,9 @@ pub fn run(args: UploadArgs) -> anyhow::Result<()> {
         ),
         other => other,
     };
-    let dest = dest_url.open().with_context(|| format!("opening destination {}", args.dest))?;
+    let dest = dest_url
+        .open()
+        .with_context(|| format!("opening destination {}", args.dest))?;
     let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
     let journal = state_dir.join(format!(
         "upload-{}.sqlite",
@@ -53,7 +66,8 @@ pub fn run(args: UploadArgs) -> anyhow::Result<()> {
     let spool = match &args.input {
         Some(p) if std::fs::metadata(p).is_ok_and(|m| m.file_type().is_fifo()) => {
             let d = spool_dir(p);
-            std::fs::create_dir_all(&d).with_context(|| format!("creating the spool folder {}", d.display()))?;
+            std::fs::create_dir_all(&d)
+                .with_context(|| format!("creating the spool folder {}", d.display()))?;
             Some(d)
         }
         _ => None,

@@ -77,7 +77,10 @@ impl Stream for Hashing {
                             "NAR hash mismatch: expected {want_hash} ({want_len} bytes), got {hash} ({len} bytes); the store object changed or is corrupt"
                         );
                         *self.tally.lock().expect("tally") = Some(Err(msg.clone()));
-                        return Poll::Ready(Some(Err(io::Error::new(io::ErrorKind::InvalidData, msg))));
+                        return Poll::Ready(Some(Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            msg,
+                        ))));
                     }
                 }
                 *self.tally.lock().expect("tally") = Some(Ok((hash, len)));
@@ -142,7 +145,10 @@ pub async fn publish(
     if let Err(e) = dest.put_nar(&url, compressed).await {
         // A NAR that does not match its hash is a permanent failure, not a flaky network.
         if let Some(Err(msg)) = nar_tally.lock().expect("tally").clone() {
-            return Err(StoreError::Corrupt(format!("{}: {msg}", src_info.store_path)));
+            return Err(StoreError::Corrupt(format!(
+                "{}: {msg}",
+                src_info.store_path
+            )));
         }
         return Err(e);
     }

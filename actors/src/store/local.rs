@@ -259,7 +259,10 @@ impl LocalStore {
 
     /// The closure of `roots` (store paths as absolute strings): every member with its
     /// direct references. A root Nix does not know is [`StoreError::NotFound`].
-    pub async fn closure(self: &Arc<Self>, roots: Vec<String>) -> Result<Vec<(StorePath, Vec<StorePath>)>> {
+    pub async fn closure(
+        self: &Arc<Self>,
+        roots: Vec<String>,
+    ) -> Result<Vec<(StorePath, Vec<StorePath>)>> {
         let dir = self.layout.store_dir.clone();
         let rows = self
             .with_db(move |c| {
@@ -298,12 +301,21 @@ impl LocalStore {
             .await?;
         let (rows, missing) = rows;
         if let Some(m) = missing.first() {
-            return Err(StoreError::NotFound(format!("{m} is not a valid path in {}", dir)));
+            return Err(StoreError::NotFound(format!(
+                "{m} is not a valid path in {}",
+                dir
+            )));
         }
         rows.into_iter()
             .map(|(p, refs)| {
-                let parse = |x: &str| dir.parse_path(x).map_err(|e| StoreError::Corrupt(e.to_string()));
-                Ok((parse(&p)?, refs.iter().map(|r| parse(r)).collect::<Result<Vec<_>>>()?))
+                let parse = |x: &str| {
+                    dir.parse_path(x)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))
+                };
+                Ok((
+                    parse(&p)?,
+                    refs.iter().map(|r| parse(r)).collect::<Result<Vec<_>>>()?,
+                ))
             })
             .collect()
     }
