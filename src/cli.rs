@@ -13,9 +13,13 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub debug: bool,
 
+    /// Run every cache and upload pipeline described in this TOML file (instead of a subcommand).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// What to do.
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 /// The three subcommands.

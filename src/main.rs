@@ -1,6 +1,7 @@
 //! The `nixcached` binary: parses the command line and hands over to the actors crate.
 
 mod cli;
+mod config;
 mod send;
 mod serve;
 mod upload;
@@ -32,9 +33,16 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: cli::Cli) -> anyhow::Result<()> {
-    match cli.command {
-        cli::Command::Serve(args) => serve::run(args),
-        cli::Command::Upload(args) => upload::run(args),
-        cli::Command::Send(args) => send::run(args),
+    match (cli.command, cli.config) {
+        (Some(_), Some(_)) => {
+            anyhow::bail!("--config runs what the file describes; give it without a subcommand")
+        }
+        (None, Some(file)) => config::run(config::Config::load(&file)?),
+        (None, None) => {
+            anyhow::bail!("give a subcommand (serve, upload, send) or --config FILE; see --help")
+        }
+        (Some(cli::Command::Serve(args)), None) => serve::run(args),
+        (Some(cli::Command::Upload(args)), None) => upload::run(args),
+        (Some(cli::Command::Send(args)), None) => send::run(args),
     }
 }

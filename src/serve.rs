@@ -56,6 +56,16 @@ fn futures_lite_block_on<F: std::future::Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
+/// Opens a store by URL, or the default store.
+pub fn open_store(url: Option<&str>) -> anyhow::Result<Arc<dyn Store>> {
+    match url {
+        Some(url) => StoreUrl::parse(url)
+            .and_then(|u| u.open())
+            .with_context(|| format!("opening store {url}")),
+        None => default_store(),
+    }
+}
+
 /// Runs `serve`.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.client.is_some() {
@@ -63,12 +73,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             "--client is accepted but the explorer UI templates are not overridable yet"
         );
     }
-    let store = match &args.store {
-        Some(url) => StoreUrl::parse(url)
-            .and_then(|u| u.open())
-            .with_context(|| format!("opening store {url}"))?,
-        None => default_store()?,
-    };
+    let store = open_store(args.store.as_deref())?;
     let mut listen: Vec<Listen> = args.listen.iter().map(|l| Listen::parse(l)).collect();
     if args.systemd {
         if !listen.is_empty() {

@@ -12,7 +12,7 @@ use nixcached_actors::store::url::StoreUrl;
 use nixcached_actors::upload::journal::spool_dir;
 use nixcached_actors::upload::reader::InputSpec;
 use nixcached_actors::upload::scheduler::SchedulerSettings;
-use nixcached_actors::upload::UploadConfig;
+use nixcached_actors::upload::{PipelineConfig, UploadConfig};
 
 use crate::cli::UploadArgs;
 
@@ -34,8 +34,8 @@ fn default_state_dir() -> PathBuf {
         .join("nixcached")
 }
 
-/// Runs `upload`; returns the process exit code.
-pub fn run(args: UploadArgs) -> anyhow::Result<()> {
+/// Turns flags into a pipeline configuration (opens the stores, prepares the spool).
+pub fn prepare(args: &UploadArgs) -> anyhow::Result<UploadConfig> {
     let compression: Compression = args.compression.parse()?;
     let source =
         match StoreUrl::parse(&args.from).with_context(|| format!("--from {}", args.from))? {
@@ -72,7 +72,7 @@ pub fn run(args: UploadArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let cfg = UploadConfig {
+    Ok(UploadConfig {
         input: InputSpec {
             path: args.input.clone(),
             keep_alive: args.keep_alive,
@@ -80,23 +80,30 @@ pub fn run(args: UploadArgs) -> anyhow::Result<()> {
             store_dir: source.layout().store_dir.clone(),
             spool,
         },
-        source: Arc::clone(&source),
-        dest,
-        journal,
-        publish: PublishOptions {
-            compression,
-            level: args.compression_level,
-            write_listing: args.write_nar_listing,
-            keys: crate::serve::read_keys(&args.secret_key_files)?,
+        pipeline: PipelineConfig {
+            source: Arc::clone(&source),
+            dest,
+            journal,
+            publish: PublishOptions {
+                compression,
+                level: args.compression_level,
+                write_listing: args.write_nar_listing,
+                keys: crate::serve::read_keys(&args.secret_key_files)?,
+            },
+            force: args.force,
+            jobs: args.jobs as usize,
+            scheduler: SchedulerSettings {
+                queue_bound: args.queue_size as usize,
+                progress_every: args.progress_interval,
+                ..SchedulerSettings::default()
+            },
         },
-        force: args.force,
-        jobs: args.jobs as usize,
-        scheduler: SchedulerSettings {
-            queue_bound: args.queue_size as usize,
-            progress_every: args.progress_interval,
-            ..SchedulerSettings::default()
-        },
-    };
+    })
+}
+
+/// Runs `upload`.
+pub fn run(args: UploadArgs) -> anyhow::Result<()> {
+    let cfg = prepare(&args)?;
     let outcome = actix::System::new()
         .block_on(nixcached_actors::upload::run(cfg))
         .map_err(anyhow::Error::msg)?;

@@ -204,36 +204,90 @@ impl StopSignals {
     }
 }
 
+/// Several caches behind one set of listeners, each under its own path prefix (`""` for
+/// the root): the unit a config file describes.
+pub struct ServerGroup {
+    /// Where to accept connections.
+    pub listen: Vec<Listen>,
+    /// `(prefix, cache)`; the caches' own `listen`, `grace` and `workers` are not used here.
+    pub caches: Vec<(String, ServeOptions)>,
+    /// How long in-flight responses may run after a stop signal.
+    pub grace: Duration,
+    /// HTTP worker threads (0: one per core).
+    pub workers: usize,
+}
+
 /// Serves until a stop signal, then lets in-flight responses finish within the grace period.
 /// Must run inside an actix system.
 pub async fn run(opts: ServeOptions) -> io::Result<()> {
+    let group = ServerGroup {
+        listen: opts.listen.clone(),
+        grace: opts.grace,
+        workers: opts.workers,
+        caches: vec![(String::new(), opts)],
+    };
+    run_groups(vec![group]).await
+}
+
+/// Runs every group (each its own HTTP server) in this actix system until a stop signal.
+pub async fn run_groups(groups: Vec<ServerGroup>) -> io::Result<()> {
     let mut signals = StopSignals::install()?;
-    let service = start_service(&opts).await?;
-    let listeners = bind(&opts.listen)?;
-    let svc = service.clone();
-    let mut server = HttpServer::new(move || {
-        let ingress = Ingress::start(svc.clone());
-        App::new().configure(move |cfg| http::configure(cfg, ingress))
-    })
-    .disable_signals()
-    .shutdown_timeout(opts.grace.as_secs().max(1))
-    .client_request_timeout(Duration::from_secs(30));
-    if opts.workers > 0 {
-        server = server.workers(opts.workers);
+    let mut servers = Vec::new();
+    for group in groups {
+        let mut services: Vec<(String, Arc<CacheService>)> = Vec::new();
+        for (prefix, opts) in &group.caches {
+            let prefix = prefix.trim_end_matches('/').to_owned();
+            services.push((prefix, start_service(opts).await?));
+        }
+        let listeners = bind(&group.listen)?;
+        let svcs = services.clone();
+        let mut server = HttpServer::new(move || {
+            let mut app = App::new();
+            let mut root = None;
+            for (prefix, svc) in &svcs {
+                // Each worker gets its own lookup actor per cache, on the worker's thread.
+                let ingress = Ingress::start(svc.clone());
+                if prefix.is_empty() {
+                    root = Some(ingress);
+                } else {
+                    app = app.service(http::scope(prefix, ingress));
+                }
+            }
+            app.configure(move |cfg| {
+                if let Some(ingress) = root {
+                    http::configure(cfg, ingress)
+                }
+            })
+        })
+        .disable_signals()
+        .shutdown_timeout(group.grace.as_secs().max(1))
+        .client_request_timeout(Duration::from_secs(30));
+        if group.workers > 0 {
+            server = server.workers(group.workers);
+        }
+        for (l, url) in listeners {
+            server = match l {
+                Either::Tcp(t) => server.listen(t)?,
+                Either::Unix(u) => server.listen_uds(u)?,
+            };
+            for (prefix, svc) in &services {
+                tracing::info!(
+                    "Listening on {}{prefix}/ serving {}",
+                    url.trim_end_matches('/'),
+                    svc.description
+                );
+            }
+        }
+        servers.push(server.run());
     }
-    for (l, url) in listeners {
-        server = match l {
-            Either::Tcp(t) => server.listen(t)?,
-            Either::Unix(u) => server.listen_uds(u)?,
-        };
-        tracing::info!("Listening on {url} serving {}", service.description);
-    }
-    let server = server.run();
-    let handle = server.handle();
+    let handles: Vec<_> = servers.iter().map(|s| s.handle()).collect();
     actix_web::rt::spawn(async move {
         let sig = signals.recv().await;
         tracing::info!("{sig}: shutting down (finishing in-flight responses)");
-        handle.stop(true).await;
+        futures::future::join_all(handles.iter().map(|h| h.stop(true))).await;
     });
-    server.await
+    for r in futures::future::join_all(servers).await {
+        r?;
+    }
+    Ok(())
 }

@@ -57,10 +57,17 @@ impl Ingress {
     }
 }
 
-/// Registers the cache's routes on an app (or scope).
+/// Registers the cache's routes at the root of an app.
 pub fn configure(cfg: &mut web::ServiceConfig, ingress: Ingress) {
     cfg.app_data(web::Data::new(ingress))
         .default_service(web::to(dispatch));
+}
+
+/// The cache's routes below a path prefix (`/team-a`), for several caches on one listener.
+pub fn scope(prefix: &str, ingress: Ingress) -> actix_web::Scope {
+    web::scope(prefix)
+        .app_data(web::Data::new(ingress))
+        .default_service(web::to(dispatch))
 }
 
 const NARINFO_MAX_AGE: &str = "public, max-age=300";
@@ -183,11 +190,9 @@ fn nar_content_type(url: &str) -> &'static str {
 
 async fn dispatch(req: HttpRequest, ing: web::Data<Ingress>) -> HttpResponse {
     let svc = &ing.service;
-    let rel = req
-        .path()
-        .strip_prefix('/')
-        .unwrap_or(req.path())
-        .to_owned();
+    // Below a scope (a cache served under a path prefix) only the rest of the path counts.
+    let rest = req.match_info().unprocessed();
+    let rel = rest.strip_prefix('/').unwrap_or(rest).to_owned();
     let route = Route::of(&rel);
     let resp = match *req.method() {
         Method::GET | Method::HEAD => handle(&req, &ing, route, &rel).await,

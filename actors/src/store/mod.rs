@@ -8,8 +8,11 @@
 pub mod binary_cache;
 pub mod blobs;
 pub mod file;
+pub mod gcs;
 pub mod local;
 pub mod memory;
+pub mod s3;
+pub mod ssh;
 pub mod url;
 
 use std::io;

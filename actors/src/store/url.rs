@@ -4,8 +4,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::binary_cache::BinaryCache;
+use super::blobs::check_key;
 use super::file::FileBlobs;
+use super::gcs::{GcsBlobs, GcsOptions};
 use super::local::{LocalStore, LocalStoreLayout};
+use super::s3::{Addressing, S3Blobs, S3Options};
 use super::{Store, StoreError};
 
 /// A parsed store URL.
@@ -21,7 +24,13 @@ pub enum StoreUrl {
         /// Create the folder when missing (`?create_dir=1`, or always for upload targets).
         create: bool,
     },
-    /// A scheme this build recognises but cannot open yet (`s3://`, `gs://`, `ssh://`).
+    /// `ssh://[user@]host[:port][/storedir]`: a Nix store reached over ssh.
+    Ssh(super::ssh::target::SshTarget),
+    /// `s3://BUCKET[?…]`: a binary cache in an S3 bucket.
+    S3(S3Options),
+    /// `gs://BUCKET[?…]`: a binary cache in a Google Cloud Storage bucket.
+    Gcs(GcsOptions),
+    /// A scheme this build recognises but cannot open yet (`http(s)://`).
     NotYetSupported(String),
 }
 
@@ -95,7 +104,10 @@ impl StoreUrl {
                     .map_err(|_| invalid(format!("file URL {s:?} has no usable path")))?;
                 Ok(StoreUrl::File { dir, create })
             }
-            "s3" | "gs" | "ssh" | "http" | "https" => Ok(StoreUrl::NotYetSupported(s.to_owned())),
+            "ssh" => Ok(StoreUrl::Ssh(super::ssh::target::SshTarget::parse(s)?)),
+            "s3" => parse_s3(s, &url).map(StoreUrl::S3),
+            "gs" => parse_gs(s, &url).map(StoreUrl::Gcs),
+            "http" | "https" => Ok(StoreUrl::NotYetSupported(s.to_owned())),
             other => Err(invalid(format!(
                 "unknown store scheme {other:?} in {s:?}; use /nix/store, file://, s3://, gs:// or ssh://"
             ))),
@@ -110,11 +122,253 @@ impl StoreUrl {
                 dir.clone(),
                 *create,
             )?)))),
+            StoreUrl::Ssh(target) => Ok(Arc::new(super::ssh::SshStore::open(target.clone())?)),
+            StoreUrl::S3(options) => Ok(Arc::new(BinaryCache::new(Arc::new(S3Blobs::open(
+                options,
+            )?)))),
+            StoreUrl::Gcs(options) => Ok(Arc::new(BinaryCache::new(Arc::new(GcsBlobs::open(
+                options,
+            )?)))),
             StoreUrl::NotYetSupported(s) => Err(StoreError::Unsupported(format!(
                 "{s}: this build of nixcached cannot open this kind of store yet; use /nix/store or file:///DIR"
             ))),
         }
     }
+}
+
+/// Parameters of Nix's binary-cache stores that only matter when Nix itself writes; accepted
+/// (and ignored) so URLs copied from a Nix configuration keep working.
+const NIX_WRITER_PARAMS: &[&str] = &[
+    "compression",
+    "compression-level",
+    "write-nar-listing",
+    "secret-key",
+    "parallel-compression",
+    "index-debug-info",
+    "narinfo-compression",
+    "ls-compression",
+    "log-compression",
+    "multipart-upload",
+    "multipart-chunk-size",
+    "multipart-threshold",
+    "buffer-size",
+    "want-mass-query",
+    "priority",
+    "trusted",
+];
+
+/// What `s3://` URLs take, for error messages.
+const S3_PARAMS: &str = "region, endpoint, profile, prefix, scheme=http|https, \
+     addressing-style=path|virtual|auto, disableSSL=true, s3ForcePathStyle=true \
+     (and Nix's writer settings such as compression, which only matter to Nix)";
+
+/// What `gs://` URLs take, for error messages.
+const GS_PARAMS: &str = "prefix, endpoint";
+
+/// The bucket of `s3://BUCKET` or `gs://BUCKET`; the path must be empty (keys go under
+/// `prefix=`, never under a path that gocloud and Nix both ignore).
+fn bucket_of(s: &str, url: &url::Url) -> Result<String, StoreError> {
+    let scheme = url.scheme();
+    let bucket = url.host_str().unwrap_or_default();
+    if bucket.is_empty() {
+        return Err(invalid(format!(
+            "store URL {s:?} names no bucket; write {scheme}://BUCKET"
+        )));
+    }
+    if !url.username().is_empty() || url.password().is_some() || url.port().is_some() {
+        return Err(invalid(format!(
+            "store URL {s:?}: a bucket takes no user, password or port; write {scheme}://BUCKET?endpoint=… for another server"
+        )));
+    }
+    if !bucket
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(invalid(format!(
+            "store URL {s:?}: {bucket:?} is not a valid bucket name"
+        )));
+    }
+    if !matches!(url.path(), "" | "/") {
+        return Err(invalid(format!(
+            "store URL {s:?} has a path; write {scheme}://{bucket}?prefix={} to keep the cache under it",
+            url.path().trim_matches('/')
+        )));
+    }
+    if url.fragment().is_some() {
+        return Err(invalid(format!("store URL {s:?} has a #fragment")));
+    }
+    Ok(bucket.to_owned())
+}
+
+/// `prefix=a/b/` → `a/b`: keys go under that folder whichever way it is written.
+fn prefix_param(s: &str, v: &str) -> Result<String, StoreError> {
+    let p = v.trim_matches('/');
+    if !p.is_empty() {
+        check_key(p).map_err(|_| {
+            invalid(format!(
+                "store URL {s:?}: prefix {v:?} must be a relative folder without empty, '.' or '..' parts"
+            ))
+        })?;
+    }
+    Ok(p.to_owned())
+}
+
+fn bool_param(s: &str, k: &str, v: &str) -> Result<bool, StoreError> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" | "" => Ok(false),
+        _ => Err(invalid(format!(
+            "store URL {s:?}: {k}={v:?} must be true or false"
+        ))),
+    }
+}
+
+/// Reads the dialects of `s3://` URLs: nixcached's own (`region`, `endpoint` as a URL,
+/// `profile`, `prefix`), its old README's (`endpoint=host:port`, `disableSSL`,
+/// `s3ForcePathStyle`) and Nix's (`scheme`, `addressing-style`).
+fn parse_s3(s: &str, url: &url::Url) -> Result<S3Options, StoreError> {
+    let mut o = S3Options {
+        bucket: bucket_of(s, url)?,
+        ..S3Options::default()
+    };
+    let mut endpoint = None;
+    let mut scheme: Option<String> = None;
+    let mut disable_ssl = None;
+    let mut force_path = None;
+    let mut style = None;
+    for (k, v) in url.query_pairs() {
+        match &*k {
+            "region" => o.region = Some(v.into_owned()).filter(|r| !r.is_empty()),
+            "endpoint" => endpoint = Some(v.into_owned()).filter(|e| !e.is_empty()),
+            "profile" => o.profile = Some(v.into_owned()).filter(|p| !p.is_empty()),
+            "prefix" => o.prefix = prefix_param(s, &v)?,
+            "scheme" => match &*v {
+                "http" | "https" => scheme = Some(v.into_owned()),
+                _ => {
+                    return Err(invalid(format!(
+                        "store URL {s:?}: scheme={v:?} must be http or https"
+                    )))
+                }
+            },
+            "disableSSL" => disable_ssl = Some(bool_param(s, &k, &v)?),
+            "s3ForcePathStyle" => force_path = Some(bool_param(s, &k, &v)?),
+            "addressing-style" => {
+                style = Some(match &*v {
+                    "path" => Addressing::Path,
+                    "virtual" => Addressing::Virtual,
+                    "auto" => Addressing::Auto,
+                    _ => {
+                        return Err(invalid(format!(
+                            "store URL {s:?}: addressing-style={v:?} must be path, virtual or auto"
+                        )))
+                    }
+                })
+            }
+            // gocloud's SDK selector; there is one SDK here.
+            "awssdk" => {}
+            k if NIX_WRITER_PARAMS.contains(&k) => {}
+            other => {
+                return Err(invalid(format!(
+                    "store URL {s:?}: unknown parameter {other:?}; s3:// takes {S3_PARAMS}"
+                )))
+            }
+        }
+    }
+
+    // Plain HTTP can be asked for three ways; they must not contradict each other.
+    let wants_http = match (scheme.as_deref(), disable_ssl) {
+        (Some("http"), Some(false)) | (Some("https"), Some(true)) => {
+            return Err(invalid(format!(
+                "store URL {s:?}: scheme and disableSSL contradict each other"
+            )))
+        }
+        (Some(sch), _) => Some(sch == "http"),
+        (None, d) => d,
+    };
+    o.endpoint = match endpoint {
+        None => {
+            o.plain_http = wants_http == Some(true);
+            None
+        }
+        Some(e) if e.contains("://") => {
+            let u = url::Url::parse(&e)
+                .map_err(|err| invalid(format!("store URL {s:?}: endpoint {e:?}: {err}")))?;
+            let http = match u.scheme() {
+                "http" => true,
+                "https" => false,
+                other => {
+                    return Err(invalid(format!(
+                        "store URL {s:?}: endpoint scheme {other:?} must be http or https"
+                    )))
+                }
+            };
+            if wants_http.is_some_and(|w| w != http) {
+                return Err(invalid(format!(
+                    "store URL {s:?}: endpoint {e:?} contradicts scheme/disableSSL"
+                )));
+            }
+            if u.host_str().is_none() || u.query().is_some() {
+                return Err(invalid(format!(
+                    "store URL {s:?}: endpoint {e:?} must be scheme://host[:port]"
+                )));
+            }
+            Some(e.trim_end_matches('/').to_owned())
+        }
+        Some(e) => {
+            let sch = if wants_http == Some(true) {
+                "http"
+            } else {
+                "https"
+            };
+            let full = format!("{sch}://{}", e.trim_end_matches('/'));
+            url::Url::parse(&full)
+                .ok()
+                .filter(|u| u.host_str().is_some() && u.query().is_none())
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "store URL {s:?}: endpoint {e:?} must be host[:port] or a URL"
+                    ))
+                })?;
+            Some(full)
+        }
+    };
+    o.addressing = match (style, force_path) {
+        (Some(Addressing::Virtual), Some(true)) => {
+            return Err(invalid(format!(
+                "store URL {s:?}: addressing-style=virtual contradicts s3ForcePathStyle=true"
+            )))
+        }
+        (Some(st), _) => st,
+        (None, Some(true)) => Addressing::Path,
+        (None, _) => Addressing::Auto,
+    };
+    Ok(o)
+}
+
+/// Reads `gs://BUCKET[?prefix=…&endpoint=…]`; gocloud's URL-signing parameters are accepted
+/// and ignored, since nothing here signs URLs.
+fn parse_gs(s: &str, url: &url::Url) -> Result<GcsOptions, StoreError> {
+    let mut o = GcsOptions {
+        bucket: bucket_of(s, url)?,
+        ..GcsOptions::default()
+    };
+    for (k, v) in url.query_pairs() {
+        match &*k {
+            "prefix" => o.prefix = prefix_param(s, &v)?,
+            "endpoint" => o.endpoint = Some(v.into_owned()).filter(|e| !e.is_empty()),
+            "access_id" | "private_key_path" => {}
+            other => {
+                return Err(invalid(format!(
+                    "store URL {s:?}: unknown parameter {other:?}; gs:// takes {GS_PARAMS}"
+                )))
+            }
+        }
+    }
+    if let Some(e) = &o.endpoint {
+        super::gcs::Endpoint::resolve(Some(e), None)
+            .map_err(|err| invalid(format!("store URL {s:?}: {err}")))?;
+    }
+    Ok(o)
 }
 
 #[cfg(test)]
@@ -136,5 +390,167 @@ mod tests {
         assert!(StoreUrl::parse("ftp://x").is_err());
         assert!(StoreUrl::parse("relative/dir").is_err());
         assert!(StoreUrl::parse("local?root=rel").is_err());
+    }
+
+    fn s3(s: &str) -> S3Options {
+        match StoreUrl::parse(s) {
+            Ok(StoreUrl::S3(o)) => o,
+            other => panic!("{s}: {other:?}"),
+        }
+    }
+
+    fn gs(s: &str) -> GcsOptions {
+        match StoreUrl::parse(s) {
+            Ok(StoreUrl::Gcs(o)) => o,
+            other => panic!("{s}: {other:?}"),
+        }
+    }
+
+    fn err(s: &str) -> String {
+        match StoreUrl::parse(s) {
+            Err(e) => e.to_string(),
+            Ok(u) => panic!("{s} parsed as {u:?}"),
+        }
+    }
+
+    #[test]
+    fn s3_plain_bucket() {
+        assert_eq!(
+            s3("s3://cache"),
+            S3Options {
+                bucket: "cache".into(),
+                ..S3Options::default()
+            }
+        );
+        assert_eq!(s3("s3://my.cache/").bucket, "my.cache");
+    }
+
+    #[test]
+    fn s3_nixcached_dialect() {
+        let o = s3("s3://cache?region=eu-west-1&endpoint=http://127.0.0.1:9000/&profile=work&prefix=/nix/cache/&awssdk=v2");
+        assert_eq!(o.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(o.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(o.profile.as_deref(), Some("work"));
+        assert_eq!(o.prefix, "nix/cache");
+        assert_eq!(o.addressing, Addressing::Auto);
+        assert!(!o.plain_http);
+        assert_eq!(
+            s3("s3://c?endpoint=https%3A%2F%2Fminio.example.com")
+                .endpoint
+                .as_deref(),
+            Some("https://minio.example.com")
+        );
+    }
+
+    #[test]
+    fn s3_readme_dialect() {
+        let o = s3("s3://cache?endpoint=minio:9000&disableSSL=true&s3ForcePathStyle=true");
+        assert_eq!(o.endpoint.as_deref(), Some("http://minio:9000"));
+        assert_eq!(o.addressing, Addressing::Path);
+        let o = s3("s3://cache?endpoint=minio.example.com:9000");
+        assert_eq!(
+            o.endpoint.as_deref(),
+            Some("https://minio.example.com:9000")
+        );
+        assert_eq!(
+            s3("s3://c?endpoint=h:1&disableSSL=false")
+                .endpoint
+                .as_deref(),
+            Some("https://h:1")
+        );
+        assert_eq!(
+            s3("s3://c?s3ForcePathStyle=false").addressing,
+            Addressing::Auto
+        );
+    }
+
+    #[test]
+    fn s3_nix_dialect() {
+        let o = s3("s3://cache?endpoint=127.0.0.1:15000&scheme=http&region=us-east-1&addressing-style=path");
+        assert_eq!(o.endpoint.as_deref(), Some("http://127.0.0.1:15000"));
+        assert_eq!(o.addressing, Addressing::Path);
+        assert_eq!(
+            s3("s3://c?addressing-style=virtual").addressing,
+            Addressing::Virtual
+        );
+        assert_eq!(
+            s3("s3://c?addressing-style=auto").addressing,
+            Addressing::Auto
+        );
+        let o = s3("s3://c?scheme=http");
+        assert!(o.plain_http);
+        assert_eq!(o.endpoint, None);
+        // Nix's writer settings are accepted and have no effect here.
+        let o =
+            s3("s3://c?compression=zstd&write-nar-listing=1&secret-key=/k&multipart-upload=true");
+        assert_eq!(o, s3("s3://c"));
+    }
+
+    #[test]
+    fn s3_rejections() {
+        let e = err("s3://cache?bogus=1");
+        assert!(e.contains("\"bogus\""), "{e}");
+        assert!(e.contains("region, endpoint, profile, prefix"), "{e}");
+        assert!(err("s3://?region=x").contains("no bucket"));
+        assert!(err("s3://cache/sub/dir").contains("prefix=sub/dir"));
+        assert!(err("s3://user@cache").contains("no user"));
+        assert!(err("s3://cache:9000").contains("port"));
+        assert!(err("s3://cache?scheme=ftp").contains("http or https"));
+        assert!(err("s3://cache?addressing-style=weird").contains("path, virtual or auto"));
+        assert!(err("s3://cache?disableSSL=maybe").contains("true or false"));
+        assert!(err("s3://cache?scheme=https&disableSSL=true").contains("contradict"));
+        assert!(err("s3://cache?endpoint=https://h&scheme=http").contains("contradicts"));
+        assert!(err("s3://cache?endpoint=ftp://h").contains("http or https"));
+        assert!(
+            err("s3://cache?addressing-style=virtual&s3ForcePathStyle=true")
+                .contains("contradicts")
+        );
+        assert!(err("s3://cache?prefix=a/../b").contains("prefix"));
+        assert!(err("s3://ca$he").contains("bucket"));
+        assert!(err("s3://cache?key=x").contains("\"key\""));
+    }
+
+    #[test]
+    fn gs_dialects() {
+        assert_eq!(
+            gs("gs://cache"),
+            GcsOptions {
+                bucket: "cache".into(),
+                ..GcsOptions::default()
+            }
+        );
+        let o = gs("gs://cache?prefix=a/b/&endpoint=http://127.0.0.1:4443");
+        assert_eq!(o.prefix, "a/b");
+        assert_eq!(o.endpoint.as_deref(), Some("http://127.0.0.1:4443"));
+        assert_eq!(
+            gs("gs://cache?endpoint=localhost:4443").endpoint.as_deref(),
+            Some("localhost:4443")
+        );
+        // gocloud's URL-signing parameters: accepted, unused.
+        assert_eq!(
+            gs("gs://cache?access_id=x&private_key_path=/k"),
+            gs("gs://cache")
+        );
+    }
+
+    #[test]
+    fn gs_rejections() {
+        let e = err("gs://cache?region=x");
+        assert!(
+            e.contains("\"region\"") && e.contains("prefix, endpoint"),
+            "{e}"
+        );
+        assert!(err("gs://cache?endpoint=ftp://x").contains("endpoint"));
+        assert!(err("gs://cache/path").contains("prefix=path"));
+        assert!(err("gs://").contains("no bucket"));
+        assert!(err("gs://cache?prefix=..").contains("prefix"));
+    }
+
+    #[test]
+    fn other_schemes() {
+        assert!(matches!(
+            StoreUrl::parse("https://cache.nixos.org").unwrap(),
+            StoreUrl::NotYetSupported(_)
+        ));
     }
 }

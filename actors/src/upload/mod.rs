@@ -16,7 +16,7 @@ pub mod uploader;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use actix::{Actor, Arbiter};
+use actix::{Actor, Addr, Arbiter};
 use tokio::sync::oneshot;
 
 use crate::formats::StoreDir;
@@ -29,14 +29,12 @@ use reader::{FifoReader, InputEnd, InputSpec, StopReading};
 use scheduler::{Drain, Enqueue, Scheduler, SchedulerSettings, Summary};
 use uploader::Uploader;
 
-/// Everything an upload pipeline needs.
-pub struct UploadConfig {
+/// What an upload pipeline is made of, whatever feeds it paths.
+pub struct PipelineConfig {
     /// The local store paths come from.
     pub source: Arc<LocalStore>,
     /// The destination cache.
     pub dest: Arc<dyn Store>,
-    /// Where paths are read from.
-    pub input: InputSpec,
     /// The journal file.
     pub journal: PathBuf,
     /// How objects are written.
@@ -49,25 +47,32 @@ pub struct UploadConfig {
     pub scheduler: SchedulerSettings,
 }
 
-/// How a pipeline ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Outcome {
-    /// Totals.
-    pub summary: Summary,
-    /// Why it stopped: `"end of input"`, `"finish marker"`, `"SIGHUP"`, `"SIGTERM"`, …
-    pub reason: String,
-    /// True when everything accepted was finished (not a prompt stop).
-    pub drained: bool,
-    /// An input error, if reading failed.
-    pub input_error: Option<String>,
+/// Everything an upload pipeline fed from a FIFO, file or standard input needs.
+pub struct UploadConfig {
+    /// The pipeline.
+    pub pipeline: PipelineConfig,
+    /// Where paths are read from.
+    pub input: InputSpec,
 }
 
-/// Runs a pipeline inside an actix system until the input ends or a signal arrives.
+/// A started pipeline, ready for paths: send it [`Enqueue`] messages (each answered once its
+/// paths are durably accepted), then [`Drain`] to wait until all of them are uploaded.
+pub struct Pipeline {
+    /// The scheduler actor, the pipeline's only entry point.
+    pub scheduler: Addr<Scheduler>,
+    /// The journal, which holds every accepted path until its closure is uploaded.
+    pub journal: Arc<Journal>,
+    /// Paths an earlier run left unfinished, already enqueued again.
+    pub resumed: usize,
+}
+
+/// Prepares the destination, opens the journal, starts `jobs` uploaders (each on an arbiter
+/// of its own) and the scheduler in front of them, and re-enqueues whatever an earlier run
+/// with the same journal left unfinished. Must run inside an actix system.
 ///
-/// End of input, the finish marker and SIGHUP drain: everything accepted is finished first.
-/// SIGTERM and SIGINT stop promptly; unfinished work stays in the journal for the next start.
-pub async fn run(cfg: UploadConfig) -> Result<Outcome, String> {
-    let mut signals = StopSignals::install().map_err(|e| e.to_string())?;
+/// This is the part of [`run`] that does not depend on where paths come from, for programs
+/// that produce paths themselves (see `examples/upload_from_code.rs`).
+pub async fn start_pipeline(cfg: &PipelineConfig) -> Result<Pipeline, String> {
     let store_dir: StoreDir = cfg.source.layout().store_dir.clone();
     cfg.dest
         .prepare_for_upload(&store_dir)
@@ -95,16 +100,43 @@ pub async fn run(cfg: UploadConfig) -> Result<Outcome, String> {
     .start();
 
     let resumed = journal.pending().map_err(|e| e.to_string())?;
-    if !resumed.is_empty() {
-        tracing::info!(
-            "resuming {} paths left unfinished by an earlier run",
-            resumed.len()
-        );
+    let n = resumed.len();
+    if n > 0 {
+        tracing::info!("resuming {n} paths left unfinished by an earlier run");
         scheduler
             .send(Enqueue(resumed))
             .await
             .map_err(|e| e.to_string())??;
     }
+    Ok(Pipeline {
+        scheduler,
+        journal,
+        resumed: n,
+    })
+}
+
+/// How a pipeline ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// Totals.
+    pub summary: Summary,
+    /// Why it stopped: `"end of input"`, `"finish marker"`, `"SIGHUP"`, `"SIGTERM"`, …
+    pub reason: String,
+    /// True when everything accepted was finished (not a prompt stop).
+    pub drained: bool,
+    /// An input error, if reading failed.
+    pub input_error: Option<String>,
+}
+
+/// Runs a pipeline inside an actix system until the input ends or a signal arrives.
+///
+/// End of input, the finish marker and SIGHUP drain: everything accepted is finished first.
+/// SIGTERM and SIGINT stop promptly; unfinished work stays in the journal for the next start.
+pub async fn run(cfg: UploadConfig) -> Result<Outcome, String> {
+    let mut signals = StopSignals::install().map_err(|e| e.to_string())?;
+    let Pipeline {
+        scheduler, journal, ..
+    } = start_pipeline(&cfg.pipeline).await?;
 
     let (ended_tx, ended_rx) = oneshot::channel();
     let reader = FifoReader::new(cfg.input.clone(), scheduler.clone(), ended_tx).start();
@@ -123,7 +155,7 @@ pub async fn run(cfg: UploadConfig) -> Result<Outcome, String> {
     if !drain {
         tracing::info!(
             "{reason}: stopping now; unfinished paths stay queued in {}",
-            cfg.journal.display()
+            cfg.pipeline.journal.display()
         );
         return Ok(Outcome {
             summary: Summary::default(),

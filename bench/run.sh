@@ -1,0 +1,398 @@
+#!/usr/bin/env bash
+# bench/run.sh -- nixcached's benchmark harness (issues #4 serve and #5 upload). One command:
+#
+#     bench/run.sh
+#
+# What it does, in one run (so every figure is a ratio to an anchor measured minutes apart):
+#  1. cargo build --release (target/release/nixcached); installs nginx, wrk, curl with apt-get
+#     when missing. Nix must already be set up (`sudo scripts/test` once does that).
+#  2. builds the corpus closure (bench/make-corpus.sh: 206 paths, ~650 MiB of NAR) and a zstd
+#     binary cache of it with `nix copy --to file://…?compression=zstd` (kept in $WORK).
+#  3. serve: starts nginx (own config, 127.0.0.1, free port) on that cache, `nixcached serve
+#     file://CACHE` and `nixcached serve /nix/store` (both --listen 127.0.0.1:0), then RUNS
+#     rounds; each round runs bench/anchor-bench.sh once against every server (narinfo req/s at
+#     1 and 16 connections with wrk, NAR MiB/s at 1 and 16 parallel fetches with curl), the
+#     order rotating between rounds, plus `nix-store --dump` of every closure path (206
+#     processes) and one `nix-store --export` of the closure (the local-store anchors).
+#  4. upload: UPLOAD_RUNS rounds of `nix copy --to file://FRESH?compression=C` against
+#     `nixcached upload --from /nix/store --input PATHS --state-dir FRESH --compression C
+#     --jobs 2 --progress-interval 0 file://FRESH` of the same top path, C in zstd and xz,
+#     fresh destinations every time; checks both caches hold the same NARs.
+#  5. prints a summary (medians, min-max, ratios, targets) and stops everything it started.
+#
+# Env (all optional):
+#   RUNS=5          serve rounds (each round: every server once; the median over rounds is reported)
+#   DURATION=10     seconds per wrk run
+#   UPLOAD_RUNS=3   upload rounds for zstd;  XZ_RUNS=$UPLOAD_RUNS for xz (nix copy xz takes ~5 min)
+#   UPLOAD_COMPS="zstd xz"
+#   JOBS=2          nixcached upload --jobs
+#   PARTS="serve upload"   which parts to run
+#   QUIET_MAX=180   seconds to wait before each timed run for the shared machine to be idle
+#                   (<10 % CPU over 1 s); a run that never got a quiet machine is flagged
+#   WORK=${TMPDIR:-/tmp}/nixcached-bench   corpus GC root and the zstd cache (kept between runs);
+#                   per-run files go to $WORK/run-STAMP and are removed unless KEEP=1
+#   RESULTS=bench/results   raw lines, machine description and summary of each run
+#   NO_BUILD=1      use the existing target/release/nixcached
+# Results: $RESULTS/<stamp>-raw.txt, -machine.txt, -summary.md (the summary is also printed).
+set -euo pipefail
+export PATH=$PATH:/usr/sbin:/sbin
+export NO_COLOR=1 LC_ALL=C
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(dirname "$HERE")
+RUNS=${RUNS:-5}; DURATION=${DURATION:-10}; QUIET_MAX=${QUIET_MAX:-180}
+UPLOAD_RUNS=${UPLOAD_RUNS:-3}; XZ_RUNS=${XZ_RUNS:-$UPLOAD_RUNS}; UPLOAD_COMPS=${UPLOAD_COMPS:-"zstd xz"}
+JOBS=${JOBS:-2}; PARTS=${PARTS:-"serve upload"}
+WORK=${WORK:-${TMPDIR:-/tmp}/nixcached-bench}
+RESULTS=${RESULTS:-$HERE/results}
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+T_START=$(date +%s)
+say() { printf '== %s %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { echo "bench/run.sh: $*" >&2; exit 1; }
+has() { [[ " $PARTS " == *" $1 "* ]]; }
+
+# --- prerequisites ---------------------------------------------------------------------------
+SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+command -v cargo >/dev/null || die "cargo is missing: install Rust (https://rustup.rs) first"
+command -v nix-store >/dev/null && command -v nix >/dev/null \
+  || die "Nix is missing: run 'sudo scripts/test' once (it installs and configures Nix), then re-run"
+pkgs=()
+command -v nginx >/dev/null || pkgs+=(NGINX)
+command -v wrk >/dev/null || pkgs+=(wrk)
+command -v curl >/dev/null || pkgs+=(curl)
+command -v python3 >/dev/null || pkgs+=(python3)
+command -v timeout >/dev/null || pkgs+=(coreutils)
+if [ ${#pkgs[@]} -gt 0 ]; then
+  command -v apt-get >/dev/null || die "missing ${pkgs[*]} (no apt-get here: install them by hand)"
+  say "installing ${pkgs[*]} with apt-get"
+  $SUDO apt-get update -qq
+  if [[ " ${pkgs[*]} " == *" NGINX "* ]]; then
+    ng=nginx; apt-cache show nginx-light >/dev/null 2>&1 && ng=nginx-light
+    pkgs=("${pkgs[@]/NGINX/$ng}")
+  fi
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${pkgs[@]}"
+fi
+NIX=(nix --extra-experimental-features nix-command)
+
+mkdir -p "$WORK" "$RESULTS"
+W=$WORK/run-$STAMP; mkdir -p "$W"
+RAW=$RESULTS/$STAMP-raw.txt; MACHINE=$RESULTS/$STAMP-machine.txt; SUMMARY=$RESULTS/$STAMP-summary.md
+: > "$RAW"
+export XDG_CACHE_HOME=$W/xdg   # fresh Nix narinfo disk cache: never trust "already in the cache"
+
+# --- everything we start is stopped by PID ---------------------------------------------------
+DAEMON_PIDS=(); NGINX_PID=
+cleanup() {
+  local rc=$? p
+  for p in "${DAEMON_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  [ -z "$NGINX_PID" ] || kill -QUIT "$NGINX_PID" 2>/dev/null || true
+  for p in "${DAEMON_PIDS[@]}" $NGINX_PID; do wait "$p" 2>/dev/null || true; done
+  if [ -z "${KEEP:-}" ]; then chmod -R u+w "$W" 2>/dev/null || true; rm -rf "$W"; else echo "kept $W" >&2; fi
+  exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM HUP
+
+now() { date +%s%N; }
+secs() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.3f", (b-a)/1e9}'; }
+busy_pct() { local a b i t=0
+  read -ra a < <(head -1 /proc/stat); sleep 1; read -ra b < <(head -1 /proc/stat)
+  for i in 1 2 3 4 5 6 7 8; do t=$((t + b[i] - a[i])); done
+  echo $(( t > 0 ? 100 * (t - (b[4] + b[5] - a[4] - a[5])) / t : 0 )); }
+wait_quiet() { local w=0 p   # sets BUSY to the last CPU-busy % seen
+  while p=$(busy_pct); [ "$p" -ge 10 ]; do
+    w=$((w + 5)); [ "$w" -lt "$QUIET_MAX" ] || { echo "warning: machine busy ($p% CPU) before $1" | tee -a "$RAW" >&2; break; }
+    sleep 4; done
+  BUSY=$p; }
+dir_bytes() { [ -d "$1" ] && find "$1" -type f -printf '%s\n' | awk '{s+=$1} END {print s+0}' || echo 0; }
+
+# --- machine ---------------------------------------------------------------------------------
+{
+  echo "date_utc: $STAMP"
+  echo "cpu: $(nproc) x $(lscpu | sed -n 's/^Model name: *//p' | head -1) ($(lscpu | sed -n 's/^Hypervisor vendor: *//p') guest)"
+  echo "memory: $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
+  echo "kernel: $(uname -r); os: $(. /etc/os-release; echo "$PRETTY_NAME") ($(cat /etc/debian_version 2>/dev/null || true))"
+  echo "root fs: $(findmnt -no FSTYPE,SOURCE,OPTIONS / 2>/dev/null || true)"
+  echo "nix: $(nix --version); nginx: $(nginx -v 2>&1 | sed 's/.*: //'); wrk: $(wrk -v 2>&1 | head -1 | awk '{print $2}'); curl: $(curl --version | head -1 | awk '{print $2}')"
+  echo "rustc: $(rustc --version 2>/dev/null || true); python3: $(python3 --version 2>&1)"
+  echo "nixcached: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" status --porcelain -uno 2>/dev/null | grep -q . && echo ' + uncommitted changes' || true)"
+  echo "settings: RUNS=$RUNS DURATION=$DURATION UPLOAD_RUNS=$UPLOAD_RUNS XZ_RUNS=$XZ_RUNS UPLOAD_COMPS=\"$UPLOAD_COMPS\" JOBS=$JOBS QUIET_MAX=$QUIET_MAX PARTS=\"$PARTS\""
+} > "$MACHINE"
+cat "$MACHINE" >&2
+
+# --- build -----------------------------------------------------------------------------------
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/nixcached
+if [ -z "${NO_BUILD:-}" ]; then
+  say "cargo build --release (waits if another build holds the target dir lock)"
+  (cd "$ROOT" && cargo build --release --bin nixcached)
+fi
+[ -x "$BIN" ] || die "$BIN was not built"
+echo "binary: $BIN ($(stat -c %y "$BIN" | cut -d. -f1))" >> "$MACHINE"
+
+# --- corpus and the zstd cache ---------------------------------------------------------------
+say "corpus (bench/make-corpus.sh)"
+t0=$(now)
+CORPUS_WORK=$WORK/corpus "$HERE/make-corpus.sh" > "$W/corpus.out"
+cat "$W/corpus.out" >&2
+TOP=$(tail -1 "$W/corpus.out")
+[ -e "$TOP" ] || die "make-corpus.sh did not print a store path"
+mapfile -t CLOSURE < <(nix-store -qR "$TOP")
+N=${#CLOSURE[@]}
+NARSUM=$("${NIX[@]}" path-info -r --json "$TOP" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(sum(i["narSize"] for i in (d if isinstance(d,list) else d.values())))')
+echo "corpus: $TOP, $N paths, $NARSUM NAR bytes (built/checked in $(secs "$t0" "$(now)") s)" | tee -a "$MACHINE" >&2
+echo "corpus top=$TOP paths=$N nar_bytes=$NARSUM" >> "$RAW"
+printf '%s\n' "$TOP" > "$W/paths"
+
+CACHE=$WORK/cache-zstd
+if ! { [ "$(cat "$WORK/cache-zstd.top" 2>/dev/null)" = "$TOP" ] \
+       && [ "$(find "$CACHE" -maxdepth 1 -name '*.narinfo' | wc -l)" -eq "$N" ]; }; then
+  say "making the zstd cache nginx and the daemon serve: nix copy --to file://$CACHE?compression=zstd"
+  rm -rf "$CACHE" "$WORK/cache-zstd.top"
+  "${NIX[@]}" copy --to "file://$CACHE?compression=zstd" "$TOP"
+  echo "$TOP" > "$WORK/cache-zstd.top"
+fi
+
+# --- servers ---------------------------------------------------------------------------------
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+start_nginx() { # $1 = root dir; sets NGINX_URL
+  local d=$W/nginx port; port=$(free_port); mkdir -p "$d/logs"
+  cat > "$d/nginx.conf" <<EOF
+worker_processes auto;
+pid $d/nginx.pid;
+error_log $d/logs/error.log warn;
+$([ "$(id -u)" -eq 0 ] && echo 'user root root;')
+events { worker_connections 4096; }
+http {
+  types { text/x-nix-narinfo narinfo; text/plain nix-cache-info; }
+  default_type application/octet-stream;
+  sendfile on; tcp_nopush on; tcp_nodelay on;
+  keepalive_timeout 65; keepalive_requests 1000000;
+  access_log off;
+  open_file_cache max=10000 inactive=60s;
+  client_body_temp_path $d/tmp-body; proxy_temp_path $d/tmp-proxy;
+  fastcgi_temp_path $d/tmp-fcgi; uwsgi_temp_path $d/tmp-uwsgi; scgi_temp_path $d/tmp-scgi;
+  server { listen 127.0.0.1:$port; root $1; }
+}
+EOF
+  nginx -p "$d" -c "$d/nginx.conf" -g 'daemon off;' 2>>"$d/logs/stderr" &
+  NGINX_PID=$!
+  NGINX_URL=http://127.0.0.1:$port
+  for _ in $(seq 100); do curl -sf "$NGINX_URL/nix-cache-info" >/dev/null && return; sleep 0.1; done
+  cat "$d/logs/"* >&2; die "nginx did not come up"
+}
+start_daemon() { # $1 = log name, $2 = store URL; sets DAEMON_URL
+  local log=$W/$1.log url= pid
+  "$BIN" serve --listen 127.0.0.1:0 "$2" >"$log" 2>&1 &
+  pid=$!; DAEMON_PIDS+=("$pid")
+  for _ in $(seq 300); do
+    url=$(sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -o 'Listening on http://[^ ]*' | head -1 | sed 's/^Listening on //; s,/$,,') || true
+    [ -z "$url" ] || break
+    kill -0 "$pid" 2>/dev/null || { cat "$log" >&2; die "nixcached serve $2 exited"; }
+    sleep 0.1
+  done
+  [ -n "$url" ] || { cat "$log" >&2; die "no 'Listening on http://…' line from nixcached serve $2"; }
+  curl -sf "$url/nix-cache-info" >/dev/null || die "$url/nix-cache-info does not answer"
+  DAEMON_URL=$url
+}
+
+bench_one() { # label url cache round
+  local rc=0
+  RUNS=1 NAR_RUNS=1 DURATION=$DURATION QUIET_MAX=$QUIET_MAX \
+    "$HERE/anchor-bench.sh" "$2" "$3" "$1@$4" > "$W/ab.out" 2>&1 || rc=$?
+  grep -v ' cache narinfos ' "$W/ab.out" | tee -a "$RAW" >&2 || true
+  [ "$rc" -eq 0 ] || echo "$1@$4 FAILED anchor-bench exit $rc" | tee -a "$RAW" >&2
+}
+dump_round() { # round
+  local t0 t1 s p
+  wait_quiet "dump-loop round $1"; t0=$(now)
+  for p in "${CLOSURE[@]}"; do nix-store --dump "$p" >/dev/null; done
+  t1=$(now); s=$(secs "$t0" "$t1")
+  echo "dump variant=loop round=$1 wall_s=$s MiB_per_s=$(awk -v x="$NARSUM" -v s="$s" 'BEGIN{printf "%.1f", x/1048576/s}') busy_before=$BUSY%" | tee -a "$RAW" >&2
+  wait_quiet "export round $1"; t0=$(now)
+  nix-store --export "${CLOSURE[@]}" >/dev/null
+  t1=$(now); s=$(secs "$t0" "$t1")
+  echo "dump variant=export round=$1 wall_s=$s MiB_per_s=$(awk -v x="$NARSUM" -v s="$s" 'BEGIN{printf "%.1f", x/1048576/s}') busy_before=$BUSY%" | tee -a "$RAW" >&2
+}
+
+if has serve; then
+  say "starting nginx and two daemons"
+  start_nginx "$CACHE"; NG=$NGINX_URL
+  start_daemon daemon-file "file://$CACHE"; DF=$DAEMON_URL
+  start_daemon daemon-local /nix/store; DL=$DAEMON_URL
+  echo "servers nginx=$NG daemon-file=$DF daemon-local=$DL" | tee -a "$RAW" >&2
+  # anchor-bench.sh reads the narinfos it requests from a cache dir: for the local store that
+  # is what the daemon itself serves (NAR URL nar/<digest>.nar, FileSize = NarSize).
+  LV=$W/local-view; mkdir -p "$LV"
+  curl -sf "$DL/nix-cache-info" > "$LV/nix-cache-info"
+  for p in "${CLOSURE[@]}"; do
+    h=$(basename "$p"); h=${h%%-*}
+    curl -sf "$DL/$h.narinfo" > "$LV/$h.narinfo" || die "daemon-local: no narinfo for $p"
+  done
+  python3 - "$LV" <<'EOF'
+import glob, sys
+for f in glob.glob(sys.argv[1] + '/*.narinfo'):
+    t = open(f).read()
+    if '\nFileSize: ' not in t:
+        size = [l.split(': ')[1] for l in t.splitlines() if l.startswith('NarSize: ')][0]
+        open(f, 'w').write(t + f'FileSize: {size}\n')
+EOF
+  servers=("nginx-zstd $NG $CACHE" "daemon-file $DF $CACHE" "daemon-local $DL $LV")
+  for r in $(seq "$RUNS"); do
+    say "serve round $r/$RUNS"
+    for i in 0 1 2; do   # rotate the order between rounds
+      read -r label url dir <<< "${servers[$(( (i + r - 1) % 3 ))]}"
+      bench_one "$label" "$url" "$dir" "$r"
+    done
+    dump_round "$r"
+  done
+  for f in "$W"/daemon-*.log; do
+    grep -Ei 'error|warn|panic' "$f" | head -5 | sed "s,^,$(basename "$f"): ," | tee -a "$RAW" >&2 || true
+  done
+  for p in "${DAEMON_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  kill -QUIT "$NGINX_PID" 2>/dev/null || true; wait "$NGINX_PID" 2>/dev/null || true
+  DAEMON_PIDS=(); NGINX_PID=
+fi
+
+# --- upload ----------------------------------------------------------------------------------
+upload_one() { # tool comp run
+  local tool=$1 comp=$2 r=$3 d=$W/up/$1-$2-$3 st=$W/up/state-$2-$3 log=$W/up/$1-$2-$3.log t0 t1 rc=0
+  mkdir -p "$W/up"; sync; wait_quiet "$tool $comp run $r"
+  t0=$(now)
+  if [ "$tool" = nix ]; then
+    timeout 3600 "${NIX[@]}" copy --to "file://$d?compression=$comp" "$TOP" 2>"$log" || rc=$?
+  else
+    timeout 3600 "$BIN" upload --from /nix/store --input "$W/paths" --state-dir "$st" \
+      --compression "$comp" --jobs "$JOBS" --progress-interval 0 "file://$d" 2>"$log" || rc=$?
+  fi
+  t1=$(now)
+  local n; n=$(find "$d" -maxdepth 1 -name '*.narinfo' 2>/dev/null | wc -l)
+  echo "upload tool=$tool comp=$comp run=$r wall_s=$(secs "$t0" "$t1") bytes_all=$(dir_bytes "$d") bytes_nar=$(dir_bytes "$d/nar") narinfos=$n exit=$rc busy_before=$BUSY%" | tee -a "$RAW" >&2
+  [ "$rc" -eq 0 ] && [ "$n" -eq "$N" ] || { echo "upload tool=$tool comp=$comp run=$r FAILED (exit $rc, $n/$N narinfos; log: $(tail -3 "$log" | tr '\n' ' '))" | tee -a "$RAW" >&2; }
+}
+same_nars() { # two cache dirs: same store paths with the same NarHash/NarSize/References?
+  python3 - "$1" "$2" <<'EOF'
+import glob, os, sys
+def load(d):
+    out = {}
+    for f in glob.glob(d + '/*.narinfo'):
+        kv = dict(l.split(': ', 1) for l in open(f).read().splitlines() if ': ' in l)
+        out[kv['StorePath']] = (kv['NarHash'].replace('sha256:', ''), kv['NarSize'], ' '.join(sorted(kv.get('References', '').split())))
+    return out
+a, b = load(sys.argv[1]), load(sys.argv[2])
+bad = [p for p in set(a) | set(b) if a.get(p) != b.get(p)]
+print('same' if not bad and a else f'DIFFERENT ({len(bad)} of {len(set(a) | set(b))} paths differ, e.g. {sorted(bad)[:2]})')
+EOF
+}
+if has upload; then
+  for r in $(seq "$UPLOAD_RUNS"); do
+    for comp in $UPLOAD_COMPS; do
+      [ "$comp" != xz ] || [ "$r" -le "$XZ_RUNS" ] || continue
+      say "upload round $r/$UPLOAD_RUNS, $comp"
+      if [ $((r % 2)) -eq 1 ]; then order="nix nixcached"; else order="nixcached nix"; fi
+      for tool in $order; do upload_one "$tool" "$comp" "$r"; done
+      [ "$r" -ne 1 ] || echo "upload check comp=$comp nix-vs-nixcached narinfos: $(same_nars "$W/up/nix-$comp-1" "$W/up/nixcached-$comp-1")" | tee -a "$RAW" >&2
+    done
+  done
+fi
+
+# --- summary ---------------------------------------------------------------------------------
+T_END=$(date +%s)
+echo "total run time: $(( (T_END - T_START) / 60 )) min $(( (T_END - T_START) % 60 )) s" | tee -a "$RAW" "$MACHINE" >&2
+python3 - "$RAW" "$MACHINE" > "$SUMMARY" <<'EOF'
+import re, statistics, sys
+raw, machine = sys.argv[1:]
+serve = {}      # (label, test, figure) -> {round: value}
+dump = {}       # variant -> [MiB/s]
+dumps = {}
+up = {}         # (tool, comp) -> list of dicts
+notes = []
+for line in open(raw):
+    line = line.rstrip('\n')
+    m = re.match(r'^(\S+)@(\d+) (narinfo_c\d+|nar_p\d+) (\S+) (\S+)  \[runs:', line)
+    if m:
+        serve.setdefault((m[1], m[3], m[4]), {})[int(m[2])] = float(m[5]); continue
+    if line.startswith('dump '):
+        kv = dict(x.split('=', 1) for x in line.split()[1:])
+        dump.setdefault(kv['variant'], []).append(float(kv['MiB_per_s']))
+        dumps.setdefault(kv['variant'], []).append(float(kv['wall_s'])); continue
+    if line.startswith('upload tool=') and 'FAILED' not in line:
+        kv = dict(x.split('=', 1) for x in line.split()[1:])
+        up.setdefault((kv['tool'], kv['comp']), []).append(kv); continue
+    if 'warning' in line or 'FAILED' in line or 'errors_or_non2xx' in line or 'DIFFERENT' in line or re.search(r' run \d+: ', line):
+        notes.append(line)
+    elif line.startswith('upload check') or line.startswith('total run time'):
+        notes.append(line)
+
+med = statistics.median
+def vals(label, test, fig): return serve.get((label, test, fig), {})
+def m(label, test, fig):
+    v = vals(label, test, fig); return med(v.values()) if v else None
+def rng(label, test, fig):
+    v = list(vals(label, test, fig).values())
+    return f'{num(min(v))}-{num(max(v))}' if v else '-'
+def num(x): return f'{x:,.0f}' if abs(x) >= 100 else f'{x:.3g}'
+def fmt(x, d=0): return '-' if x is None else f'{x:,.{d}f}'
+def paired(a, b, test, fig):
+    va, vb = vals(a, test, fig), vals(b, test, fig)
+    rs = [va[r] / vb[r] for r in va if r in vb and vb[r]]
+    return f'{min(rs):.2f}-{max(rs):.2f}' if rs else '-'
+def ratio(x, y): return None if x is None or y is None or not y else x / y
+def verdict(r, target): return '-' if r is None else ('**met**' if r >= target else '**not met**')
+
+print(open(machine).read().strip().replace('\n', '  \n'))
+n = len(vals('nginx-zstd', 'narinfo_c1', 'req_per_s'))
+print(f'\n### Serve, file:// zstd cache: daemon vs nginx (median of {n} interleaved rounds; ratio = daemon/nginx, paired per-round range in brackets)\n')
+print('| figure | nginx | `serve file://` | ratio | target | |')
+print('|---|---|---|---|---|---|')
+rows = [('narinfo c=1 req/s', 'narinfo_c1', 'req_per_s', 1.0), ('narinfo c=16 req/s', 'narinfo_c16', 'req_per_s', 1.0),
+        ('NAR P=1 MiB/s (NAR bytes)', 'nar_p1', 'nar_MiB_per_s', 0.8), ('NAR P=16 MiB/s (NAR bytes)', 'nar_p16', 'nar_MiB_per_s', 0.8)]
+for name, t, f, target in rows:
+    a, b = m('nginx-zstd', t, f), m('daemon-file', t, f)
+    r = ratio(b, a)
+    print(f"| {name} | {fmt(a)} ({rng('nginx-zstd', t, f)}) | {fmt(b)} ({rng('daemon-file', t, f)}) | {fmt(r, 2)}x [{paired('daemon-file', 'nginx-zstd', t, f)}] | >= {target}x | {verdict(r, target)} |")
+for t in ('narinfo_c1', 'narinfo_c16'):
+    print(f"| {t.replace('_', ' ')} p50 / p99 ms | {fmt(m('nginx-zstd', t, 'p50_ms'), 3)} / {fmt(m('nginx-zstd', t, 'p99_ms'), 3)} | {fmt(m('daemon-file', t, 'p50_ms'), 3)} / {fmt(m('daemon-file', t, 'p99_ms'), 3)} | | | |")
+for t in ('nar_p1', 'nar_p16'):
+    print(f"| {t.replace('_', ' ')} wire MiB/s (zstd bytes) | {fmt(m('nginx-zstd', t, 'wire_MiB_per_s'))} | {fmt(m('daemon-file', t, 'wire_MiB_per_s'))} | | | |")
+
+print(f'\n### Serve, local store (`serve /nix/store`, NARs serialised on the fly, uncompressed)\n')
+print('| figure | anchor | `serve /nix/store` | ratio |')
+print('|---|---|---|---|')
+for name, t in (('narinfo c=1 req/s', 'narinfo_c1'), ('narinfo c=16 req/s', 'narinfo_c16')):
+    a, b = m('nginx-zstd', t, 'req_per_s'), m('daemon-local', t, 'req_per_s')
+    print(f"| {name} | nginx {fmt(a)} | {fmt(b)} ({rng('daemon-local', t, 'req_per_s')}) | {fmt(ratio(b, a), 2)}x [{paired('daemon-local', 'nginx-zstd', t, 'req_per_s')}] vs nginx |")
+for t in ('narinfo_c1', 'narinfo_c16'):
+    print(f"| {t.replace('_', ' ')} p50 / p99 ms | nginx {fmt(m('nginx-zstd', t, 'p50_ms'), 3)} / {fmt(m('nginx-zstd', t, 'p99_ms'), 3)} | {fmt(m('daemon-local', t, 'p50_ms'), 3)} / {fmt(m('daemon-local', t, 'p99_ms'), 3)} | |")
+dl = med(dump['loop']) if dump.get('loop') else None
+de = med(dump['export']) if dump.get('export') else None
+if dl:
+    print(f"| nix-store --dump loop (206 processes) MiB/s | {fmt(dl)} ({min(dump['loop']):,.0f}-{max(dump['loop']):,.0f}), wall {med(dumps['loop']):.2f} s | | |")
+if de:
+    print(f"| nix-store --export, one process, MiB/s | {fmt(de)} ({min(dump['export']):,.0f}-{max(dump['export']):,.0f}), wall {med(dumps['export']):.2f} s | | |")
+for name, t in (('NAR P=1 MiB/s', 'nar_p1'), ('NAR P=16 MiB/s', 'nar_p16')):
+    b = m('daemon-local', t, 'nar_MiB_per_s')
+    print(f"| {name} | dump loop {fmt(dl)} / export {fmt(de)} | {fmt(b)} ({rng('daemon-local', t, 'nar_MiB_per_s')}) | {fmt(ratio(b, dl), 2)}x dump loop, {fmt(ratio(b, de), 2)}x export |")
+for name, t in (('NAR P=1 MiB/s', 'nar_p1'), ('NAR P=16 MiB/s', 'nar_p16')):
+    a, b = m('nginx-zstd', t, 'nar_MiB_per_s'), m('daemon-local', t, 'nar_MiB_per_s')
+    print(f"| {name} (for scale: nginx sending the zstd files) | nginx {fmt(a)} | {fmt(b)} | {fmt(ratio(b, a), 2)}x |")
+
+if up:
+    print('\n### Upload: `nixcached upload` vs `nix copy --to file://…?compression=C` (same closure, fresh destinations)\n')
+    print('| compression | nix copy wall s, median (min-max), n | nixcached upload wall s | speed-up (nix/upload) | NAR bytes nix / upload | whole dir nix / upload | target | |')
+    print('|---|---|---|---|---|---|---|---|')
+    for comp in ('zstd', 'xz', 'none', 'bzip2', 'gzip', 'br'):
+        a, b = up.get(('nix', comp)), up.get(('nixcached', comp))
+        if not a and not b: continue
+        def ws(x): return [float(i['wall_s']) for i in x] if x else []
+        wa, wb = ws(a), ws(b)
+        ma, mb = (med(wa) if wa else None), (med(wb) if wb else None)
+        s = ratio(ma, mb)
+        def sz(x, k): return f"{int(x[-1][k]):,}" if x else '-'
+        print(f"| {comp} | {fmt(ma, 2)} ({min(wa):.2f}-{max(wa):.2f}), n={len(wa)} | {fmt(mb, 2)} ({min(wb):.2f}-{max(wb):.2f}), n={len(wb)} | {fmt(s, 2)}x | {sz(a, 'bytes_nar')} / {sz(b, 'bytes_nar')} | {sz(a, 'bytes_all')} / {sz(b, 'bytes_all')} | > 1.0x | {'-' if s is None else ('**met**' if s > 1.0 else '**not met**')} |")
+if notes:
+    print('\nNotes from the run:\n')
+    for l in notes: print(f'    {l}')
+EOF
+echo >&2
+cat "$SUMMARY"
+echo >&2
+say "raw lines: $RAW; summary: $SUMMARY"

@@ -1,0 +1,287 @@
+//! The config file (`--config FILE`, TOML): any number of served caches and upload pipelines
+//! in one process, one actor system.
+//!
+//! ```toml
+//! [server]                       # shared listeners for caches without their own
+//! listen = ["127.0.0.1:38380"]
+//!
+//! [[cache]]                      # served at http://127.0.0.1:38380/
+//! store = "/nix/store"
+//! secret-key-files = ["/etc/nix/cache.sk"]
+//!
+//! [[cache]]                      # served at http://127.0.0.1:38380/team/
+//! store = "file:///srv/team-cache"
+//! prefix = "/team"
+//!
+//! [[cache]]                      # its own listener
+//! store = "s3://bucket?region=eu-west-1"
+//! listen = ["127.0.0.1:38381"]
+//!
+//! [[upload]]
+//! input = "/run/nixcached-upload"
+//! dest = "file:///srv/team-cache"
+//! ```
+//! Unknown keys are errors that name their line, so a typo never silently does nothing.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+use crate::cli::parse_duration;
+
+fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s: Option<String> = Option::deserialize(d)?;
+    s.map(|s| parse_duration(&s).map_err(serde::de::Error::custom))
+        .transpose()
+}
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Config {
+    /// Shared server settings.
+    #[serde(default)]
+    pub server: ServerSection,
+    /// Served caches.
+    #[serde(default, rename = "cache")]
+    pub caches: Vec<CacheSection>,
+    /// Upload pipelines.
+    #[serde(default, rename = "upload")]
+    pub uploads: Vec<UploadSection>,
+}
+
+/// `[server]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ServerSection {
+    /// Shared listeners (default `localhost:38380`).
+    #[serde(default)]
+    pub listen: Vec<String>,
+    /// Store operation timeout.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub backend_timeout: Option<Duration>,
+    /// Shutdown grace period.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub grace: Option<Duration>,
+    /// HTTP workers per server.
+    #[serde(default)]
+    pub workers: usize,
+}
+
+/// `[[cache]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CacheSection {
+    /// Store URL.
+    pub store: String,
+    /// Own listeners; without them the cache is on `[server]`'s under `prefix`.
+    #[serde(default)]
+    pub listen: Vec<String>,
+    /// Path prefix on the listeners (`/team`); default the root.
+    #[serde(default)]
+    pub prefix: String,
+    /// Signing keys.
+    #[serde(default)]
+    pub secret_key_files: Vec<PathBuf>,
+    /// Advertised priority.
+    pub priority: Option<u32>,
+    /// Narinfo memory cache in MiB.
+    pub cache_size_mib: Option<u64>,
+    /// Positive TTL.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub cache_ttl: Option<Duration>,
+    /// Negative TTL.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub negative_ttl: Option<Duration>,
+}
+
+/// `[[upload]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct UploadSection {
+    /// FIFO or file to read.
+    pub input: PathBuf,
+    /// Destination URL.
+    pub dest: String,
+    /// Keep the FIFO open (default true in a config: pipelines are long-lived).
+    pub keep_alive: Option<bool>,
+    /// Stop at the finish marker.
+    #[serde(default)]
+    pub allow_finish: bool,
+    /// Re-upload existing objects.
+    #[serde(default)]
+    pub force: bool,
+    /// Compression (default zstd).
+    pub compression: Option<String>,
+    /// Compression level.
+    pub compression_level: Option<i32>,
+    /// Write `.ls` listings (default true).
+    pub write_nar_listing: Option<bool>,
+    /// Concurrent uploads (default 2).
+    pub jobs: Option<u32>,
+    /// Signing keys.
+    #[serde(default)]
+    pub secret_key_files: Vec<PathBuf>,
+    /// Journal folder.
+    pub state_dir: Option<PathBuf>,
+    /// Queue bound.
+    pub queue_size: Option<u32>,
+    /// Source store (default /nix/store).
+    pub from: Option<String>,
+}
+
+impl Config {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        let cfg: Config =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+        if cfg.caches.is_empty() && cfg.uploads.is_empty() {
+            bail!(
+                "config {}: no [[cache]] and no [[upload]]: nothing to run",
+                path.display()
+            );
+        }
+        for c in &cfg.caches {
+            if !c.prefix.is_empty() && (!c.prefix.starts_with('/') || c.prefix.ends_with('/')) {
+                bail!(
+                    "config {}: prefix {:?} must start with '/' and not end with one",
+                    path.display(),
+                    c.prefix
+                );
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+/// Runs every cache and pipeline of the file until a stop signal (or, for pipelines that do
+/// not keep their input open, the end of their input).
+pub fn run(cfg: Config) -> anyhow::Result<()> {
+    use nixcached_actors::lookup::CacheSettings;
+    use nixcached_actors::serve::{Listen, ServeOptions, ServerGroup};
+
+    let defaults = CacheSettings::default();
+    let backend_timeout = cfg
+        .server
+        .backend_timeout
+        .unwrap_or(Duration::from_secs(20));
+    let grace = cfg.server.grace.unwrap_or(Duration::from_secs(30));
+    let shared_listen: Vec<Listen> = if cfg.server.listen.is_empty() {
+        vec![Listen::Tcp("localhost:38380".into())]
+    } else {
+        cfg.server.listen.iter().map(|l| Listen::parse(l)).collect()
+    };
+    let mut shared = Vec::new();
+    let mut own = Vec::new();
+    for c in &cfg.caches {
+        let opts = ServeOptions {
+            store: crate::serve::open_store(Some(&c.store))?,
+            listen: c.listen.iter().map(|l| Listen::parse(l)).collect(),
+            keys: crate::serve::read_keys(&c.secret_key_files)?,
+            priority: c.priority,
+            cache: CacheSettings {
+                max_bytes: c
+                    .cache_size_mib
+                    .map(|m| m * 1024 * 1024)
+                    .unwrap_or(defaults.max_bytes),
+                ttl: c.cache_ttl.unwrap_or(defaults.ttl),
+                negative_ttl: c.negative_ttl.unwrap_or(defaults.negative_ttl),
+            },
+            backend_timeout,
+            grace,
+            workers: cfg.server.workers,
+        };
+        if c.listen.is_empty() {
+            shared.push((c.prefix.clone(), opts));
+        } else {
+            own.push(ServerGroup {
+                listen: opts.listen.clone(),
+                caches: vec![(c.prefix.clone(), opts)],
+                grace,
+                workers: cfg.server.workers,
+            });
+        }
+    }
+    let mut groups = own;
+    if !shared.is_empty() {
+        groups.push(ServerGroup {
+            listen: shared_listen,
+            caches: shared,
+            grace,
+            workers: cfg.server.workers,
+        });
+    }
+    let pipelines = cfg
+        .uploads
+        .iter()
+        .map(|u| {
+            crate::upload::prepare(&crate::cli::UploadArgs {
+                input: Some(u.input.clone()),
+                keep_alive: u.keep_alive.unwrap_or(true),
+                allow_finish: u.allow_finish,
+                force: u.force,
+                compression: u.compression.clone().unwrap_or_else(|| "zstd".into()),
+                compression_level: u.compression_level,
+                write_nar_listing: u.write_nar_listing.unwrap_or(true),
+                jobs: u.jobs.unwrap_or(2).max(1),
+                secret_key_files: u.secret_key_files.clone(),
+                state_dir: u.state_dir.clone(),
+                queue_size: u.queue_size.unwrap_or(10_000).max(1),
+                progress_interval: Duration::from_secs(10),
+                from: u.from.clone().unwrap_or_else(|| "/nix/store".into()),
+                dest: u.dest.clone(),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    actix::System::new().block_on(async move {
+        let serving = async {
+            if groups.is_empty() {
+                Ok(())
+            } else {
+                nixcached_actors::serve::run_groups(groups).await
+            }
+        };
+        let uploading =
+            futures::future::join_all(pipelines.into_iter().map(nixcached_actors::upload::run));
+        let (served, uploaded) = futures::join!(serving, uploading);
+        served?;
+        for u in uploaded {
+            let outcome = u.map_err(anyhow::Error::msg)?;
+            if let Some(e) = outcome.input_error {
+                bail!("{e}");
+            }
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_name_their_line() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "[[cache]]\nstore = \"/nix/store\"\nlisten = []\nprioriti = 3\n",
+        )
+        .unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(e.contains("line 4"), "{e}");
+        assert!(e.contains("prioriti"), "{e}");
+    }
+
+    #[test]
+    fn the_example_config_loads() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/nixcached.example.toml");
+        let cfg = Config::load(&p).unwrap();
+        assert!(cfg.caches.len() >= 2);
+        assert!(!cfg.uploads.is_empty());
+    }
+}

@@ -1,0 +1,301 @@
+//! The conformance suite against real bucket servers: S3 (moto) and GCS (fake-gcs-server),
+//! both started by scripts/test. Each test gets a fresh bucket, publishes the fixture
+//! closure into it from a local chroot store, and runs the same checks as every backend.
+
+mod common;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::conformance::{fixture, suite};
+use common::{block_on, NixEnv};
+use futures::StreamExt;
+use nixcached_actors::formats::{Compression, StoreDir};
+use nixcached_actors::publish::{publish, PublishOptions};
+use nixcached_actors::store::binary_cache::BinaryCache;
+use nixcached_actors::store::blobs::Blobs;
+use nixcached_actors::store::gcs::GcsBlobs;
+use nixcached_actors::store::local::{LocalStore, LocalStoreLayout};
+use nixcached_actors::store::s3::S3Blobs;
+use nixcached_actors::store::url::StoreUrl;
+use nixcached_actors::store::{ByteRange, ByteStream, Store, StoreError};
+use sha2::{Digest, Sha256};
+
+/// A peer's address from the environment scripts/test exports; never skips silently.
+fn peer(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: run these tests through scripts/test, which starts moto and fake-gcs-server")
+    })
+}
+
+/// A bucket name no other test (or earlier run against the same server) uses.
+fn fresh_name(what: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "{what}-{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Creates a bucket on moto (which checks no signatures, so a bare PUT does).
+fn s3_bucket(what: &str) -> (String, String) {
+    let ep = peer("NIXCACHED_TEST_S3_ENDPOINT");
+    peer("AWS_ACCESS_KEY_ID");
+    let bucket = fresh_name(what);
+    let (code, body) = common::curl(&["-X", "PUT", &format!("{ep}/{bucket}")]);
+    assert_eq!(
+        code,
+        200,
+        "creating bucket {bucket} on moto: {}",
+        String::from_utf8_lossy(&body)
+    );
+    (ep, bucket)
+}
+
+/// Creates a bucket on fake-gcs-server through the JSON API.
+fn gcs_bucket(what: &str) -> (String, String) {
+    let ep = peer("NIXCACHED_TEST_GCS_ENDPOINT");
+    let bucket = fresh_name(what);
+    let (code, body) = common::curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &format!(r#"{{"name":"{bucket}"}}"#),
+        &format!("{ep}/storage/v1/b?project=test"),
+    ]);
+    assert_eq!(
+        code,
+        200,
+        "creating bucket {bucket} on fake-gcs-server: {}",
+        String::from_utf8_lossy(&body)
+    );
+    (ep, bucket)
+}
+
+/// Opens the object storage a bucket URL names, through the URL parser users go through.
+fn blobs(url: &str) -> Arc<dyn Blobs> {
+    match StoreUrl::parse(url).unwrap() {
+        StoreUrl::S3(o) => Arc::new(S3Blobs::open(&o).unwrap()),
+        StoreUrl::Gcs(o) => Arc::new(GcsBlobs::open(&o).unwrap()),
+        other => panic!("{url} is not a bucket URL: {other:?}"),
+    }
+}
+
+/// Publishes the fixture closure into the cache at `url` and runs the conformance suite.
+fn publish_and_check(url: &str) {
+    let env = NixEnv::new();
+    let fx = fixture(&env);
+    let local: Arc<dyn Store> =
+        Arc::new(LocalStore::open(LocalStoreLayout::chroot(&env.store_root())).unwrap());
+    let cache = BinaryCache::new(blobs(url));
+    block_on(async {
+        cache.ensure_cache_info(&StoreDir::default()).await.unwrap();
+        for (digest, ..) in &fx.objects {
+            let opts = PublishOptions {
+                compression: Compression::Xz,
+                ..PublishOptions::default()
+            };
+            publish(&*local, &cache, digest, &opts).await.unwrap();
+        }
+        suite(Arc::new(cache.clone()), &fx, true).await;
+    });
+    // The public entry point opens the same cache.
+    let opened = StoreUrl::parse(url).unwrap().open().unwrap();
+    let listed = block_on(opened.list()).unwrap();
+    assert_eq!(listed.len(), fx.objects.len(), "{url}: {listed:?}");
+}
+
+#[test]
+fn s3_bucket_conformance() {
+    let (ep, bucket) = s3_bucket("conformance");
+    publish_and_check(&format!("s3://{bucket}?endpoint={ep}&region=us-east-1"));
+}
+
+#[test]
+fn s3_bucket_with_prefix_in_the_readme_dialect() {
+    let (ep, bucket) = s3_bucket("prefix");
+    let host = ep.trim_start_matches("http://");
+    publish_and_check(&format!(
+        "s3://{bucket}?endpoint={host}&disableSSL=true&s3ForcePathStyle=true&prefix=some/cache/"
+    ));
+    // Everything went under the prefix: the bucket's root holds no cache.
+    let root = blobs(&format!(
+        "s3://{bucket}?endpoint={host}&scheme=http&addressing-style=path"
+    ));
+    block_on(async {
+        assert!(root.list("").await.unwrap().is_empty());
+        assert!(root
+            .head("some/cache/nix-cache-info")
+            .await
+            .unwrap()
+            .is_some());
+        assert!(!root.list("some/cache/").await.unwrap().is_empty());
+    });
+}
+
+#[test]
+fn gcs_bucket_conformance() {
+    let (ep, bucket) = gcs_bucket("conformance");
+    publish_and_check(&format!("gs://{bucket}?endpoint={ep}"));
+}
+
+#[test]
+fn gcs_bucket_with_prefix() {
+    let (ep, bucket) = gcs_bucket("prefix");
+    publish_and_check(&format!("gs://{bucket}?prefix=/some/cache&endpoint={ep}"));
+    let root = blobs(&format!(
+        "gs://{bucket}?endpoint={}",
+        ep.trim_start_matches("http://")
+    ));
+    block_on(async {
+        assert!(root.list("").await.unwrap().is_empty());
+        assert!(root
+            .head("some/cache/nix-cache-info")
+            .await
+            .unwrap()
+            .is_some());
+    });
+}
+
+/// 20 MiB in uneven pieces: more than one S3 part and one GCS chunk.
+fn medium_stream(fail_after: Option<usize>) -> (ByteStream, Vec<u8>) {
+    let mut data = vec![0u8; 20 * 1024 * 1024 + 12345];
+    let mut x = 0x9e3779b97f4a7c15u64;
+    for b in data.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let pieces: Vec<std::io::Result<Bytes>> = data
+        .chunks(777_777)
+        .enumerate()
+        .map(|(i, c)| match fail_after {
+            Some(n) if i * 777_777 >= n => Err(std::io::Error::other("source broke")),
+            _ => Ok(Bytes::copy_from_slice(c)),
+        })
+        .collect();
+    (Box::pin(futures::stream::iter(pieces)), data)
+}
+
+async fn read_all(blobs: &dyn Blobs, key: &str, range: Option<ByteRange>) -> Vec<u8> {
+    let mut blob = blobs.get(key, range).await.unwrap();
+    let mut out = Vec::new();
+    while let Some(c) = blob.stream.next().await {
+        out.extend_from_slice(&c.unwrap());
+    }
+    out
+}
+
+/// Writes that span several parts/chunks read back whole and in slices, and a write whose
+/// source fails leaves nothing behind.
+async fn multi_part_writes(blobs: Arc<dyn Blobs>) {
+    let (stream, data) = medium_stream(None);
+    let n = blobs
+        .put("nar/medium.nar", stream, "application/x-nix-nar")
+        .await
+        .unwrap();
+    assert_eq!(n, data.len() as u64);
+    assert_eq!(blobs.head("nar/medium.nar").await.unwrap(), Some(n));
+    let back = read_all(&*blobs, "nar/medium.nar", None).await;
+    assert!(
+        Sha256::digest(&back) == Sha256::digest(&data),
+        "{}",
+        blobs.describe()
+    );
+    let (a, b) = (8 * 1024 * 1024 - 5, 8 * 1024 * 1024 + 5);
+    let part = read_all(&*blobs, "nar/medium.nar", Some(ByteRange::span(a, Some(b)))).await;
+    assert!(part == data[a as usize..b as usize]);
+
+    let (broken, _) = medium_stream(Some(10 * 1024 * 1024));
+    assert!(blobs
+        .put("nar/broken.nar", broken, "application/x-nix-nar")
+        .await
+        .is_err());
+    assert_eq!(blobs.head("nar/broken.nar").await.unwrap(), None);
+}
+
+#[test]
+fn s3_multipart_writes() {
+    let (ep, bucket) = s3_bucket("multipart");
+    block_on(multi_part_writes(blobs(&format!(
+        "s3://{bucket}?endpoint={ep}"
+    ))));
+}
+
+#[test]
+fn gcs_resumable_writes() {
+    let (ep, bucket) = gcs_bucket("resumable");
+    block_on(multi_part_writes(blobs(&format!(
+        "gs://{bucket}?endpoint={ep}"
+    ))));
+}
+
+/// Missing buckets, missing objects and unreachable servers each say what they are.
+async fn errors_in_user_terms(
+    present: Arc<dyn Blobs>,
+    absent: Arc<dyn Blobs>,
+    down: Arc<dyn Blobs>,
+) {
+    assert!(matches!(
+        present.get("nar/missing.nar", None).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(present.head("nar/missing.nar").await.unwrap(), None);
+
+    let e = absent.get("nix-cache-info", None).await.unwrap_err();
+    eprintln!("missing bucket: {e}");
+    assert!(e.to_string().contains("does not exist"), "{e}");
+    let e = absent.head("x.narinfo").await.unwrap_err();
+    assert!(e.to_string().contains("does not exist"), "{e}");
+    let e = absent.list("").await.unwrap_err();
+    assert!(e.to_string().contains("does not exist"), "{e}");
+    let e = absent
+        .put("x", common::conformance::bytes_stream(b"x"), "text/plain")
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("does not exist"), "{e}");
+
+    let started = std::time::Instant::now();
+    let e = down.head("nix-cache-info").await.unwrap_err();
+    eprintln!("unreachable after {:?}: {e}", started.elapsed());
+    assert!(e.to_string().contains("cannot reach"), "{e}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "gave up after {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn s3_errors() {
+    let (ep, bucket) = s3_bucket("errors");
+    block_on(errors_in_user_terms(
+        blobs(&format!("s3://{bucket}?endpoint={ep}")),
+        blobs(&format!("s3://{}?endpoint={ep}", fresh_name("absent"))),
+        blobs(&format!("s3://{bucket}?endpoint=http://127.0.0.1:9")),
+    ));
+    let e = StoreUrl::parse("s3://b?endpont=x").unwrap_err().to_string();
+    eprintln!("unknown parameter: {e}");
+    assert!(e.contains("endpont") && e.contains("endpoint"), "{e}");
+}
+
+#[test]
+fn gcs_errors() {
+    let (ep, bucket) = gcs_bucket("errors");
+    block_on(errors_in_user_terms(
+        blobs(&format!("gs://{bucket}?endpoint={ep}")),
+        blobs(&format!("gs://{}?endpoint={ep}", fresh_name("absent"))),
+        blobs(&format!("gs://{bucket}?endpoint=http://127.0.0.1:9")),
+    ));
+    let e = StoreUrl::parse("gs://b?prefx=x").unwrap_err().to_string();
+    assert!(e.contains("prefx") && e.contains("prefix"), "{e}");
+}

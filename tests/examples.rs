@@ -1,0 +1,259 @@
+//! The programs in `examples/` run for real, and the real Nix checks what they produce.
+//!
+//! The examples are compiled by `cargo test --all-targets` (what `scripts/test` runs) into
+//! `target/<profile>/examples/`, next to the `nixcached` binary this test is given.
+
+mod common;
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use common::NixEnv;
+
+/// The compiled example `name`.
+fn example(name: &str) -> PathBuf {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_nixcached"));
+    let path = bin
+        .parent()
+        .expect("the binary's folder")
+        .join("examples")
+        .join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the examples with `cargo test --all-targets` (scripts/test does) or `cargo build --examples`",
+        path.display()
+    );
+    path
+}
+
+/// Runs `upload_from_code` and returns its summary line.
+fn upload(env: &NixEnv, dest: &str, paths: &[&str]) -> String {
+    let out = env
+        .cmd(example("upload_from_code").to_str().unwrap())
+        .args(["--from", &format!("local?root={}", env.store_arg())])
+        .arg(dest)
+        .args(paths)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "upload_from_code failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+#[test]
+fn upload_from_code_uploads_a_closure_that_nix_verifies_and_substitutes() {
+    let env = NixEnv::new();
+    let closure = env.build_closure();
+    assert_eq!(closure.paths.len(), 3, "app, lib and dep");
+    let cache = format!("file://{}", env.path("cache").display());
+
+    // Only the top path is named: the pipeline uploads its closure, references first.
+    let summary = upload(&env, &cache, &[&closure.app]);
+    assert!(
+        summary.starts_with("uploaded 3, already present 0, failed 0,"),
+        "{summary}"
+    );
+    // A second run finds everything in place.
+    let summary = upload(&env, &cache, &[&closure.app, &closure.lib]);
+    assert!(
+        summary.starts_with("uploaded 0, already present 3, failed 0,"),
+        "{summary}"
+    );
+
+    // Nix reads every NAR back from the cache and checks it against its narinfo.
+    env.run(
+        "nix",
+        &[
+            "store",
+            "verify",
+            "--store",
+            &cache,
+            "--no-trust",
+            "-r",
+            &closure.app,
+        ],
+    );
+    // And substitutes the closure into an empty store (unsigned: the example signs nothing).
+    let fresh = env.path("fresh");
+    env.run(
+        "nix",
+        &[
+            "copy",
+            "--from",
+            &cache,
+            "--to",
+            fresh.to_str().unwrap(),
+            "--no-check-sigs",
+            &closure.app,
+        ],
+    );
+    env.run(
+        "nix",
+        &[
+            "store",
+            "verify",
+            "--store",
+            fresh.to_str().unwrap(),
+            "--no-trust",
+            "-r",
+            &closure.app,
+        ],
+    );
+}
+
+/// A running `serve_two_stores`, stopped when dropped.
+struct TwoStores {
+    child: Child,
+    url_a: String,
+    url_b: String,
+    seeded: String,
+}
+
+impl TwoStores {
+    fn start(env: &NixEnv, store_a: &str) -> TwoStores {
+        let mut child = env
+            .cmd(example("serve_two_stores").to_str().unwrap())
+            .args(["--store-a", store_a])
+            .args(["--listen-a", "127.0.0.1:0", "--listen-b", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The program prints its addresses once both servers listen; read them on a thread
+        // so that a program that never prints cannot hang the test.
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[serve_two_stores] {line}");
+                let _ = tx.send(line);
+            }
+        });
+        let (mut url_a, mut url_b, mut seeded) = (None, None, None);
+        while seeded.is_none() {
+            let line = rx
+                .recv_timeout(Duration::from_secs(30))
+                .expect("serve_two_stores did not print its addresses");
+            let word = |n: usize| line.split_whitespace().nth(n).map(str::to_owned);
+            if line.starts_with("store A: ") {
+                url_a = word(2);
+            } else if line.starts_with("store B: ") {
+                url_b = word(2);
+            } else if line.starts_with("store B holds ") {
+                seeded = word(3).map(|p| p.trim_end_matches(';').to_owned());
+            }
+        }
+        let trim = |u: Option<String>| u.unwrap().trim_end_matches('/').to_owned();
+        TwoStores {
+            child,
+            url_a: trim(url_a),
+            url_b: trim(url_b),
+            seeded: seeded.unwrap(),
+        }
+    }
+
+    fn stop(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let status = self.child.wait().unwrap();
+        std::mem::forget(self);
+        status
+    }
+}
+
+impl Drop for TwoStores {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn serve_two_stores_serves_a_folder_and_a_seeded_memory_cache_to_nix() {
+    let env = NixEnv::new();
+    let closure = env.build_closure();
+    let folder = format!("file://{}", env.path("cache").display());
+    env.copy_to(&folder, &[&closure.app]);
+    let servers = TwoStores::start(&env, &folder);
+
+    // Store A: the folder's closure, substituted over HTTP by Nix.
+    let (code, body) = common::curl(&[&format!("{}/nix-cache-info", servers.url_a)]);
+    assert_eq!(code, 200);
+    assert!(String::from_utf8_lossy(&body).contains("StoreDir: /nix/store"));
+    let fresh = env.path("fresh-a");
+    env.run(
+        "nix",
+        &[
+            "copy",
+            "--from",
+            &servers.url_a,
+            "--to",
+            fresh.to_str().unwrap(),
+            "--no-check-sigs",
+            &closure.app,
+        ],
+    );
+    env.run(
+        "nix",
+        &[
+            "store",
+            "verify",
+            "--store",
+            fresh.to_str().unwrap(),
+            "--no-trust",
+            "-r",
+            &closure.app,
+        ],
+    );
+
+    // Store B: the object the example made in memory is the very path `nix-store --add`
+    // gives the same folder, and Nix substitutes it without a signature because it is
+    // content-addressed (Nix checks the path against the content).
+    let tree = env.path("seed/nixcached-example");
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(
+        tree.join("hello.txt"),
+        "Hello from an in-memory nixcached store.\n",
+    )
+    .unwrap();
+    assert_eq!(env.add(&tree), servers.seeded);
+    let fresh = env.path("fresh-b");
+    env.run(
+        "nix",
+        &[
+            "copy",
+            "--from",
+            &servers.url_b,
+            "--to",
+            fresh.to_str().unwrap(),
+            &servers.seeded,
+        ],
+    );
+    env.run(
+        "nix",
+        &[
+            "store",
+            "verify",
+            "--store",
+            fresh.to_str().unwrap(),
+            "-r",
+            &servers.seeded,
+        ],
+    );
+    // Each listener serves its own store only.
+    let digest = &servers.seeded["/nix/store/".len()..][..32];
+    let (code, _) = common::curl(&[&format!("{}/{digest}.narinfo", servers.url_a)]);
+    assert_eq!(code, 404);
+
+    assert!(servers.stop().success(), "a clean stop on SIGTERM");
+}
