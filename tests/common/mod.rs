@@ -3,6 +3,7 @@
 #![allow(dead_code)] // Each test binary uses a different part of the harness.
 
 pub mod conformance;
+pub mod peers;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

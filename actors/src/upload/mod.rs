@@ -74,10 +74,29 @@ pub struct Pipeline {
 /// that produce paths themselves (see `examples/upload_from_code.rs`).
 pub async fn start_pipeline(cfg: &PipelineConfig) -> Result<Pipeline, String> {
     let store_dir: StoreDir = cfg.source.layout().store_dir.clone();
-    cfg.dest
-        .prepare_for_upload(&store_dir)
-        .await
-        .map_err(|e| format!("preparing {}: {e}", cfg.dest.describe()))?;
+    match cfg.dest.prepare_for_upload(&store_dir).await {
+        Ok(()) => {}
+        // An unreachable destination is an outage, not a mistake: accept paths now (they are
+        // journaled and retried) and keep trying to write nix-cache-info in the background.
+        Err(e @ crate::store::StoreError::Backend { .. }) => {
+            tracing::warn!("preparing {}: {e}; will keep trying", cfg.dest.describe());
+            let (dest, dir) = (cfg.dest.clone(), store_dir.clone());
+            actix::spawn(async move {
+                let mut delay = std::time::Duration::from_secs(1);
+                loop {
+                    tokio::time::sleep(delay).await;
+                    match dest.prepare_for_upload(&dir).await {
+                        Ok(()) => break,
+                        Err(e) => {
+                            tracing::warn!("preparing {}: {e}; will keep trying", dest.describe())
+                        }
+                    }
+                    delay = (delay * 2).min(std::time::Duration::from_secs(60));
+                }
+            });
+        }
+        Err(e) => return Err(format!("preparing {}: {e}", cfg.dest.describe())),
+    }
     let journal = Arc::new(Journal::open(&cfg.journal).map_err(|e| e.to_string())?);
     let source: Arc<dyn Store> = Arc::new(cfg.source.clone());
     let uploaders = (0..cfg.jobs.max(1))

@@ -1,0 +1,84 @@
+//! The real peers scripts/test starts: addresses from the environment, fresh buckets.
+
+/// A peer setting from the environment scripts/test exports; never skips silently.
+pub fn peer(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: run the tests through scripts/test, which starts sshd, moto and fake-gcs-server")
+    })
+}
+
+/// A name no other test (or earlier run against the same server) uses.
+pub fn fresh_name(what: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "{what}-{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Creates a bucket on an S3 server that checks no signatures (moto); returns its store URL.
+pub fn s3_bucket_at(endpoint: &str, what: &str) -> String {
+    let bucket = fresh_name(what);
+    let (code, body) = super::curl(&["-X", "PUT", &format!("{endpoint}/{bucket}")]);
+    assert_eq!(
+        code,
+        200,
+        "creating bucket {bucket}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    format!("s3://{bucket}?endpoint={endpoint}&region=us-east-1")
+}
+
+/// A fresh bucket on the shared moto; returns its store URL.
+pub fn s3_bucket(what: &str) -> String {
+    peer("AWS_ACCESS_KEY_ID");
+    s3_bucket_at(&peer("NIXCACHED_TEST_S3_ENDPOINT"), what)
+}
+
+/// A fresh bucket on fake-gcs-server; returns its store URL.
+pub fn gcs_bucket(what: &str) -> String {
+    let ep = peer("NIXCACHED_TEST_GCS_ENDPOINT");
+    let bucket = fresh_name(what);
+    let (code, body) = super::curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &format!(r#"{{"name":"{bucket}"}}"#),
+        &format!("{ep}/storage/v1/b?project=test"),
+    ]);
+    assert_eq!(
+        code,
+        200,
+        "creating bucket {bucket}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    format!("gs://{bucket}?endpoint={ep}")
+}
+
+/// An `ssh://` URL for the loopback sshd, with its remote side in the chroot store `remote`.
+pub fn ssh_url(remote: &std::path::Path) -> String {
+    let host = peer("NIXCACHED_TEST_SSH_HOST");
+    let port = peer("NIXCACHED_TEST_SSH_PORT");
+    let key = peer("NIXCACHED_TEST_SSH_KEY");
+    format!(
+        "ssh://{host}:{port}?remote-store={}&ssh-key={key}",
+        remote.display()
+    )
+}
+
+/// A free loopback TCP port (for servers that cannot report theirs).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

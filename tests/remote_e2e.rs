@@ -1,0 +1,371 @@
+//! End to end over every remote kind of store: a real Nix post-build hook feeds `upload`
+//! pipelines into S3 (moto), GCS (fake-gcs-server), ssh (sshd) and a folder; real Nix then
+//! substitutes from each (buckets through `nixcached serve`), with signatures checked.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::peers::{free_port, gcs_bucket, peer, s3_bucket, s3_bucket_at, ssh_url};
+use common::{Daemon, NixEnv};
+
+const BIN: &str = env!("CARGO_BIN_EXE_nixcached");
+
+fn start_upload(
+    env: &NixEnv,
+    name: &str,
+    dest: &str,
+    extra: &[&str],
+) -> (Child, std::path::PathBuf) {
+    let fifo = env.path(&format!("{name}.fifo"));
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let child = env
+        .cmd(BIN)
+        .args([
+            "upload",
+            "-k",
+            "--allow-finish",
+            "--input",
+            fifo.to_str().unwrap(),
+        ])
+        .args([
+            "--state-dir",
+            env.path(&format!("state-{name}")).to_str().unwrap(),
+        ])
+        .args([
+            "--from",
+            &format!("local?root={}", env.store_arg()),
+            "--progress-interval",
+            "0",
+        ])
+        .args(extra)
+        .arg(dest)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let spool = format!("{}.spool", fifo.display());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !Path::new(&spool).is_dir() {
+        assert!(Instant::now() < deadline, "upload to {dest} did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, fifo)
+}
+
+fn wait_exit(mut child: Child, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            assert!(s.success(), "{what}: {s}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what} did not finish");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Copies and substitutes `path` from a binary cache URL into fresh stores, with `pk` trusted.
+fn substitute_from(env: &NixEnv, url: &str, path: &str, pk: &str, tag: &str) {
+    let copy = env.path(&format!("copy-{tag}"));
+    env.run(
+        "nix",
+        &[
+            "copy",
+            "--from",
+            url,
+            "--to",
+            copy.to_str().unwrap(),
+            "--trusted-public-keys",
+            pk,
+            path,
+        ],
+    );
+    let sub = env.path(&format!("sub-{tag}"));
+    env.run(
+        "nix-store",
+        &[
+            "--store",
+            sub.to_str().unwrap(),
+            "--realise",
+            path,
+            "--option",
+            "substituters",
+            url,
+            "--option",
+            "trusted-public-keys",
+            pk,
+        ],
+    );
+    env.run(
+        "nix",
+        &[
+            "store",
+            "verify",
+            "--store",
+            sub.to_str().unwrap(),
+            "--trusted-public-keys",
+            pk,
+            "-r",
+            path,
+        ],
+    );
+}
+
+#[test]
+fn post_build_hook_uploads_everywhere_and_nix_substitutes_from_each() {
+    let env = NixEnv::new();
+    let (sk, pk) = env.keypair("e2e-1");
+    // The chroot store must exist before the uploaders open its database.
+    let seed = env.path("seed");
+    std::fs::create_dir_all(&seed).unwrap();
+    std::fs::write(seed.join("x"), "seed").unwrap();
+    env.add(&seed);
+
+    let folder = env.path("folder");
+    let s3 = s3_bucket("e2e");
+    let gcs = gcs_bucket("e2e");
+    let remote = env.path("remote-store");
+    let ssh = ssh_url(&remote);
+    let key = sk.to_str().unwrap();
+    let pipelines = vec![
+        ("folder", format!("file://{}", folder.display()), "zstd"),
+        ("s3", s3.clone(), "xz"),
+        ("gcs", gcs.clone(), "none"),
+        ("ssh", ssh.clone(), "none"),
+    ];
+    let mut running = Vec::new();
+    for (name, dest, comp) in &pipelines {
+        let (child, fifo) = start_upload(
+            &env,
+            name,
+            dest,
+            &["--compression", comp, "--secret-key-file", key],
+        );
+        running.push((name.to_string(), child, fifo));
+    }
+    let fifos: Vec<String> = running
+        .iter()
+        .map(|(_, _, f)| f.display().to_string())
+        .collect();
+    let hook = env.path("hook.sh");
+    let mut script = format!(
+        "#!/bin/sh\nset -eu\nOUT=\"${{OUT_PATHS:-$(nix-store --store {} -q --outputs \"$DRV_PATH\")}}\"\n",
+        env.store_arg()
+    );
+    for f in &fifos {
+        script.push_str(&format!("{BIN} send -o {f} --timeout 60s $OUT\n"));
+    }
+    std::fs::write(&hook, script).unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::env::set_var(
+        "NIX_CONFIG",
+        format!("post-build-hook = {}", hook.display()),
+    );
+    let closure = env.build_closure();
+    std::env::remove_var("NIX_CONFIG");
+    for (name, child, fifo) in running {
+        let out = Command::new(BIN)
+            .args(["send", "-o", fifo.to_str().unwrap(), "--finish"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wait_exit(child, &format!("upload to {name}"));
+    }
+
+    substitute_from(
+        &env,
+        &format!("file://{}", folder.display()),
+        &closure.app,
+        &pk,
+        "folder",
+    );
+    for (tag, url) in [("s3", &s3), ("gcs", &gcs)] {
+        let d = Daemon::start(&env, &["serve", url]);
+        substitute_from(&env, &d.url, &closure.app, &pk, tag);
+    }
+    // The ssh destination is a real Nix store: Nix itself checks what landed there.
+    env.run(
+        "nix",
+        &[
+            "store",
+            "verify",
+            "--store",
+            remote.to_str().unwrap(),
+            "--trusted-public-keys",
+            &pk,
+            "-r",
+            &closure.app,
+        ],
+    );
+    let d = Daemon::start(&env, &["serve", &ssh]);
+    substitute_from(&env, &d.url, &closure.app, &pk, "ssh");
+}
+
+#[test]
+fn serving_buckets_in_every_compression_to_real_nix() {
+    let env = NixEnv::new();
+    let closure = env.build_closure();
+    let (sk, pk) = env.keypair("bucket-serve-1");
+    for comp in ["zstd", "xz", "none"] {
+        for (kind, url) in [("s3", s3_bucket(comp)), ("gcs", gcs_bucket(comp))] {
+            let input = env.path(&format!("paths-{kind}-{comp}"));
+            std::fs::write(&input, format!("{}\n", closure.app)).unwrap();
+            let out = env
+                .cmd(BIN)
+                .args([
+                    "upload",
+                    "--input",
+                    input.to_str().unwrap(),
+                    "--compression",
+                    comp,
+                ])
+                .args([
+                    "--secret-key-file",
+                    sk.to_str().unwrap(),
+                    "--progress-interval",
+                    "0",
+                ])
+                .args([
+                    "--state-dir",
+                    env.path(&format!("state-{kind}-{comp}")).to_str().unwrap(),
+                ])
+                .args(["--from", &format!("local?root={}", env.store_arg()), &url])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let d = Daemon::start(&env, &["serve", &url]);
+            substitute_from(&env, &d.url, &closure.app, &pk, &format!("{kind}-{comp}"));
+            let ls = env.run(
+                "nix",
+                &["store", "ls", "--store", &d.url, "-R", &closure.app],
+            );
+            assert!(ls.contains("./bin/hi"), "{ls}");
+        }
+    }
+}
+
+struct Moto {
+    child: Child,
+    port: u16,
+}
+
+impl Moto {
+    fn start(port: u16) -> Moto {
+        let child = Command::new(peer("NIXCACHED_TEST_MOTO_SERVER"))
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while common::curl(&[&format!("http://127.0.0.1:{port}/")]).0 != 200 {
+            assert!(Instant::now() < deadline, "private moto did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Moto { child, port }
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn s3_outage_mid_run_loses_nothing() {
+    let env = NixEnv::new();
+    let closure = env.build_closure();
+    let port = free_port();
+    let moto = Moto::start(port);
+    let endpoint = format!("http://127.0.0.1:{}", moto.port);
+    let url = s3_bucket_at(&endpoint, "outage");
+    let bucket = url
+        .trim_start_matches("s3://")
+        .split('?')
+        .next()
+        .unwrap()
+        .to_owned();
+    let (child, fifo) = start_upload(&env, "outage", &url, &["--jobs", "2"]);
+    // Once the uploader has written nix-cache-info it is past its start-up checks.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // moto checks no signature, but wants an Authorization header on private objects.
+    let auth = "Authorization: AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0";
+    while common::curl(&["-H", auth, &format!("{endpoint}/{bucket}/nix-cache-info")]).0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "upload did not write nix-cache-info"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The server goes away (and, being in-memory, comes back empty).
+    drop(moto);
+    let out = Command::new(BIN)
+        .args([
+            "send",
+            "-o",
+            fifo.to_str().unwrap(),
+            "--timeout",
+            "20s",
+            &closure.app,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let moto = Moto::start(port);
+    let (code, _) = common::curl(&["-X", "PUT", &format!("{endpoint}/{bucket}")]);
+    assert_eq!(code, 200);
+    let out = Command::new(BIN)
+        .args(["send", "-o", fifo.to_str().unwrap(), "--finish"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    wait_exit(child, "upload across the outage");
+    let d = Daemon::start(&env, &["serve", &url]);
+    let fresh = env.path("fresh");
+    env.run(
+        "nix",
+        &[
+            "copy",
+            "--no-check-sigs",
+            "--from",
+            &d.url,
+            "--to",
+            fresh.to_str().unwrap(),
+            &closure.app,
+        ],
+    );
+    env.run(
+        "nix",
+        &[
+            "store",
+            "verify",
+            "--store",
+            fresh.to_str().unwrap(),
+            "--no-trust",
+            "-r",
+            &closure.app,
+        ],
+    );
+    drop(moto);
+}
