@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::peers::{fresh_name, new_gcs_bucket as gcs_bucket, new_s3_bucket as s3_bucket};
+
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -20,65 +22,6 @@ use nixcached_actors::store::s3::S3Blobs;
 use nixcached_actors::store::url::StoreUrl;
 use nixcached_actors::store::{ByteRange, ByteStream, Store, StoreError};
 use sha2::{Digest, Sha256};
-
-/// A peer's address from the environment scripts/test exports; never skips silently.
-fn peer(var: &str) -> String {
-    std::env::var(var).unwrap_or_else(|_| {
-        panic!("{var} is not set: run these tests through scripts/test, which starts moto and fake-gcs-server")
-    })
-}
-
-/// A bucket name no other test (or earlier run against the same server) uses.
-fn fresh_name(what: &str) -> String {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!(
-        "{what}-{}-{nanos}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// Creates a bucket on moto (which checks no signatures, so a bare PUT does).
-fn s3_bucket(what: &str) -> (String, String) {
-    let ep = peer("NIXCACHED_TEST_S3_ENDPOINT");
-    peer("AWS_ACCESS_KEY_ID");
-    let bucket = fresh_name(what);
-    let (code, body) = common::curl(&["-X", "PUT", &format!("{ep}/{bucket}")]);
-    assert_eq!(
-        code,
-        200,
-        "creating bucket {bucket} on moto: {}",
-        String::from_utf8_lossy(&body)
-    );
-    (ep, bucket)
-}
-
-/// Creates a bucket on fake-gcs-server through the JSON API.
-fn gcs_bucket(what: &str) -> (String, String) {
-    let ep = peer("NIXCACHED_TEST_GCS_ENDPOINT");
-    let bucket = fresh_name(what);
-    let (code, body) = common::curl(&[
-        "-X",
-        "POST",
-        "-H",
-        "Content-Type: application/json",
-        "-d",
-        &format!(r#"{{"name":"{bucket}"}}"#),
-        &format!("{ep}/storage/v1/b?project=test"),
-    ]);
-    assert_eq!(
-        code,
-        200,
-        "creating bucket {bucket} on fake-gcs-server: {}",
-        String::from_utf8_lossy(&body)
-    );
-    (ep, bucket)
-}
 
 /// Opens the object storage a bucket URL names, through the URL parser users go through.
 fn blobs(url: &str) -> Arc<dyn Blobs> {

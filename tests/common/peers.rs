@@ -22,8 +22,8 @@ pub fn fresh_name(what: &str) -> String {
     )
 }
 
-/// Creates a bucket on an S3 server that checks no signatures (moto); returns its store URL.
-pub fn s3_bucket_at(endpoint: &str, what: &str) -> String {
+/// Creates a bucket on an S3 server that checks no signatures (moto); returns its name.
+fn create_s3_bucket(endpoint: &str, what: &str) -> String {
     let bucket = fresh_name(what);
     let (code, body) = super::curl(&["-X", "PUT", &format!("{endpoint}/{bucket}")]);
     assert_eq!(
@@ -32,17 +32,31 @@ pub fn s3_bucket_at(endpoint: &str, what: &str) -> String {
         "creating bucket {bucket}: {}",
         String::from_utf8_lossy(&body)
     );
+    bucket
+}
+
+/// Creates a bucket on an S3 server at `endpoint`; returns its store URL.
+pub fn s3_bucket_at(endpoint: &str, what: &str) -> String {
+    let bucket = create_s3_bucket(endpoint, what);
     format!("s3://{bucket}?endpoint={endpoint}&region=us-east-1")
+}
+
+/// A fresh bucket on the shared moto: (endpoint, bucket name).
+pub fn new_s3_bucket(what: &str) -> (String, String) {
+    peer("AWS_ACCESS_KEY_ID");
+    let ep = peer("NIXCACHED_TEST_S3_ENDPOINT");
+    let bucket = create_s3_bucket(&ep, what);
+    (ep, bucket)
 }
 
 /// A fresh bucket on the shared moto; returns its store URL.
 pub fn s3_bucket(what: &str) -> String {
-    peer("AWS_ACCESS_KEY_ID");
-    s3_bucket_at(&peer("NIXCACHED_TEST_S3_ENDPOINT"), what)
+    let (ep, bucket) = new_s3_bucket(what);
+    format!("s3://{bucket}?endpoint={ep}&region=us-east-1")
 }
 
-/// A fresh bucket on fake-gcs-server; returns its store URL.
-pub fn gcs_bucket(what: &str) -> String {
+/// A fresh bucket on fake-gcs-server: (endpoint, bucket name).
+pub fn new_gcs_bucket(what: &str) -> (String, String) {
     let ep = peer("NIXCACHED_TEST_GCS_ENDPOINT");
     let bucket = fresh_name(what);
     let (code, body) = super::curl(&[
@@ -60,6 +74,12 @@ pub fn gcs_bucket(what: &str) -> String {
         "creating bucket {bucket}: {}",
         String::from_utf8_lossy(&body)
     );
+    (ep, bucket)
+}
+
+/// A fresh bucket on fake-gcs-server; returns its store URL.
+pub fn gcs_bucket(what: &str) -> String {
+    let (ep, bucket) = new_gcs_bucket(what);
     format!("gs://{bucket}?endpoint={ep}")
 }
 

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
-use super::{check_digest, slice_stream, Blob, ByteRange, ByteStream, Result, Store, StoreError};
+use super::{check_digest, Blob, ByteRange, ByteStream, Result, Store, StoreError};
 use crate::formats::compression::Compression;
 use crate::formats::nar;
 use crate::formats::{CacheInfo, Hash, NarInfo, Signature, StoreDir, StorePath};
@@ -393,16 +393,7 @@ impl Store for Arc<LocalStore> {
             )));
         }
         let stream: ByteStream = Box::pin(nar::dump_stream(path));
-        let stream = if (start, end) == (0, total) {
-            stream
-        } else {
-            slice_stream(stream, start, end)
-        };
-        Ok(Blob {
-            stream,
-            span: (start, end),
-            total,
-        })
+        Ok(Blob::of_span(stream, (start, end), total))
     }
 
     async fn listing(&self, digest: &str) -> Result<String> {

@@ -90,6 +90,21 @@ impl std::fmt::Debug for Blob {
 }
 
 impl Blob {
+    /// A blob of the `span` of an object of `total` bytes, from a stream of the whole object
+    /// (which is cut to the span; dropping the rest stops its producer).
+    pub fn of_span(stream: ByteStream, span: (u64, u64), total: u64) -> Blob {
+        let stream = if span == (0, total) {
+            stream
+        } else {
+            slice_stream(stream, span.0, span.1)
+        };
+        Blob {
+            stream,
+            span,
+            total,
+        }
+    }
+
     /// Reads the whole blob into memory; for small objects (narinfos, listings) only.
     pub async fn into_bytes(mut self) -> io::Result<Vec<u8>> {
         let mut out = Vec::new();

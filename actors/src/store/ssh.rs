@@ -60,7 +60,7 @@ use self::process::SshProcess;
 use self::spool::Spool;
 use self::target::SshTarget;
 use self::wire::PathInfo;
-use super::{check_digest, slice_stream, Blob, ByteRange, ByteStream, Result, Store, StoreError};
+use super::{check_digest, Blob, ByteRange, ByteStream, Result, Store, StoreError};
 use crate::formats::hash::Algo;
 use crate::formats::{nar, nixbase32, CacheInfo, Compression, Hash, NarInfo, StoreDir, StorePath};
 
@@ -343,16 +343,7 @@ impl Store for SshStore {
         let total = info.nar_size;
         let (start, end) = ByteRange::resolve_or_err(range, total)?;
         let stream = self.nar_stream(&info).await?;
-        let stream = if (start, end) == (0, total) {
-            stream
-        } else {
-            slice_stream(stream, start, end)
-        };
-        Ok(Blob {
-            stream,
-            span: (start, end),
-            total,
-        })
+        Ok(Blob::of_span(stream, (start, end), total))
     }
 
     async fn listing(&self, digest: &str) -> Result<String> {
