@@ -13,12 +13,22 @@ use common::{Daemon, NixEnv};
 
 const BIN: &str = env!("CARGO_BIN_EXE_nixcached");
 
+/// An upload process, killed if the test fails before it exits.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn start_upload(
     env: &NixEnv,
     name: &str,
     dest: &str,
     extra: &[&str],
-) -> (Child, std::path::PathBuf) {
+) -> (Running, std::path::PathBuf) {
     let fifo = env.path(&format!("{name}.fifo"));
     assert!(Command::new("mkfifo")
         .arg(&fifo)
@@ -55,13 +65,13 @@ fn start_upload(
         assert!(Instant::now() < deadline, "upload to {dest} did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
-    (child, fifo)
+    (Running(child), fifo)
 }
 
-fn wait_exit(mut child: Child, what: &str) {
+fn wait_exit(mut child: Running, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
-        if let Some(s) = child.try_wait().unwrap() {
+        if let Some(s) = child.0.try_wait().unwrap() {
             assert!(s.success(), "{what}: {s}");
             return;
         }

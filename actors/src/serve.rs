@@ -260,6 +260,8 @@ pub async fn run_groups(groups: Vec<ServerGroup>) -> io::Result<()> {
             })
         })
         .disable_signals()
+        // Small responses (narinfos, the last chunk of a NAR) must not wait for a delayed ACK.
+        .tcp_nodelay(true)
         .shutdown_timeout(group.grace.as_secs().max(1))
         .client_request_timeout(Duration::from_secs(30));
         if group.workers > 0 {
