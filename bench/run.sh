@@ -127,6 +127,8 @@ if [ -z "${NO_BUILD:-}" ]; then
 fi
 [ -x "$BIN" ] || die "$BIN was not built"
 echo "binary: $BIN ($(stat -c %y "$BIN" | cut -d. -f1))" >> "$MACHINE"
+# run a private copy: a concurrent `cargo build --release` must not swap the binary mid-run
+cp "$BIN" "$W/nixcached"; BIN=$W/nixcached
 
 # --- corpus and the zstd cache ---------------------------------------------------------------
 say "corpus (bench/make-corpus.sh)"
@@ -238,8 +240,8 @@ EOF
   servers=("nginx-zstd $NG $CACHE" "daemon-file $DF $CACHE" "daemon-local $DL $LV")
   for r in $(seq "$RUNS"); do
     say "serve round $r/$RUNS"
-    for i in 0 1 2; do   # rotate the order between rounds
-      read -r label url dir <<< "${servers[$(( (i + r - 1) % 3 ))]}"
+    for i in "${!servers[@]}"; do   # rotate the order between rounds
+      read -r label url dir <<< "${servers[$(( (i + r - 1) % ${#servers[@]} ))]}"
       bench_one "$label" "$url" "$dir" "$r"
     done
     dump_round "$r"
@@ -297,101 +299,7 @@ fi
 # --- summary ---------------------------------------------------------------------------------
 T_END=$(date +%s)
 echo "total run time: $(( (T_END - T_START) / 60 )) min $(( (T_END - T_START) % 60 )) s" | tee -a "$RAW" "$MACHINE" >&2
-python3 - "$RAW" "$MACHINE" > "$SUMMARY" <<'EOF'
-import re, statistics, sys
-raw, machine = sys.argv[1:]
-serve = {}      # (label, test, figure) -> {round: value}
-dump = {}       # variant -> [MiB/s]
-dumps = {}
-up = {}         # (tool, comp) -> list of dicts
-notes = []
-for line in open(raw):
-    line = line.rstrip('\n')
-    m = re.match(r'^(\S+)@(\d+) (narinfo_c\d+|nar_p\d+) (\S+) (\S+)  \[runs:', line)
-    if m:
-        serve.setdefault((m[1], m[3], m[4]), {})[int(m[2])] = float(m[5]); continue
-    if line.startswith('dump '):
-        kv = dict(x.split('=', 1) for x in line.split()[1:])
-        dump.setdefault(kv['variant'], []).append(float(kv['MiB_per_s']))
-        dumps.setdefault(kv['variant'], []).append(float(kv['wall_s'])); continue
-    if line.startswith('upload tool=') and 'FAILED' not in line:
-        kv = dict(x.split('=', 1) for x in line.split()[1:])
-        up.setdefault((kv['tool'], kv['comp']), []).append(kv); continue
-    if 'warning' in line or 'FAILED' in line or 'errors_or_non2xx' in line or 'DIFFERENT' in line or re.search(r' run \d+: ', line):
-        notes.append(line)
-    elif line.startswith('upload check') or line.startswith('total run time'):
-        notes.append(line)
-
-med = statistics.median
-def vals(label, test, fig): return serve.get((label, test, fig), {})
-def m(label, test, fig):
-    v = vals(label, test, fig); return med(v.values()) if v else None
-def rng(label, test, fig):
-    v = list(vals(label, test, fig).values())
-    return f'{num(min(v))}-{num(max(v))}' if v else '-'
-def num(x): return f'{x:,.0f}' if abs(x) >= 100 else f'{x:.3g}'
-def fmt(x, d=0): return '-' if x is None else f'{x:,.{d}f}'
-def paired(a, b, test, fig):
-    va, vb = vals(a, test, fig), vals(b, test, fig)
-    rs = [va[r] / vb[r] for r in va if r in vb and vb[r]]
-    return f'{min(rs):.2f}-{max(rs):.2f}' if rs else '-'
-def ratio(x, y): return None if x is None or y is None or not y else x / y
-def verdict(r, target): return '-' if r is None else ('**met**' if r >= target else '**not met**')
-
-print(open(machine).read().strip().replace('\n', '  \n'))
-n = len(vals('nginx-zstd', 'narinfo_c1', 'req_per_s'))
-print(f'\n### Serve, file:// zstd cache: daemon vs nginx (median of {n} interleaved rounds; ratio = daemon/nginx, paired per-round range in brackets)\n')
-print('| figure | nginx | `serve file://` | ratio | target | |')
-print('|---|---|---|---|---|---|')
-rows = [('narinfo c=1 req/s', 'narinfo_c1', 'req_per_s', 1.0), ('narinfo c=16 req/s', 'narinfo_c16', 'req_per_s', 1.0),
-        ('NAR P=1 MiB/s (NAR bytes)', 'nar_p1', 'nar_MiB_per_s', 0.8), ('NAR P=16 MiB/s (NAR bytes)', 'nar_p16', 'nar_MiB_per_s', 0.8)]
-for name, t, f, target in rows:
-    a, b = m('nginx-zstd', t, f), m('daemon-file', t, f)
-    r = ratio(b, a)
-    print(f"| {name} | {fmt(a)} ({rng('nginx-zstd', t, f)}) | {fmt(b)} ({rng('daemon-file', t, f)}) | {fmt(r, 2)}x [{paired('daemon-file', 'nginx-zstd', t, f)}] | >= {target}x | {verdict(r, target)} |")
-for t in ('narinfo_c1', 'narinfo_c16'):
-    print(f"| {t.replace('_', ' ')} p50 / p99 ms | {fmt(m('nginx-zstd', t, 'p50_ms'), 3)} / {fmt(m('nginx-zstd', t, 'p99_ms'), 3)} | {fmt(m('daemon-file', t, 'p50_ms'), 3)} / {fmt(m('daemon-file', t, 'p99_ms'), 3)} | | | |")
-for t in ('nar_p1', 'nar_p16'):
-    print(f"| {t.replace('_', ' ')} wire MiB/s (zstd bytes) | {fmt(m('nginx-zstd', t, 'wire_MiB_per_s'))} | {fmt(m('daemon-file', t, 'wire_MiB_per_s'))} | | | |")
-
-print(f'\n### Serve, local store (`serve /nix/store`, NARs serialised on the fly, uncompressed)\n')
-print('| figure | anchor | `serve /nix/store` | ratio |')
-print('|---|---|---|---|')
-for name, t in (('narinfo c=1 req/s', 'narinfo_c1'), ('narinfo c=16 req/s', 'narinfo_c16')):
-    a, b = m('nginx-zstd', t, 'req_per_s'), m('daemon-local', t, 'req_per_s')
-    print(f"| {name} | nginx {fmt(a)} | {fmt(b)} ({rng('daemon-local', t, 'req_per_s')}) | {fmt(ratio(b, a), 2)}x [{paired('daemon-local', 'nginx-zstd', t, 'req_per_s')}] vs nginx |")
-for t in ('narinfo_c1', 'narinfo_c16'):
-    print(f"| {t.replace('_', ' ')} p50 / p99 ms | nginx {fmt(m('nginx-zstd', t, 'p50_ms'), 3)} / {fmt(m('nginx-zstd', t, 'p99_ms'), 3)} | {fmt(m('daemon-local', t, 'p50_ms'), 3)} / {fmt(m('daemon-local', t, 'p99_ms'), 3)} | |")
-dl = med(dump['loop']) if dump.get('loop') else None
-de = med(dump['export']) if dump.get('export') else None
-if dl:
-    print(f"| nix-store --dump loop (206 processes) MiB/s | {fmt(dl)} ({min(dump['loop']):,.0f}-{max(dump['loop']):,.0f}), wall {med(dumps['loop']):.2f} s | | |")
-if de:
-    print(f"| nix-store --export, one process, MiB/s | {fmt(de)} ({min(dump['export']):,.0f}-{max(dump['export']):,.0f}), wall {med(dumps['export']):.2f} s | | |")
-for name, t in (('NAR P=1 MiB/s', 'nar_p1'), ('NAR P=16 MiB/s', 'nar_p16')):
-    b = m('daemon-local', t, 'nar_MiB_per_s')
-    print(f"| {name} | dump loop {fmt(dl)} / export {fmt(de)} | {fmt(b)} ({rng('daemon-local', t, 'nar_MiB_per_s')}) | {fmt(ratio(b, dl), 2)}x dump loop, {fmt(ratio(b, de), 2)}x export |")
-for name, t in (('NAR P=1 MiB/s', 'nar_p1'), ('NAR P=16 MiB/s', 'nar_p16')):
-    a, b = m('nginx-zstd', t, 'nar_MiB_per_s'), m('daemon-local', t, 'nar_MiB_per_s')
-    print(f"| {name} (for scale: nginx sending the zstd files) | nginx {fmt(a)} | {fmt(b)} | {fmt(ratio(b, a), 2)}x |")
-
-if up:
-    print('\n### Upload: `nixcached upload` vs `nix copy --to file://…?compression=C` (same closure, fresh destinations)\n')
-    print('| compression | nix copy wall s, median (min-max), n | nixcached upload wall s | speed-up (nix/upload) | NAR bytes nix / upload | whole dir nix / upload | target | |')
-    print('|---|---|---|---|---|---|---|---|')
-    for comp in ('zstd', 'xz', 'none', 'bzip2', 'gzip', 'br'):
-        a, b = up.get(('nix', comp)), up.get(('nixcached', comp))
-        if not a and not b: continue
-        def ws(x): return [float(i['wall_s']) for i in x] if x else []
-        wa, wb = ws(a), ws(b)
-        ma, mb = (med(wa) if wa else None), (med(wb) if wb else None)
-        s = ratio(ma, mb)
-        def sz(x, k): return f"{int(x[-1][k]):,}" if x else '-'
-        print(f"| {comp} | {fmt(ma, 2)} ({min(wa):.2f}-{max(wa):.2f}), n={len(wa)} | {fmt(mb, 2)} ({min(wb):.2f}-{max(wb):.2f}), n={len(wb)} | {fmt(s, 2)}x | {sz(a, 'bytes_nar')} / {sz(b, 'bytes_nar')} | {sz(a, 'bytes_all')} / {sz(b, 'bytes_all')} | > 1.0x | {'-' if s is None else ('**met**' if s > 1.0 else '**not met**')} |")
-if notes:
-    print('\nNotes from the run:\n')
-    for l in notes: print(f'    {l}')
-EOF
+python3 "$HERE/summarize.py" "$RAW" "$MACHINE" > "$SUMMARY"
 echo >&2
 cat "$SUMMARY"
 echo >&2
