@@ -34,6 +34,8 @@
 #   RESULTS=bench/results   raw lines, machine description and summary of each run
 #   NO_BUILD=1      use the existing target/release/nixcached
 # Results: $RESULTS/<stamp>-raw.txt, -machine.txt, -summary.md (the summary is also printed).
+# One run at a time: a second bench/run.sh waits on ${TMPDIR:-/tmp}/nixcached-bench.lock.
+# bench/summarize.py RAW [MACHINE] re-makes a summary from a raw file.
 set -euo pipefail
 export PATH=$PATH:/usr/sbin:/sbin
 export NO_COLOR=1 LC_ALL=C
@@ -74,6 +76,9 @@ fi
 NIX=(nix --extra-experimental-features nix-command)
 
 mkdir -p "$WORK" "$RESULTS"
+# two runs at once on one machine invalidate each other: wait for any other run to finish
+exec 9>"${TMPDIR:-/tmp}/nixcached-bench.lock"
+flock -n 9 || { say "another bench/run.sh is running; waiting for it to finish"; flock 9; }
 W=$WORK/run-$STAMP; mkdir -p "$W"
 RAW=$RESULTS/$STAMP-raw.txt; MACHINE=$RESULTS/$STAMP-machine.txt; SUMMARY=$RESULTS/$STAMP-summary.md
 : > "$RAW"
@@ -175,7 +180,7 @@ http {
   server { listen 127.0.0.1:$port; root $1; }
 }
 EOF
-  nginx -p "$d" -c "$d/nginx.conf" -g 'daemon off;' 2>>"$d/logs/stderr" &
+  nginx -p "$d" -c "$d/nginx.conf" -g 'daemon off;' 2>>"$d/logs/stderr" 9>&- &
   NGINX_PID=$!
   NGINX_URL=http://127.0.0.1:$port
   for _ in $(seq 100); do curl -sf "$NGINX_URL/nix-cache-info" >/dev/null && return; sleep 0.1; done
@@ -183,7 +188,7 @@ EOF
 }
 start_daemon() { # $1 = log name, $2 = store URL; sets DAEMON_URL
   local log=$W/$1.log url= pid
-  "$BIN" serve --listen 127.0.0.1:0 "$2" >"$log" 2>&1 &
+  "$BIN" serve --listen 127.0.0.1:0 "$2" >"$log" 2>&1 9>&- &
   pid=$!; DAEMON_PIDS+=("$pid")
   for _ in $(seq 300); do
     url=$(sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -o 'Listening on http://[^ ]*' | head -1 | sed 's/^Listening on //; s,/$,,') || true
