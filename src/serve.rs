@@ -40,7 +40,7 @@ fn default_store() -> anyhow::Result<Arc<dyn Store>> {
         .unwrap_or_else(std::env::temp_dir);
     let dir = base.join("nixcached/cache");
     let cache = BinaryCache::new(Arc::new(FileBlobs::open(&dir, true)?));
-    futures_lite_block_on(cache.ensure_cache_info(&StoreDir::default()))?;
+    block_on(cache.ensure_cache_info(&StoreDir::default()))?;
     tracing::info!(
         "no local Nix store found; serving the cache folder {} (give a store URL to serve another)",
         dir.display()
@@ -48,7 +48,7 @@ fn default_store() -> anyhow::Result<Arc<dyn Store>> {
     Ok(Arc::new(cache))
 }
 
-fn futures_lite_block_on<F: std::future::Future>(f: F) -> F::Output {
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -136,21 +136,7 @@ allow-finish = true
     .enumerate()
     {
         let fresh = env.path(&format!("fresh{i}"));
-        env.run(
-            "nix-store",
-            &[
-                "--store",
-                fresh.to_str().unwrap(),
-                "--realise",
-                path,
-                "--option",
-                "substituters",
-                url,
-                "--option",
-                "trusted-public-keys",
-                &pk,
-            ],
-        );
+        env.realise_from(fresh.to_str().unwrap(), url, &pk, path);
         assert!(
             fresh.join(path.trim_start_matches('/')).exists(),
             "substituted {path} from {url}"
@@ -194,31 +180,12 @@ allow-finish = true
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-    env.run(
-        "nix",
-        &[
-            "store",
-            "verify",
-            "--store",
-            &format!("file://{}", dest1.display()),
-            "--trusted-public-keys",
-            &pk,
-            "-r",
-            &closure.app,
-        ],
+    env.verify(
+        &format!("file://{}", dest1.display()),
+        Some(&*pk),
+        &closure.app,
     );
-    env.run(
-        "nix",
-        &[
-            "store",
-            "verify",
-            "--store",
-            &format!("file://{}", dest2.display()),
-            "--no-trust",
-            "-r",
-            &closure.app,
-        ],
-    );
+    env.verify(&format!("file://{}", dest2.display()), None, &closure.app);
 
     assert!(Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

@@ -23,20 +23,7 @@ fn local_nix_store() {
     block_on(async {
         suite(store.clone(), &fx, false).await;
         // Build logs come from Nix's log directory.
-        let drv = env
-            .run(
-                "nix-store",
-                &[
-                    "--store",
-                    &env.store_arg(),
-                    "-q",
-                    "--deriver",
-                    &fx.closure.lib,
-                ],
-            )
-            .trim()
-            .trim_start_matches("/nix/store/")
-            .to_owned();
+        let drv = env.deriver_of(&fx.closure.lib);
         let log = store.log(&drv).await.unwrap().into_bytes().await.unwrap();
         assert!(
             String::from_utf8_lossy(&log).contains("building testlib"),

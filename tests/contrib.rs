@@ -174,29 +174,12 @@ fn post_build_hook_queues_into_a_held_fifo_and_upload_started_later_takes_it() {
 
     // The built path and its reference (busybox) are in the cache, whole.
     let fresh = env.path("fresh");
-    env.run(
-        "nix",
-        &[
-            "copy",
-            "--from",
-            &format!("file://{}", dest.display()),
-            "--to",
-            fresh.to_str().unwrap(),
-            "--no-check-sigs",
-            &built,
-        ],
+    env.copy_from(
+        &format!("file://{}", dest.display()),
+        fresh.to_str().unwrap(),
+        None,
+        &built,
     );
-    env.run(
-        "nix",
-        &[
-            "store",
-            "verify",
-            "--store",
-            fresh.to_str().unwrap(),
-            "--no-trust",
-            "-r",
-            &built,
-        ],
-    );
+    env.verify(fresh.to_str().unwrap(), None, &built);
     assert!(fresh.join(bb.trim_start_matches('/')).is_dir());
 }

@@ -1,7 +1,8 @@
 //! The programs in `examples/` run for real, and the real Nix checks what they produce.
 //!
-//! The examples are compiled by `cargo test --all-targets` (what `scripts/test` runs) into
-//! `target/<profile>/examples/`, next to the `nixcached` binary this test is given.
+//! `scripts/test` builds the examples with `cargo build --examples` (`cargo test` alone compiles
+//! them only as test harnesses) into `target/<profile>/examples/`, next to the `nixcached`
+//! binary this test is given.
 
 mod common;
 
@@ -22,7 +23,7 @@ fn example(name: &str) -> PathBuf {
         .join(name);
     assert!(
         path.is_file(),
-        "{} is missing: build the examples with `cargo test --all-targets` (scripts/test does) or `cargo build --examples`",
+        "{} is missing: build the examples with `cargo build --examples` (scripts/test does)",
         path.display()
     );
     path
@@ -67,44 +68,11 @@ fn upload_from_code_uploads_a_closure_that_nix_verifies_and_substitutes() {
     );
 
     // Nix reads every NAR back from the cache and checks it against its narinfo.
-    env.run(
-        "nix",
-        &[
-            "store",
-            "verify",
-            "--store",
-            &cache,
-            "--no-trust",
-            "-r",
-            &closure.app,
-        ],
-    );
+    env.verify(&cache, None, &closure.app);
     // And substitutes the closure into an empty store (unsigned: the example signs nothing).
     let fresh = env.path("fresh");
-    env.run(
-        "nix",
-        &[
-            "copy",
-            "--from",
-            &cache,
-            "--to",
-            fresh.to_str().unwrap(),
-            "--no-check-sigs",
-            &closure.app,
-        ],
-    );
-    env.run(
-        "nix",
-        &[
-            "store",
-            "verify",
-            "--store",
-            fresh.to_str().unwrap(),
-            "--no-trust",
-            "-r",
-            &closure.app,
-        ],
-    );
+    env.copy_from(&cache, fresh.to_str().unwrap(), None, &closure.app);
+    env.verify(fresh.to_str().unwrap(), None, &closure.app);
 }
 
 /// A running `serve_two_stores`, stopped when dropped.
@@ -191,30 +159,8 @@ fn serve_two_stores_serves_a_folder_and_a_seeded_memory_cache_to_nix() {
     assert_eq!(code, 200);
     assert!(String::from_utf8_lossy(&body).contains("StoreDir: /nix/store"));
     let fresh = env.path("fresh-a");
-    env.run(
-        "nix",
-        &[
-            "copy",
-            "--from",
-            &servers.url_a,
-            "--to",
-            fresh.to_str().unwrap(),
-            "--no-check-sigs",
-            &closure.app,
-        ],
-    );
-    env.run(
-        "nix",
-        &[
-            "store",
-            "verify",
-            "--store",
-            fresh.to_str().unwrap(),
-            "--no-trust",
-            "-r",
-            &closure.app,
-        ],
-    );
+    env.copy_from(&servers.url_a, fresh.to_str().unwrap(), None, &closure.app);
+    env.verify(fresh.to_str().unwrap(), None, &closure.app);
 
     // Store B: the object the example made in memory is the very path `nix-store --add`
     // gives the same folder, and Nix substitutes it without a signature because it is

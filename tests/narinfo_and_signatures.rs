@@ -99,33 +99,9 @@ fn caches_we_write_are_accepted_by_nix() {
             }
         });
         let url = format!("file://{}", dir.display());
-        env.run(
-            "nix",
-            &[
-                "store",
-                "verify",
-                "--store",
-                &url,
-                "--trusted-public-keys",
-                &pk,
-                "-r",
-                &closure.app,
-            ],
-        );
+        env.verify(&url, Some(&*pk), &closure.app);
         let fresh = env.path(&format!("fresh-{comp}"));
-        env.run(
-            "nix",
-            &[
-                "copy",
-                "--from",
-                &url,
-                "--to",
-                fresh.to_str().unwrap(),
-                "--trusted-public-keys",
-                &pk,
-                &closure.app,
-            ],
-        );
+        env.copy_from(&url, fresh.to_str().unwrap(), Some(&*pk), &closure.app);
         // What Nix unpacked is the same tree.
         let mut a = Vec::new();
         let mut b = Vec::new();

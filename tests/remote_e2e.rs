@@ -80,53 +80,6 @@ fn wait_exit(mut child: Running, what: &str) {
     }
 }
 
-/// Copies and substitutes `path` from a binary cache URL into fresh stores, with `pk` trusted.
-fn substitute_from(env: &NixEnv, url: &str, path: &str, pk: &str, tag: &str) {
-    let copy = env.path(&format!("copy-{tag}"));
-    env.run(
-        "nix",
-        &[
-            "copy",
-            "--from",
-            url,
-            "--to",
-            copy.to_str().unwrap(),
-            "--trusted-public-keys",
-            pk,
-            path,
-        ],
-    );
-    let sub = env.path(&format!("sub-{tag}"));
-    env.run(
-        "nix-store",
-        &[
-            "--store",
-            sub.to_str().unwrap(),
-            "--realise",
-            path,
-            "--option",
-            "substituters",
-            url,
-            "--option",
-            "trusted-public-keys",
-            pk,
-        ],
-    );
-    env.run(
-        "nix",
-        &[
-            "store",
-            "verify",
-            "--store",
-            sub.to_str().unwrap(),
-            "--trusted-public-keys",
-            pk,
-            "-r",
-            path,
-        ],
-    );
-}
-
 #[test]
 fn post_build_hook_uploads_everywhere_and_nix_substitutes_from_each() {
     let env = NixEnv::new();
@@ -192,8 +145,7 @@ fn post_build_hook_uploads_everywhere_and_nix_substitutes_from_each() {
         wait_exit(child, &format!("upload to {name}"));
     }
 
-    substitute_from(
-        &env,
+    env.substitute_from(
         &format!("file://{}", folder.display()),
         &closure.app,
         &pk,
@@ -201,24 +153,12 @@ fn post_build_hook_uploads_everywhere_and_nix_substitutes_from_each() {
     );
     for (tag, url) in [("s3", &s3), ("gcs", &gcs)] {
         let d = Daemon::start(&env, &["serve", url]);
-        substitute_from(&env, &d.url, &closure.app, &pk, tag);
+        env.substitute_from(&d.url, &closure.app, &pk, tag);
     }
     // The ssh destination is a real Nix store: Nix itself checks what landed there.
-    env.run(
-        "nix",
-        &[
-            "store",
-            "verify",
-            "--store",
-            remote.to_str().unwrap(),
-            "--trusted-public-keys",
-            &pk,
-            "-r",
-            &closure.app,
-        ],
-    );
+    env.verify(remote.to_str().unwrap(), Some(&*pk), &closure.app);
     let d = Daemon::start(&env, &["serve", &ssh]);
-    substitute_from(&env, &d.url, &closure.app, &pk, "ssh");
+    env.substitute_from(&d.url, &closure.app, &pk, "ssh");
 }
 
 #[test]
@@ -258,7 +198,7 @@ fn serving_buckets_in_every_compression_to_real_nix() {
                 String::from_utf8_lossy(&out.stderr)
             );
             let d = Daemon::start(&env, &["serve", &url]);
-            substitute_from(&env, &d.url, &closure.app, &pk, &format!("{kind}-{comp}"));
+            env.substitute_from(&d.url, &closure.app, &pk, &format!("{kind}-{comp}"));
             let ls = env.run(
                 "nix",
                 &["store", "ls", "--store", &d.url, "-R", &closure.app],
@@ -353,29 +293,7 @@ fn s3_outage_mid_run_loses_nothing() {
     wait_exit(child, "upload across the outage");
     let d = Daemon::start(&env, &["serve", &url]);
     let fresh = env.path("fresh");
-    env.run(
-        "nix",
-        &[
-            "copy",
-            "--no-check-sigs",
-            "--from",
-            &d.url,
-            "--to",
-            fresh.to_str().unwrap(),
-            &closure.app,
-        ],
-    );
-    env.run(
-        "nix",
-        &[
-            "store",
-            "verify",
-            "--store",
-            fresh.to_str().unwrap(),
-            "--no-trust",
-            "-r",
-            &closure.app,
-        ],
-    );
+    env.copy_from(&d.url, fresh.to_str().unwrap(), None, &closure.app);
+    env.verify(fresh.to_str().unwrap(), None, &closure.app);
     drop(moto);
 }

@@ -34,40 +34,14 @@ fn nix_copies_substitutes_and_lists_from_the_local_store() {
 
     // nix copy with signature checking on.
     let fresh = env.path("fresh");
-    env.run(
-        "nix",
-        &[
-            "copy",
-            "--from",
-            &d.url,
-            "--to",
-            fresh.to_str().unwrap(),
-            "--trusted-public-keys",
-            &pk,
-            &closure.app,
-        ],
-    );
+    env.copy_from(&d.url, fresh.to_str().unwrap(), Some(&*pk), &closure.app);
     for p in &closure.paths {
         assert!(fresh.join(p.trim_start_matches('/')).exists(), "{p} copied");
     }
 
     // Substitution into another store, with the daemon as the only substituter.
     let sub = env.path("substituted");
-    env.run(
-        "nix-store",
-        &[
-            "--store",
-            sub.to_str().unwrap(),
-            "--realise",
-            &closure.app,
-            "--option",
-            "substituters",
-            &d.url,
-            "--option",
-            "trusted-public-keys",
-            &pk,
-        ],
-    );
+    env.realise_from(sub.to_str().unwrap(), &d.url, &pk, &closure.app);
     assert!(sub
         .join(closure.app.trim_start_matches('/'))
         .join("bin/hi")
@@ -113,35 +87,9 @@ fn nix_copies_through_folder_caches_in_each_compression() {
         );
         let d = Daemon::start(&env, &["serve", &format!("file://{}", dir.display())]);
         let fresh = env.path(&format!("fresh-{comp}"));
-        env.run(
-            "nix",
-            &[
-                "copy",
-                "--from",
-                &d.url,
-                "--to",
-                fresh.to_str().unwrap(),
-                "--trusted-public-keys",
-                &pk,
-                &closure.app,
-            ],
-        );
+        env.copy_from(&d.url, fresh.to_str().unwrap(), Some(&*pk), &closure.app);
         let sub = env.path(&format!("sub-{comp}"));
-        env.run(
-            "nix-store",
-            &[
-                "--store",
-                sub.to_str().unwrap(),
-                "--realise",
-                &closure.app,
-                "--option",
-                "substituters",
-                &d.url,
-                "--option",
-                "trusted-public-keys",
-                &pk,
-            ],
-        );
+        env.realise_from(sub.to_str().unwrap(), &d.url, &pk, &closure.app);
         // The served narinfo is byte-identical to the stored one (no signing key given).
         let (code, body) = curl(&[&format!("{}/{}.narinfo", d.url, digest(&closure.app))]);
         assert_eq!(code, 200);

@@ -117,20 +117,7 @@ fn conformance_over_ssh() {
         eprintln!("conformance suite over ssh: {:?}", started.elapsed());
 
         // Build logs come from the remote host's Nix.
-        let drv = env
-            .run(
-                "nix-store",
-                &[
-                    "--store",
-                    &env.store_arg(),
-                    "-q",
-                    "--deriver",
-                    &fx.closure.lib,
-                ],
-            )
-            .trim()
-            .trim_start_matches("/nix/store/")
-            .to_owned();
+        let drv = env.deriver_of(&fx.closure.lib);
         let log = store.log(&drv).await.unwrap().into_bytes().await.unwrap();
         assert!(
             String::from_utf8_lossy(&log).contains("building testlib"),
@@ -509,19 +496,7 @@ fn nix_substitutes_through_serve_over_ssh() {
         ],
     );
     let fresh = env.path("fresh");
-    env.run(
-        "nix",
-        &[
-            "copy",
-            "--from",
-            &d.url,
-            "--to",
-            fresh.to_str().unwrap(),
-            "--trusted-public-keys",
-            &pk,
-            &fx.closure.app,
-        ],
-    );
+    env.copy_from(&d.url, fresh.to_str().unwrap(), Some(&*pk), &fx.closure.app);
     for p in &fx.closure.paths {
         env.run(
             "nix-store",
@@ -535,20 +510,7 @@ fn nix_substitutes_through_serve_over_ssh() {
     );
     assert!(ls.contains("./bin/hi"), "{ls}");
     // Build logs come from the remote Nix.
-    let drv = env
-        .run(
-            "nix-store",
-            &[
-                "--store",
-                &env.store_arg(),
-                "-q",
-                "--deriver",
-                &fx.closure.lib,
-            ],
-        )
-        .trim()
-        .trim_start_matches("/nix/store/")
-        .to_owned();
+    let drv = env.deriver_of(&fx.closure.lib);
     let (code, log) = common::curl(&[&format!("{}/log/{drv}", d.url)]);
     assert_eq!(code, 200);
     assert!(String::from_utf8_lossy(&log).contains("building testlib"));

@@ -169,46 +169,10 @@ fn post_build_hook_uploads_a_closure_that_nix_then_substitutes() {
     assert!(up.wait().success());
 
     let url = format!("file://{}", dest.display());
-    env.run(
-        "nix",
-        &[
-            "store",
-            "verify",
-            "--store",
-            &url,
-            "--trusted-public-keys",
-            &pk,
-            "-r",
-            &closure.app,
-        ],
-    );
+    env.verify(&url, Some(&*pk), &closure.app);
     let fresh = env.path("fresh");
-    env.run(
-        "nix",
-        &[
-            "copy",
-            "--from",
-            &url,
-            "--to",
-            fresh.to_str().unwrap(),
-            "--trusted-public-keys",
-            &pk,
-            &closure.app,
-        ],
-    );
-    env.run(
-        "nix",
-        &[
-            "store",
-            "verify",
-            "--store",
-            fresh.to_str().unwrap(),
-            "--trusted-public-keys",
-            &pk,
-            "-r",
-            &closure.app,
-        ],
-    );
+    env.copy_from(&url, fresh.to_str().unwrap(), Some(&*pk), &closure.app);
+    env.verify(fresh.to_str().unwrap(), Some(&*pk), &closure.app);
     assert_eq!(check_consistent(&dest), closure.paths.len());
 }
 
@@ -338,18 +302,7 @@ fn sigkill_at_any_moment_loses_no_sent_path_and_the_cache_stays_consistent() {
         );
     }
     check_consistent(&dest);
-    env.run(
-        "nix",
-        &[
-            "store",
-            "verify",
-            "--store",
-            &dest_url,
-            "--no-trust",
-            "-r",
-            &closure.app,
-        ],
-    );
+    env.verify(&dest_url, None, &closure.app);
 }
 
 #[test]

@@ -125,16 +125,19 @@ pub async fn publish(
         ))
     };
     let (nar, nar_tally) = hashing(nar, Some((src_info.nar_hash.clone(), src_info.nar_size)));
-    let compressed: ByteStream = if opts.compression == Compression::None {
-        nar
+    // Uncompressed, the file is the NAR: its hash is already being taken once.
+    let (compressed, file_tally): (ByteStream, Tally) = if opts.compression == Compression::None {
+        (nar, nar_tally.clone())
     } else {
         let reader = tokio::io::BufReader::with_capacity(256 * 1024, StreamReader::new(nar));
-        Box::pin(ReaderStream::with_capacity(
-            opts.compression.compress_reader(reader, opts.level),
-            256 * 1024,
-        ))
+        hashing(
+            Box::pin(ReaderStream::with_capacity(
+                opts.compression.compress_reader(reader, opts.level),
+                256 * 1024,
+            )),
+            None,
+        )
     };
-    let (compressed, file_tally) = hashing(compressed, None);
     // Keyed by the NAR hash (known before compressing), so the NAR streams straight into
     // the destination with no temporary copy; the narinfo's URL is opaque to clients.
     let url = format!(

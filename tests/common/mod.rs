@@ -176,6 +176,68 @@ in rec {{
         }
     }
 
+    /// `nix store verify -r PATH` on `store`, trusting `pk` (or nothing: `--no-trust`).
+    pub fn verify(&self, store: &str, pk: Option<&str>, path: &str) {
+        let mut args = vec!["store", "verify", "--store", store];
+        match pk {
+            Some(pk) => args.extend(["--trusted-public-keys", pk]),
+            None => args.push("--no-trust"),
+        }
+        args.extend(["-r", path]);
+        self.run("nix", &args);
+    }
+
+    /// `nix copy --from FROM --to TO PATH`, checking signatures against `pk` (or not at all).
+    pub fn copy_from(&self, from: &str, to: &str, pk: Option<&str>, path: &str) {
+        let mut args = vec!["copy", "--from", from, "--to", to];
+        match pk {
+            Some(pk) => args.extend(["--trusted-public-keys", pk]),
+            None => args.push("--no-check-sigs"),
+        }
+        args.push(path);
+        self.run("nix", &args);
+    }
+
+    /// Substitutes `path` into `store` with `substituter` as the only substituter.
+    pub fn realise_from(&self, store: &str, substituter: &str, pk: &str, path: &str) {
+        self.run(
+            "nix-store",
+            &[
+                "--store",
+                store,
+                "--realise",
+                path,
+                "--option",
+                "substituters",
+                substituter,
+                "--option",
+                "trusted-public-keys",
+                pk,
+            ],
+        );
+    }
+
+    /// Copies `path` from a cache URL into one fresh store and substitutes it into another,
+    /// signatures checked against `pk`; `tag` names the stores.
+    pub fn substitute_from(&self, url: &str, path: &str, pk: &str, tag: &str) {
+        let copy = self.path(&format!("copy-{tag}"));
+        self.copy_from(url, copy.to_str().unwrap(), Some(pk), path);
+        let sub = self.path(&format!("sub-{tag}"));
+        self.realise_from(sub.to_str().unwrap(), url, pk, path);
+        self.verify(sub.to_str().unwrap(), Some(pk), path);
+    }
+
+    /// The base name of the derivation that built `path` in the chroot store.
+    pub fn deriver_of(&self, path: &str) -> String {
+        self.run(
+            "nix-store",
+            &["--store", &self.store_arg(), "-q", "--deriver", path],
+        )
+        .trim()
+        .trim_start_matches("/nix/store/")
+        .to_owned()
+    }
+
     /// The real file-system location of a store path of the chroot store.
     pub fn real(&self, store_path: &str) -> PathBuf {
         self.store_root().join(store_path.trim_start_matches('/'))

@@ -123,24 +123,14 @@ impl Compression {
     where
         W: AsyncWrite + Send + 'a,
     {
-        let lvl = match level {
-            Some(l) => Level::Precise(l),
-            None => Level::Default,
-        };
+        let lvl = self.level(level);
         match self {
             Compression::None => Box::pin(output),
             Compression::Xz => Box::pin(enc::XzEncoder::with_quality(output, lvl)),
             Compression::Zstd => Box::pin(enc::ZstdEncoder::with_quality(output, lvl)),
             Compression::Bzip2 => Box::pin(enc::BzEncoder::with_quality(output, lvl)),
             Compression::Gzip => Box::pin(enc::GzipEncoder::with_quality(output, lvl)),
-            Compression::Br => {
-                let lvl = if level.is_none() {
-                    Level::Precise(5)
-                } else {
-                    lvl
-                };
-                Box::pin(enc::BrotliEncoder::with_quality(output, lvl))
-            }
+            Compression::Br => Box::pin(enc::BrotliEncoder::with_quality(output, lvl)),
         }
     }
 }
@@ -156,24 +146,26 @@ impl Compression {
     where
         R: AsyncBufRead + Send + 'a,
     {
-        let lvl = match level {
-            Some(l) => Level::Precise(l),
-            None => Level::Default,
-        };
+        let lvl = self.level(level);
         match self {
             Compression::None => Box::pin(input),
             Compression::Xz => Box::pin(benc::XzEncoder::with_quality(input, lvl)),
             Compression::Zstd => Box::pin(benc::ZstdEncoder::with_quality(input, lvl)),
             Compression::Bzip2 => Box::pin(benc::BzEncoder::with_quality(input, lvl)),
             Compression::Gzip => Box::pin(benc::GzipEncoder::with_quality(input, lvl)),
-            Compression::Br => {
-                let lvl = if level.is_none() {
-                    Level::Precise(5)
-                } else {
-                    lvl
-                };
-                Box::pin(benc::BrotliEncoder::with_quality(input, lvl))
-            }
+            Compression::Br => Box::pin(benc::BrotliEncoder::with_quality(input, lvl)),
+        }
+    }
+}
+
+impl Compression {
+    /// The codec level for `level`; brotli's default (its maximum) is far too slow for NARs,
+    /// so brotli defaults to 5.
+    fn level(self, level: Option<i32>) -> Level {
+        match (level, self) {
+            (Some(l), _) => Level::Precise(l),
+            (None, Compression::Br) => Level::Precise(5),
+            (None, _) => Level::Default,
         }
     }
 }

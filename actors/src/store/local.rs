@@ -230,7 +230,7 @@ impl LocalStore {
             .collect();
         Ok(NarInfo {
             store_dir: dir.clone(),
-            url: format!("nar/{}.nar", store_path.digest()),
+            url: super::nar_url_of(store_path.digest()),
             store_path,
             compression: Compression::None,
             file_hash: Some(nar_hash.clone()),
@@ -375,10 +375,8 @@ impl Store for Arc<LocalStore> {
     }
 
     async fn nar(&self, url: &str, range: Option<ByteRange>) -> Result<Blob> {
-        let digest = url
-            .strip_prefix("nar/")
-            .and_then(|u| u.strip_suffix(".nar"))
-            .ok_or_else(|| StoreError::NotFound(url.into()))?;
+        let digest =
+            super::digest_of_nar_url(url).ok_or_else(|| StoreError::NotFound(url.into()))?;
         let info = match self.lookup(digest).await {
             Err(StoreError::Invalid(_)) => return Err(StoreError::NotFound(url.into())),
             other => other?,
@@ -463,10 +461,7 @@ impl Store for Arc<LocalStore> {
     }
 
     async fn exists(&self, url: &str) -> Result<bool> {
-        let digest = url.strip_suffix(".narinfo").or_else(|| {
-            url.strip_prefix("nar/")
-                .and_then(|u| u.strip_suffix(".nar"))
-        });
+        let digest = super::digest_of_object_url(url);
         match digest {
             Some(d) => match self.lookup(d).await {
                 Ok(_) => Ok(true),

@@ -238,6 +238,23 @@ pub fn slice_stream(stream: ByteStream, start: u64, end: u64) -> ByteStream {
     )
 }
 
+/// The URL a store that is a Nix store (local, ssh) gives an object's NAR: `nar/<digest>.nar`.
+pub fn nar_url_of(digest: &str) -> String {
+    format!("nar/{digest}.nar")
+}
+
+/// The digest a [`nar_url_of`] URL names.
+pub fn digest_of_nar_url(url: &str) -> Option<&str> {
+    url.strip_prefix("nar/")
+        .and_then(|u| u.strip_suffix(".nar"))
+}
+
+/// The digest a `<digest>.narinfo` or [`nar_url_of`] URL names (what `exists` is asked about).
+pub fn digest_of_object_url(url: &str) -> Option<&str> {
+    url.strip_suffix(".narinfo")
+        .or_else(|| digest_of_nar_url(url))
+}
+
 /// Checks that `digest` is a store-path digest, so it can be used in keys and paths.
 pub fn check_digest(digest: &str) -> Result<()> {
     if crate::formats::store_path::is_valid_digest(digest) {

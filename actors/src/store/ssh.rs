@@ -260,7 +260,7 @@ fn narinfo_of(info: PathInfo, dir: &StoreDir) -> Result<NarInfo> {
         .map(|p| p.to_string());
     Ok(NarInfo {
         store_dir: dir.clone(),
-        url: format!("nar/{}.nar", store_path.digest()),
+        url: super::nar_url_of(store_path.digest()),
         store_path,
         compression: Compression::None,
         file_hash: Some(nar_hash.clone()),
@@ -332,10 +332,8 @@ impl Store for SshStore {
     }
 
     async fn nar(&self, url: &str, range: Option<ByteRange>) -> Result<Blob> {
-        let digest = url
-            .strip_prefix("nar/")
-            .and_then(|u| u.strip_suffix(".nar"))
-            .ok_or_else(|| StoreError::NotFound(url.into()))?;
+        let digest =
+            super::digest_of_nar_url(url).ok_or_else(|| StoreError::NotFound(url.into()))?;
         let info = match self.path_info(digest).await {
             Err(StoreError::Invalid(_)) => return Err(StoreError::NotFound(url.into())),
             other => other?,
@@ -508,10 +506,7 @@ impl Store for SshStore {
     }
 
     async fn exists(&self, url: &str) -> Result<bool> {
-        let digest = url.strip_suffix(".narinfo").or_else(|| {
-            url.strip_prefix("nar/")
-                .and_then(|u| u.strip_suffix(".nar"))
-        });
+        let digest = super::digest_of_object_url(url);
         match digest {
             Some(d) => self.is_known(d).await,
             // Spooled NARs only exist until their narinfo is put: never worth skipping.
