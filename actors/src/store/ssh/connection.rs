@@ -114,10 +114,14 @@ impl SshConnection {
     }
 
     /// Runs `op` on the session (opened if needed), with the retry and drop rules of this
-    /// module, and keeps the actor busy until it is done.
+    /// module, and keeps the actor busy until it is done. An `idempotent` op that breaks on a
+    /// reused session is tried once more on a fresh one: the session may have died between
+    /// the liveness check and the request (ssh killed, connection dropped while idle), and
+    /// asking again cannot do harm.
     fn exchange<T: 'static>(
         &mut self,
         limit: Option<Duration>,
+        idempotent: bool,
         mut op: Op<T>,
     ) -> AtomicResponse<Self, Result<T, SshError>> {
         let mut idle = self.session.take();
@@ -129,6 +133,7 @@ impl SshConnection {
             }
             let mut retried = false;
             loop {
+                let reused = idle.is_some();
                 let mut session = match idle.take() {
                     Some(s) => s,
                     None => match Session::open(&target, &rt, true).await {
@@ -157,6 +162,13 @@ impl SshConnection {
                         );
                         retried = true;
                     }
+                    Err(Failure::Broken(e)) if idempotent && reused && !retried => {
+                        tracing::debug!(
+                            "ssh session to {} broke on a reused connection ({e}); asking again on a new one",
+                            target.destination()
+                        );
+                        retried = true;
+                    }
                     Err(f) => return (None, Err(f.into_error())),
                 }
             }
@@ -174,7 +186,7 @@ impl Handler<Connect> for SshConnection {
     type Result = AtomicResponse<Self, Result<(), SshError>>;
 
     fn handle(&mut self, _msg: Connect, _ctx: &mut Self::Context) -> Self::Result {
-        self.exchange(None, Box::new(|_s| Box::pin(async { Ok(()) })))
+        self.exchange(None, true, Box::new(|_s| Box::pin(async { Ok(()) })))
     }
 }
 
@@ -185,6 +197,7 @@ impl Handler<QueryValidPaths> for SshConnection {
         let paths = Arc::new(msg.0);
         self.exchange(
             Some(QUERY_TIMEOUT),
+            true,
             Box::new(move |s| {
                 let paths = paths.clone();
                 Box::pin(async move { s.query_valid_paths(&paths).await })
@@ -200,6 +213,7 @@ impl Handler<QueryPathInfos> for SshConnection {
         let paths = Arc::new(msg.0);
         self.exchange(
             Some(QUERY_TIMEOUT),
+            true,
             Box::new(move |s| {
                 let paths = paths.clone();
                 Box::pin(async move { s.query_path_infos(&paths).await })
@@ -216,6 +230,7 @@ impl Handler<AddToStore> for SshConnection {
         let legacy = self.legacy_import;
         self.exchange(
             None,
+            false,
             Box::new(move |s| {
                 let msg = msg.clone();
                 Box::pin(async move {
