@@ -111,6 +111,10 @@ pub struct ServeArgs {
     /// HTTP worker threads (default: one per core).
     #[arg(long, default_value_t = 0)]
     pub workers: usize,
+    /// Send uncompressed NARs (narinfo `Compression: none`, as the local and ssh stores serve)
+    /// zstd-encoded to clients that send `Accept-Encoding: zstd`: less bandwidth, more CPU.
+    #[arg(long)]
+    pub transparent_zstd: bool,
     /// Store to serve: /nix/store, local?root=DIR, file:///DIR, s3://BUCKET, gs://BUCKET or
     /// ssh://HOST. Default: the local Nix store when there is one, else a cache folder.
     pub store: Option<String>,

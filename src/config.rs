@@ -95,6 +95,9 @@ pub struct CacheSection {
     /// Negative TTL.
     #[serde(default, deserialize_with = "de_duration")]
     pub negative_ttl: Option<Duration>,
+    /// zstd-encode uncompressed NARs for clients that accept it.
+    #[serde(default)]
+    pub transparent_zstd: bool,
 }
 
 /// `[[upload]]`.
@@ -194,6 +197,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             backend_timeout,
             grace,
             workers: cfg.server.workers,
+            transparent_zstd: c.transparent_zstd,
         };
         if c.listen.is_empty() {
             shared.push((c.prefix.clone(), opts));

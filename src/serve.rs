@@ -97,6 +97,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         backend_timeout: args.backend_timeout,
         grace: args.grace,
         workers: args.workers,
+        transparent_zstd: args.transparent_zstd,
     };
     actix_web::rt::System::new().block_on(nixcached_actors::serve::run(opts))?;
     tracing::info!("stopped");

@@ -23,8 +23,10 @@ pub struct Metrics {
     pub backend_narinfo_micros: AtomicU64,
     /// Backend operations that failed or timed out.
     pub backend_errors: AtomicU64,
-    /// Response body bytes sent for NARs.
+    /// Response body bytes sent for NARs (before any transparent zstd encoding).
     pub nar_bytes_served: AtomicU64,
+    /// NAR responses sent zstd-encoded (`--transparent-zstd`).
+    pub nar_zstd_encoded: AtomicU64,
 }
 
 impl Metrics {
@@ -84,8 +86,13 @@ impl Metrics {
             ),
             (
                 "nixcached_nar_bytes_served_total",
-                "NAR bytes sent to clients.",
+                "NAR bytes sent to clients, before any transparent zstd encoding.",
                 get(&self.nar_bytes_served),
+            ),
+            (
+                "nixcached_nar_zstd_encoded_total",
+                "NAR responses sent zstd-encoded to clients that accept it.",
+                get(&self.nar_zstd_encoded),
             ),
         ] {
             s.push_str(&format!(

@@ -61,6 +61,9 @@ pub struct ServeOptions {
     pub grace: Duration,
     /// HTTP worker threads (0: one per core).
     pub workers: usize,
+    /// Compress uncompressed NARs (`Compression: none`) on the fly with zstd for clients that
+    /// send `Accept-Encoding: zstd`.
+    pub transparent_zstd: bool,
 }
 
 /// A started cache service: what the HTTP layer needs, and its counters.
@@ -83,7 +86,9 @@ pub async fn start_service(opts: &ServeOptions) -> io::Result<Arc<CacheService>>
         metrics.clone(),
     );
     Ok(Arc::new(CacheService {
-        fetcher,
+        store: opts.store.clone(),
+        backend_timeout: opts.backend_timeout,
+        transparent_zstd: opts.transparent_zstd,
         lookups,
         cache_info: Bytes::from(info.render()),
         metrics,

@@ -1,12 +1,12 @@
 //! `file://DIR`: a binary cache in a local folder, in the layout `nix copy --to file://` writes.
 
-use std::io::SeekFrom;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures::StreamExt;
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
-use tokio_util::io::ReaderStream;
+use tokio::io::AsyncWriteExt;
 
 use super::blobs::{check_key, Blobs};
 use super::{Blob, ByteRange, ByteStream, Result, StoreError};
@@ -85,6 +85,71 @@ impl FileBlobs {
     }
 }
 
+/// Bytes read per blocking call: big enough that the hand-off to a blocking thread is rare,
+/// small enough to bound what one response holds in memory.
+const READ_CHUNK: u64 = 1 << 20;
+
+impl FileBlobs {
+    /// Opens `key` and reads the first chunk of `range`; blocking.
+    fn open_span(&self, key: &str, range: Option<ByteRange>) -> Result<Blob> {
+        let path = self.path_of(key)?;
+        let mut f = std::fs::File::open(&path).map_err(|e| io_err("reading", key, e))?;
+        let meta = f.metadata().map_err(|e| io_err("reading", key, e))?;
+        if !meta.is_file() {
+            return Err(StoreError::NotFound(key.into()));
+        }
+        let total = meta.len();
+        let (start, end) = ByteRange::resolve_or_err(range, total)?;
+        if start > 0 {
+            f.seek(SeekFrom::Start(start))
+                .map_err(|e| io_err("reading", key, e))?;
+        }
+        let first = read_chunk(&mut f, end - start).map_err(|e| io_err("reading", key, e))?;
+        let rest = end - start - first.len() as u64;
+        let head = futures::stream::once(async move { Ok(first) });
+        let stream: ByteStream = if rest == 0 {
+            Box::pin(head)
+        } else {
+            Box::pin(head.chain(chunks(f, rest)))
+        };
+        Ok(Blob {
+            stream,
+            span: (start, end),
+            total,
+        })
+    }
+}
+
+/// Reads up to [`READ_CHUNK`] of the `left` bytes still wanted; an early end of file (the
+/// file shrank under us) is an error rather than a short response.
+fn read_chunk(f: &mut std::fs::File, left: u64) -> std::io::Result<Bytes> {
+    let want = left.min(READ_CHUNK);
+    let mut buf = Vec::with_capacity(want as usize);
+    f.take(want).read_to_end(&mut buf)?;
+    if (buf.len() as u64) < want {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the cache file shrank while it was being served",
+        ));
+    }
+    Ok(Bytes::from(buf))
+}
+
+/// The remaining `left` bytes of `f`, a chunk per blocking call.
+fn chunks(f: std::fs::File, left: u64) -> impl futures::Stream<Item = std::io::Result<Bytes>> {
+    futures::stream::try_unfold((f, left), |(mut f, left)| async move {
+        if left == 0 {
+            return Ok(None);
+        }
+        let (f, chunk) =
+            tokio::task::spawn_blocking(move || read_chunk(&mut f, left).map(|c| (f, c)))
+                .await
+                .map_err(std::io::Error::other)??;
+        let left = left - chunk.len() as u64;
+        Ok(Some((chunk, (f, left))))
+    })
+}
+
 fn io_err(what: &str, key: &str, e: std::io::Error) -> StoreError {
     if e.kind() == std::io::ErrorKind::NotFound {
         StoreError::NotFound(key.into())
@@ -100,27 +165,13 @@ impl Blobs for FileBlobs {
     }
 
     async fn get(&self, key: &str, range: Option<ByteRange>) -> Result<Blob> {
-        let path = self.path_of(key)?;
-        let mut f = tokio::fs::File::open(&path)
+        // Resolving, opening, sizing and the first read happen in one blocking call: a small
+        // NAR is then served with a single thread hand-off instead of one per step.
+        let this = self.clone();
+        let key = key.to_owned();
+        tokio::task::spawn_blocking(move || this.open_span(&key, range))
             .await
-            .map_err(|e| io_err("reading", key, e))?;
-        let meta = f.metadata().await.map_err(|e| io_err("reading", key, e))?;
-        if !meta.is_file() {
-            return Err(StoreError::NotFound(key.into()));
-        }
-        let total = meta.len();
-        let (start, end) = ByteRange::resolve_or_err(range, total)?;
-        if start > 0 {
-            f.seek(SeekFrom::Start(start))
-                .await
-                .map_err(|e| io_err("reading", key, e))?;
-        }
-        let stream = ReaderStream::with_capacity(f.take(end - start), 256 * 1024);
-        Ok(Blob {
-            stream: Box::pin(stream),
-            span: (start, end),
-            total,
-        })
+            .map_err(|e| StoreError::backend("reading a cache file", e))?
     }
 
     async fn put(&self, key: &str, mut data: ByteStream, _content_type: &str) -> Result<u64> {
