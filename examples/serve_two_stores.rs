@@ -126,6 +126,7 @@ fn options(store: Arc<dyn Store>) -> ServeOptions {
         backend_timeout: Duration::from_secs(20),
         grace: Duration::from_secs(10),
         workers: 0,
+        ui: Default::default(),
     }
 }
 

@@ -8,6 +8,9 @@
 //! [[cache]]                      # served at http://127.0.0.1:38380/
 //! store = "/nix/store"
 //! secret-key-files = ["/etc/nix/cache.sk"]
+//! trusted-public-keys = ["cache.example.org-1:base64…"]   # verified on the explorer's object page
+//! client = "/srv/nixcached-ui"   # templates/ and dist/ replacing the built-in explorer UI
+//! max-list-frequency = "2m"      # least time between store listings for the explorer index
 //!
 //! [[cache]]                      # served at http://127.0.0.1:38380/team/
 //! store = "file:///srv/team-cache"
@@ -95,6 +98,14 @@ pub struct CacheSection {
     /// Negative TTL.
     #[serde(default, deserialize_with = "de_duration")]
     pub negative_ttl: Option<Duration>,
+    /// Folder replacing the explorer's templates and static files (as `serve --client`).
+    pub client: Option<PathBuf>,
+    /// Public keys the explorer verifies signatures against (`name:base64`).
+    #[serde(default)]
+    pub trusted_public_keys: Vec<String>,
+    /// Least time between two listings of the store for the explorer index (default 2m).
+    #[serde(default, deserialize_with = "de_duration")]
+    pub max_list_frequency: Option<Duration>,
 }
 
 /// `[[upload]]`.
@@ -194,6 +205,11 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             backend_timeout,
             grace,
             workers: cfg.server.workers,
+            ui: crate::serve::ui_options(
+                c.client.clone(),
+                &c.trusted_public_keys,
+                c.max_list_frequency,
+            )?,
         };
         if c.listen.is_empty() {
             shared.push((c.prefix.clone(), opts));
