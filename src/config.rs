@@ -294,6 +294,37 @@ mod tests {
     }
 
     #[test]
+    fn explorer_keys_become_ui_options() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("ui/templates")).unwrap();
+        let p = d.path().join("c.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "[[cache]]\nstore = \"/nix/store\"\nclient = \"{}\"\nmax-list-frequency = \"5m\"\n\
+                 trusted-public-keys = [\"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=\"]\n",
+                d.path().join("ui").display()
+            ),
+        )
+        .unwrap();
+        let cfg = Config::load(&p).unwrap();
+        let c = &cfg.caches[0];
+        let ui = crate::serve::ui_options(
+            c.client.clone(),
+            &c.trusted_public_keys,
+            c.max_list_frequency,
+        )
+        .unwrap();
+        assert_eq!(ui.max_list_frequency, Duration::from_secs(300));
+        assert_eq!(ui.trusted_keys.len(), 1);
+        assert_eq!(ui.trusted_keys[0].name(), "cache.nixos.org-1");
+        let e = crate::serve::ui_options(None, &["nonsense".into()], None).unwrap_err();
+        assert!(format!("{e:#}").contains("NAME:BASE64"), "{e:#}");
+        let e = crate::serve::ui_options(Some(d.path().join("nope")), &[], None).unwrap_err();
+        assert!(e.to_string().contains("templates/"), "{e}");
+    }
+
+    #[test]
     fn the_example_config_loads() {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/nixcached.example.toml");
         let cfg = Config::load(&p).unwrap();

@@ -820,7 +820,7 @@ pub fn samples() -> Vec<(&'static str, serde_json::Value)> {
         ("error.html", v(serde_json::to_value(&error))),
         (
             "error.html",
-            json!({"root": "/p", "title": "t", "status": 400, "message": "m"}),
+            json!({"root": "/p", "title": "t", "status": 400, "message": "<evil>"}),
         ),
     ]
 }
@@ -828,6 +828,62 @@ pub fn samples() -> Vec<(&'static str, serde_json::Value)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::formats::StoreDir;
+    use crate::serve::{start_service, ServeOptions};
+    use crate::store::binary_cache::BinaryCache;
+    use crate::store::memory::MemoryBlobs;
+    use crate::store::Store;
+
+    const NARINFO: &str = "StorePath: /nix/store/5r1dlyl2wyar1nn50ry8xi6apps79m0j-dir1\nURL: nar/x.nar\nCompression: none\nNarHash: sha256:1vn8cv29b1lzdb1pfpx4klpf2xja1iq8jbrvfk82f2ms1gc0gz4y\nNarSize: 1240\nReferences: \n";
+
+    #[actix::test]
+    async fn links_stay_below_the_scope_prefix() {
+        let cache = BinaryCache::new(Arc::new(MemoryBlobs::new()));
+        cache.ensure_cache_info(&StoreDir::default()).await.unwrap();
+        cache
+            .put_narinfo(&NarInfo::parse(NARINFO).unwrap())
+            .await
+            .unwrap();
+        let opts = ServeOptions {
+            store: Arc::new(cache),
+            listen: Vec::new(),
+            keys: Vec::new(),
+            priority: None,
+            cache: Default::default(),
+            backend_timeout: std::time::Duration::from_secs(5),
+            grace: std::time::Duration::from_secs(1),
+            workers: 1,
+            ui: Default::default(),
+        };
+        let svc = start_service(&opts).await.unwrap();
+        let app = actix_web::test::init_service(
+            actix_web::App::new().service(super::super::scope("/team", Ingress::start(svc))),
+        )
+        .await;
+        let get = |uri: &str| {
+            actix_web::test::TestRequest::get()
+                .uri(uri)
+                .insert_header((header::ACCEPT, "text/html"))
+                .to_request()
+        };
+        let body = actix_web::test::call_and_read_body(&app, get("/team/")).await;
+        let html = String::from_utf8(body.to_vec()).unwrap();
+        assert!(html.contains("href=\"/team/_/style.css\""), "{html}");
+        assert!(html.contains("action=\"/team/\""), "{html}");
+        let body = actix_web::test::call_and_read_body(
+            &app,
+            get("/team/5r1dlyl2wyar1nn50ry8xi6apps79m0j.narinfo"),
+        )
+        .await;
+        let html = String::from_utf8(body.to_vec()).unwrap();
+        assert!(
+            html.contains("href=\"/team/5r1dlyl2wyar1nn50ry8xi6apps79m0j/browse/\""),
+            "{html}"
+        );
+        assert!(html.contains("href=\"/team/nar/x.nar\""), "{html}");
+        let resp = actix_web::test::call_service(&app, get("/team/_/style.css")).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
 
     #[test]
     fn views_and_text_detection() {

@@ -12,7 +12,8 @@
 
 use std::path::{Path, PathBuf};
 
-use minijinja::{Environment, UndefinedBehavior};
+use minijinja::value::Value;
+use minijinja::{AutoEscape, Environment, ErrorKind, Output, State, UndefinedBehavior};
 use serde::Serialize;
 
 /// The embedded templates, by name.
@@ -59,9 +60,38 @@ pub struct Templates {
     embedded: Environment<'static>,
 }
 
+/// Escapes text for HTML element content and attribute values (`&`, `<`, `>`, quotes).
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// minijinja's HTML escaping also rewrites `/` (as `&#x2f;`), which is safe but makes every
+/// link unreadable in the page source and to tools that read it; escape what HTML needs.
+fn formatter(out: &mut Output, state: &State, value: &Value) -> Result<(), minijinja::Error> {
+    let plain = !value.is_safe() && !value.is_none() && !value.is_undefined();
+    if matches!(state.auto_escape(), AutoEscape::Html) && plain {
+        write!(out, "{}", escape(&value.to_string()))
+            .map_err(|_| minijinja::Error::from(ErrorKind::WriteFailure))
+    } else {
+        minijinja::escape_formatter(out, state, value)
+    }
+}
+
 fn environment() -> Environment<'static> {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
+    env.set_formatter(formatter);
     env.add_filter("size", human_size);
     env
 }
@@ -188,6 +218,8 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(html.starts_with("<!DOCTYPE html>"), "{name}");
             assert!(!html.contains("<evil>"), "{name} did not escape:\n{html}");
+            assert!(html.contains("&lt;evil&gt;"), "{name}");
+            assert!(!html.contains("&#x2f;"), "{name}: '/' needs no escaping");
         }
         let rendered: Vec<&str> = samples().iter().map(|(n, _)| *n).collect();
         for (name, _) in EMBEDDED {
