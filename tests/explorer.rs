@@ -494,3 +494,61 @@ fn client_folder_replaces_templates_and_static_files_per_request() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("templates/"));
 }
+
+#[test]
+fn discovery_lists_at_most_once_per_max_list_frequency_and_fetches_each_narinfo_once() {
+    let env = NixEnv::new();
+    let closure = env.build_closure();
+    let cache = env.path("cache");
+    env.copy_to(
+        &format!("file://{}?compression=zstd", cache.display()),
+        &[&closure.app],
+    );
+    let objects = closure.paths.len() as u64;
+    let d = Daemon::start(
+        &env,
+        &[
+            "serve",
+            "--max-list-frequency",
+            "5s",
+            &format!("file://{}", cache.display()),
+        ],
+    );
+    let index = format!("{}/", d.url);
+    let wait_listed = || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let (_, html) = curl(&[&index]);
+            let html = String::from_utf8(html).unwrap();
+            if html.contains(&format!("{objects} matching of {objects} known"))
+                && !html.contains("discovery-notice")
+            {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "{html}");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+    // A burst of visits makes one listing, and each narinfo is fetched once.
+    for _ in 0..20 {
+        let (code, _) = curl(&[&index]);
+        assert_eq!(code, 200);
+    }
+    wait_listed();
+    for _ in 0..20 {
+        curl(&[&index]);
+    }
+    assert_eq!(d.metric("nixcached_backend_listings_total"), 1);
+    assert_eq!(d.metric("nixcached_backend_narinfo_fetches_total"), objects);
+    // Once the interval has passed, a visit lists again, and nothing known is fetched again.
+    std::thread::sleep(std::time::Duration::from_millis(5500));
+    curl(&[&index]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while d.metric("nixcached_backend_listings_total") < 2 {
+        assert!(std::time::Instant::now() < deadline, "no second listing");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    wait_listed();
+    assert_eq!(d.metric("nixcached_backend_listings_total"), 2);
+    assert_eq!(d.metric("nixcached_backend_narinfo_fetches_total"), objects);
+}
