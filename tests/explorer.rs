@@ -138,6 +138,10 @@ fn walk(b: &Browser, url: &str, closure: &common::Closure, evil: &str, sig: &str
     let page = b.body_text();
     assert!(page.contains("symlink"), "{page}");
     assert!(page.contains(&format!("{}/lib/x", closure.lib)), "{page}");
+    // The symlink's target is a link into the referenced store path.
+    b.click(&b.find("tr.symlink td.v a"));
+    assert_eq!(b.text(&b.find("#contents")).trim(), closure.dep);
+    b.goto(&format!("{url}/{}/browse/", digest(&closure.app)));
     b.click(&b.find_with_text("a.entry", "bin"));
     assert!(b.body_text().contains("executable"));
     assert_no_script(b);

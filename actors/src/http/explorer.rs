@@ -403,17 +403,30 @@ fn store_failure(svc: &CacheService, root: &str, what: &str, e: StoreError) -> H
     }
 }
 
-/// The store path a symlink target points into, as a browse link, when it does.
-fn target_link(root: &str, store_dir: &str, target: &[u8]) -> Option<String> {
-    let t = std::str::from_utf8(target).ok()?;
-    let rest = t.strip_prefix(store_dir)?.strip_prefix('/')?;
-    let (base, inner) = rest.split_once('/').unwrap_or((rest, ""));
-    let digest = base.get(..32)?;
-    if !crate::formats::store_path::is_valid_digest(digest) {
+/// Where a symlink leads, as a browse link, when it can be followed: into another store path
+/// (absolute targets in the store directory) or inside this NAR (relative targets that stay
+/// inside it). `dir` is the directory holding the symlink.
+fn target_link(
+    root: &str,
+    store_dir: &str,
+    digest: &str,
+    dir: &NarPath,
+    target: &[u8],
+) -> Option<String> {
+    if !target.starts_with(b"/") {
+        let p = dir.resolve(target)?;
+        return Some(format!("{root}/{digest}/browse/{}", p.encoded()));
+    }
+    let rest = target
+        .strip_prefix(store_dir.as_bytes())?
+        .strip_prefix(b"/")?;
+    let base_len = rest.iter().position(|&b| b == b'/').unwrap_or(rest.len());
+    let other = std::str::from_utf8(rest.get(..32)?).ok()?;
+    if base_len < 32 || !crate::formats::store_path::is_valid_digest(other) {
         return None;
     }
-    let inner = NarPath::parse(inner).ok()?;
-    Some(format!("{root}/{digest}/browse/{}", inner.encoded()))
+    let inner = NarPath::default().resolve(&rest[base_len..])?;
+    Some(format!("{root}/{other}/browse/{}", inner.encoded()))
 }
 
 fn crumbs(root: &str, digest: &str, base: &str, path: &NarPath) -> Vec<Crumb> {
@@ -504,14 +517,14 @@ pub async fn browse(ing: &Ingress, root: &str, digest: &str, encoded: &str) -> H
                     executable,
                     target_href: target
                         .as_deref()
-                        .and_then(|t| target_link(root, &svc.store_dir, t)),
+                        .and_then(|t| target_link(root, &svc.store_dir, digest, &path, t)),
                     target: target.map(|t| String::from_utf8_lossy(&t).into_owned()),
                 });
             }
         }
         Node::Symlink { target } => {
             page.kind = "symlink";
-            page.target_href = target_link(root, &svc.store_dir, target);
+            page.target_href = target_link(root, &svc.store_dir, digest, &path.parent(), target);
             page.target = Some(String::from_utf8_lossy(target).into_owned());
         }
         Node::Regular {
@@ -907,14 +920,27 @@ mod tests {
         assert!(as_text(b"caf\xc3", true).is_some());
         assert!(as_text(b"caf\xc3", false).is_none());
         assert!(as_text(b"\xff\xfe", true).is_none());
+        let root = NarPath::default();
+        let bin = NarPath::parse("bin").unwrap();
+        let other = "1123456789abcdfghijklmnpqrsvwxyz";
         assert_eq!(
             target_link(
                 "",
                 "/nix/store",
-                format!("/nix/store/{d}-x/lib/a%b").as_bytes()
+                d,
+                &bin,
+                format!("/nix/store/{other}-x/lib/a%b").as_bytes()
             ),
-            Some(format!("/{d}/browse/lib/a%25b"))
+            Some(format!("/{other}/browse/lib/a%25b"))
         );
-        assert_eq!(target_link("", "/nix/store", b"../x"), None);
+        assert_eq!(
+            target_link("/t", "/nix/store", d, &bin, b"../share/x y"),
+            Some(format!("/t/{d}/browse/share/x%20y"))
+        );
+        assert_eq!(target_link("", "/nix/store", d, &root, b"../x"), None);
+        assert_eq!(
+            target_link("", "/nix/store", d, &root, b"/etc/passwd"),
+            None
+        );
     }
 }

@@ -77,6 +77,24 @@ impl NarPath {
         NarPath { segments }
     }
 
+    /// Where a symlink target (raw bytes, relative to this directory) leads, when it stays
+    /// inside the NAR: `.` and empty segments are skipped, `..` climbs, climbing above the
+    /// root gives `None`.
+    pub fn resolve(&self, target: &[u8]) -> Option<NarPath> {
+        let mut segments = self.segments.clone();
+        for seg in target.split(|&b| b == b'/') {
+            match seg {
+                b"" | b"." => {}
+                b".." => {
+                    segments.pop()?;
+                }
+                s if s.contains(&0) => return None,
+                s => segments.push(s.to_vec()),
+            }
+        }
+        Some(NarPath { segments })
+    }
+
     /// The `/`-joined bytes, as the NAR reader names entries (empty for the root).
     pub fn as_bytes(&self) -> Vec<u8> {
         self.segments.join(&b'/')
@@ -140,5 +158,9 @@ mod tests {
         assert_eq!(NarPath::parse("a%2Fb"), Err(NarPathError::Malformed));
         assert_eq!(p.parent().parent().encoded(), "bin");
         assert_eq!(p.as_bytes(), b"bin/<script> x/caf\xc3\xa9\xff".to_vec());
+        let bin = NarPath::parse("bin").unwrap();
+        assert_eq!(bin.resolve(b"../lib/%41").unwrap().as_bytes(), b"lib/%41");
+        assert_eq!(bin.resolve(b"./x//y").unwrap().as_bytes(), b"bin/x/y");
+        assert_eq!(bin.resolve(b"../../etc"), None);
     }
 }
