@@ -432,6 +432,27 @@ fn nar_browser_opens_a_file_from_a_nar_over_1_gib_in_bounded_memory() {
     let peak = d.peak_rss_kib();
     eprintln!("zstd cache (streamed): peak RSS {} MiB", peak / 1024);
     assert!(peak < 100 * 1024, "peak RSS {peak} KiB");
+    drop(d);
+    fs::remove_dir_all(&zstd).unwrap();
+
+    // Uncompressed cache with listings: ranged reads of the stored NAR.
+    let plain = env.path("cache-big-none");
+    env.copy_to(
+        &format!(
+            "file://{}?compression=none&write-nar-listing=true",
+            plain.display()
+        ),
+        &[&sp],
+    );
+    assert!(plain.join(format!("{}.ls", digest(&sp))).exists());
+    let d = Daemon::start(&env, &["serve", &format!("file://{}", plain.display())]);
+    open_small_and_a_window(&d.url, &sp);
+    let peak = d.peak_rss_kib();
+    eprintln!(
+        "uncompressed cache with .ls (ranged): peak RSS {} MiB",
+        peak / 1024
+    );
+    assert!(peak < 100 * 1024, "peak RSS {peak} KiB");
 }
 
 #[test]
