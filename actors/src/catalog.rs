@@ -397,6 +397,8 @@ impl Handler<Discover> for Discovery {
 
 /// One pass: list, fetch the narinfos the catalog lacks, then follow unknown references.
 async fn discover(catalog: &Catalog, fetcher: &Addr<Fetcher>) -> Result<usize, StoreError> {
+    // What failed or was missing last time gets one more try per pass.
+    catalog.lock().missing.clear();
     let listed = fetcher
         .send(ListObjects)
         .await
@@ -422,8 +424,7 @@ async fn fetch_all(catalog: &Catalog, fetcher: &Addr<Fetcher>, digests: Vec<Stri
                 catalog.lock().missing.insert(digest);
             }
             Ok(Err(e)) => {
-                tracing::warn!("discovery: {digest}.narinfo: {e}");
-                // Not retried in this pass; the next pass tries again.
+                tracing::warn!("discovery: {digest}.narinfo: {e}; tried again in the next pass");
                 catalog.lock().missing.insert(digest);
             }
             Err(e) => tracing::warn!("discovery: store actor: {e}"),
