@@ -127,6 +127,7 @@ fn options(store: Arc<dyn Store>) -> ServeOptions {
         grace: Duration::from_secs(10),
         workers: 0,
         transparent_zstd: false,
+        ui: Default::default(),
     }
 }
 

@@ -84,9 +84,19 @@ pub struct ServeArgs {
     /// Use systemd socket activation (one inherited socket).
     #[arg(long)]
     pub systemd: bool,
-    /// Folder replacing the embedded web UI resources.
+    /// Folder replacing the explorer UI's embedded resources: templates/ (base.html,
+    /// index.html, narinfo.html, browse.html, error.html; re-read on every request, missing
+    /// ones fall back to the built-in ones) and dist/ (style.css).
     #[arg(long)]
     pub client: Option<PathBuf>,
+    /// Public key (NAME:BASE64, as in nix.conf) whose signatures the explorer reports as
+    /// verified (repeatable); the public halves of --secret-key-file keys count too.
+    #[arg(long = "trusted-public-key", value_name = "KEY")]
+    pub trusted_public_keys: Vec<String>,
+    /// Least time between the end of one store listing (for the explorer index) and the
+    /// start of the next.
+    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    pub max_list_frequency: Duration,
     /// Sign narinfos that lack a signature by this key (repeatable; nix-store --generate-binary-cache-key format).
     #[arg(long = "secret-key-file", value_name = "FILE")]
     pub secret_key_files: Vec<PathBuf>,

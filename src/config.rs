@@ -8,6 +8,9 @@
 //! [[cache]]                      # served at http://127.0.0.1:38380/
 //! store = "/nix/store"
 //! secret-key-files = ["/etc/nix/cache.sk"]
+//! trusted-public-keys = ["cache.example.org-1:base64…"]   # verified on the explorer's object page
+//! client = "/srv/nixcached-ui"   # templates/ and dist/ replacing the built-in explorer UI
+//! max-list-frequency = "2m"      # least time between store listings for the explorer index
 //!
 //! [[cache]]                      # served at http://127.0.0.1:38380/team/
 //! store = "file:///srv/team-cache"
@@ -98,6 +101,14 @@ pub struct CacheSection {
     /// zstd-encode uncompressed NARs for clients that accept it.
     #[serde(default)]
     pub transparent_zstd: bool,
+    /// Folder replacing the explorer's templates and static files (as `serve --client`).
+    pub client: Option<PathBuf>,
+    /// Public keys the explorer verifies signatures against (`name:base64`).
+    #[serde(default)]
+    pub trusted_public_keys: Vec<String>,
+    /// Least time between two listings of the store for the explorer index (default 2m).
+    #[serde(default, deserialize_with = "de_duration")]
+    pub max_list_frequency: Option<Duration>,
 }
 
 /// `[[upload]]`.
@@ -198,6 +209,11 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             grace,
             workers: cfg.server.workers,
             transparent_zstd: c.transparent_zstd,
+            ui: crate::serve::ui_options(
+                c.client.clone(),
+                &c.trusted_public_keys,
+                c.max_list_frequency,
+            )?,
         };
         if c.listen.is_empty() {
             shared.push((c.prefix.clone(), opts));
@@ -279,6 +295,37 @@ mod tests {
         let e = Config::load(&p).unwrap_err().to_string();
         assert!(e.contains("line 4"), "{e}");
         assert!(e.contains("prioriti"), "{e}");
+    }
+
+    #[test]
+    fn explorer_keys_become_ui_options() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("ui/templates")).unwrap();
+        let p = d.path().join("c.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "[[cache]]\nstore = \"/nix/store\"\nclient = \"{}\"\nmax-list-frequency = \"5m\"\n\
+                 trusted-public-keys = [\"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=\"]\n",
+                d.path().join("ui").display()
+            ),
+        )
+        .unwrap();
+        let cfg = Config::load(&p).unwrap();
+        let c = &cfg.caches[0];
+        let ui = crate::serve::ui_options(
+            c.client.clone(),
+            &c.trusted_public_keys,
+            c.max_list_frequency,
+        )
+        .unwrap();
+        assert_eq!(ui.max_list_frequency, Duration::from_secs(300));
+        assert_eq!(ui.trusted_keys.len(), 1);
+        assert_eq!(ui.trusted_keys[0].name(), "cache.nixos.org-1");
+        let e = crate::serve::ui_options(None, &["nonsense".into()], None).unwrap_err();
+        assert!(format!("{e:#}").contains("NAME:BASE64"), "{e:#}");
+        let e = crate::serve::ui_options(Some(d.path().join("nope")), &[], None).unwrap_err();
+        assert!(e.to_string().contains("templates/"), "{e}");
     }
 
     #[test]

@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use nixcached_actors::formats::{SecretKey, StoreDir};
+use nixcached_actors::formats::{PublicKey, SecretKey, StoreDir};
 use nixcached_actors::lookup::CacheSettings;
-use nixcached_actors::serve::{Listen, ServeOptions};
+use nixcached_actors::serve::{Listen, ServeOptions, UiOptions};
 use nixcached_actors::store::binary_cache::BinaryCache;
 use nixcached_actors::store::file::FileBlobs;
 use nixcached_actors::store::url::StoreUrl;
@@ -24,6 +24,38 @@ pub fn read_keys(files: &[PathBuf]) -> anyhow::Result<Vec<SecretKey>> {
             SecretKey::parse(&text).with_context(|| format!("secret key file {}", f.display()))
         })
         .collect()
+}
+
+/// The explorer settings from `--client`, `--trusted-public-key` and `--max-list-frequency`
+/// (or their config-file keys).
+pub fn ui_options(
+    client: Option<PathBuf>,
+    trusted: &[String],
+    max_list_frequency: Option<std::time::Duration>,
+) -> anyhow::Result<UiOptions> {
+    let defaults = UiOptions::default();
+    let trusted_keys = trusted
+        .iter()
+        .map(|k| {
+            PublicKey::parse(k.trim()).with_context(|| {
+                format!("trusted public key {k:?}: give it as NAME:BASE64, as in nix.conf's trusted-public-keys")
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if let Some(dir) = &client {
+        if !dir.join("templates").is_dir() {
+            bail!(
+                "--client {}: no templates/ folder there; give a folder with templates/ (base.html, index.html, narinfo.html) and dist/ (style.css)",
+                dir.display()
+            );
+        }
+    }
+    Ok(UiOptions {
+        client,
+        trusted_keys,
+        max_list_frequency: max_list_frequency.unwrap_or(defaults.max_list_frequency),
+        ..defaults
+    })
 }
 
 /// The store served when none is named: the local Nix store when its database is there,
@@ -68,11 +100,6 @@ pub fn open_store(url: Option<&str>) -> anyhow::Result<Arc<dyn Store>> {
 
 /// Runs `serve`.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    if args.client.is_some() {
-        tracing::warn!(
-            "--client is accepted but the explorer UI templates are not overridable yet"
-        );
-    }
     let store = open_store(args.store.as_deref())?;
     let mut listen: Vec<Listen> = args.listen.iter().map(|l| Listen::parse(l)).collect();
     if args.systemd {
@@ -98,6 +125,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         grace: args.grace,
         workers: args.workers,
         transparent_zstd: args.transparent_zstd,
+        ui: ui_options(
+            args.client.clone(),
+            &args.trusted_public_keys,
+            Some(args.max_list_frequency),
+        )?,
     };
     actix_web::rt::System::new().block_on(nixcached_actors::serve::run(opts))?;
     tracing::info!("stopped");

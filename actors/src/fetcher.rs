@@ -169,6 +169,7 @@ impl Handler<ListObjects> for Fetcher {
     type Result = ResponseFuture<Result<Vec<String>, StoreError>>;
 
     fn handle(&mut self, _: ListObjects, _: &mut Context<Self>) -> Self::Result {
+        Metrics::add(&self.metrics.backend_listings, 1);
         self.run(
             "listing the store".into(),
             |s| async move { s.list().await },

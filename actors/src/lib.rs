@@ -5,11 +5,13 @@
 //! so everything here can be used programmatically (see `examples/`).
 #![warn(missing_docs)]
 
+pub mod catalog;
 pub mod fetcher;
 pub mod formats;
 pub mod http;
 pub mod lookup;
 pub mod metrics;
+pub mod nar_files;
 pub mod publish;
 pub mod send;
 pub mod serve;

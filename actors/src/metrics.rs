@@ -19,6 +19,8 @@ pub struct Metrics {
     pub backend_narinfo_fetches: AtomicU64,
     /// NAR opens sent to the backend.
     pub backend_nar_opens: AtomicU64,
+    /// Listings of the whole store (explorer discovery).
+    pub backend_listings: AtomicU64,
     /// Total microseconds spent in backend narinfo fetches.
     pub backend_narinfo_micros: AtomicU64,
     /// Backend operations that failed or timed out.
@@ -78,6 +80,11 @@ impl Metrics {
                 "nixcached_backend_nar_opens_total",
                 "NAR reads opened on the store.",
                 get(&self.backend_nar_opens),
+            ),
+            (
+                "nixcached_backend_listings_total",
+                "Listings of the whole store (explorer discovery).",
+                get(&self.backend_listings),
             ),
             (
                 "nixcached_backend_errors_total",

@@ -12,11 +12,14 @@ use actix::Actor;
 use actix_web::{App, HttpServer};
 use bytes::Bytes;
 
+use crate::catalog::{Catalog, Discovery};
 use crate::fetcher::{FetchCacheInfo, Fetcher};
-use crate::formats::SecretKey;
+use crate::formats::{PublicKey, SecretKey};
+use crate::http::templates::Templates;
 use crate::http::{self, CacheService, Ingress};
 use crate::lookup::{CacheSettings, LookupShared};
 use crate::metrics::Metrics;
+use crate::nar_files::NarFiles;
 use crate::store::Store;
 
 /// Where to accept connections.
@@ -64,6 +67,33 @@ pub struct ServeOptions {
     /// Compress uncompressed NARs (`Compression: none`) on the fly with zstd for clients that
     /// send `Accept-Encoding: zstd`.
     pub transparent_zstd: bool,
+    /// The explorer UI.
+    pub ui: UiOptions,
+}
+
+/// Settings of the explorer UI.
+#[derive(Debug, Clone)]
+pub struct UiOptions {
+    /// A folder whose `templates/` and `dist/` replace the embedded ones (`--client`).
+    pub client: Option<PathBuf>,
+    /// Keys whose signatures the object page reports as verified (the public halves of
+    /// `keys` count too).
+    pub trusted_keys: Vec<PublicKey>,
+    /// Least time between the end of one store listing and the start of the next.
+    pub max_list_frequency: Duration,
+    /// Memory for NAR file trees kept for the browser.
+    pub tree_cache_bytes: u64,
+}
+
+impl Default for UiOptions {
+    fn default() -> Self {
+        UiOptions {
+            client: None,
+            trusted_keys: Vec::new(),
+            max_list_frequency: Duration::from_secs(120),
+            tree_cache_bytes: 32 * 1024 * 1024,
+        }
+    }
 }
 
 /// A started cache service: what the HTTP layer needs, and its counters.
@@ -85,15 +115,32 @@ pub async fn start_service(opts: &ServeOptions) -> io::Result<Arc<CacheService>>
         opts.keys.clone(),
         metrics.clone(),
     );
+    let templates = Templates::new(opts.ui.client.clone()).map_err(io::Error::other)?;
+    let catalog = Catalog::new();
+    let discovery =
+        Discovery::new(catalog.clone(), fetcher.clone(), opts.ui.max_list_frequency).start();
+    let mut trusted_keys = opts.ui.trusted_keys.clone();
+    for k in &opts.keys {
+        let public = k.public();
+        if !trusted_keys.contains(&public) {
+            trusted_keys.push(public);
+        }
+    }
     Ok(Arc::new(CacheService {
         store: opts.store.clone(),
         backend_timeout: opts.backend_timeout,
         transparent_zstd: opts.transparent_zstd,
+        nar_files: NarFiles::new(fetcher.clone(), opts.ui.tree_cache_bytes),
         lookups,
         cache_info: Bytes::from(info.render()),
         metrics,
         negative_ttl_secs: opts.cache.negative_ttl.as_secs(),
         description: opts.store.describe(),
+        store_dir: info.store_dir.as_str().to_owned(),
+        templates,
+        catalog,
+        discovery,
+        trusted_keys,
     }))
 }
 

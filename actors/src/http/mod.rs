@@ -8,8 +8,10 @@
 //! lacks, and any store failure or timeout, is a 404 (logged on our side); malformed requests
 //! are 400; wrong methods are 405 with `Allow`. Response bodies never carry internal detail.
 
-pub mod pages;
+pub mod explorer;
+pub mod nar_path;
 pub mod range;
+pub mod templates;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,10 +24,12 @@ use actix_web::{web, HttpRequest, HttpResponse, HttpResponseBuilder};
 use bytes::Bytes;
 use futures::StreamExt;
 
+use crate::catalog::{Catalog, Discovery};
 use crate::fetcher::{FetchListing, FetchLog, Fetcher, OpenNar};
-use crate::formats::Compression;
+use crate::formats::{Compression, PublicKey};
 use crate::lookup::{Lookup, LookupActor, LookupError, LookupShared};
 use crate::metrics::Metrics;
+use crate::nar_files::NarFiles;
 use crate::store::{Blob, Store, StoreError};
 
 /// Everything one served cache needs, shared by all HTTP workers.
@@ -44,8 +48,20 @@ pub struct CacheService {
     pub metrics: Arc<Metrics>,
     /// Seconds clients and CDNs may cache a 404.
     pub negative_ttl_secs: u64,
-    /// What is served, for the index page.
+    /// What is served, for logs.
     pub description: String,
+    /// The store directory the objects belong to (`/nix/store`).
+    pub store_dir: String,
+    /// The explorer's templates and static files.
+    pub templates: templates::Templates,
+    /// What the explorer index knows about the store's objects.
+    pub catalog: Arc<Catalog>,
+    /// The background discovery that fills the catalog.
+    pub discovery: Addr<Discovery>,
+    /// Files inside NARs, for the NAR browser.
+    pub nar_files: NarFiles,
+    /// Keys whose signatures the object page reports as verified.
+    pub trusted_keys: Vec<PublicKey>,
 }
 
 /// Per-worker state: the shared service plus this worker's lookup and fetcher actors.
@@ -104,6 +120,9 @@ enum Route {
     Listing,
     Log,
     Nar,
+    Static,
+    Browse,
+    File,
 }
 
 impl Route {
@@ -117,6 +136,9 @@ impl Route {
             Route::Listing => "ls",
             Route::Log => "log",
             Route::Nar => "nar",
+            Route::Static => "static",
+            Route::Browse => "browse",
+            Route::File => "file",
         }
     }
 
@@ -129,7 +151,12 @@ impl Route {
             r if r.len() == 40 && r.ends_with(".narinfo") => Route::NarInfo,
             r if r.len() == 35 && r.ends_with(".ls") => Route::Listing,
             r if r.starts_with("log/") => Route::Log,
-            _ => Route::Nar,
+            r if r.starts_with("_/") => Route::Static,
+            r => match explorer::parse_view(r) {
+                Some((_, explorer::View::Browse, _)) => Route::Browse,
+                Some((_, explorer::View::File, _)) => Route::File,
+                None => Route::Nar,
+            },
         }
     }
 }
@@ -212,10 +239,15 @@ async fn dispatch(req: HttpRequest, ing: web::Data<Ingress>) -> HttpResponse {
     let svc = &ing.service;
     // Below a scope (a cache served under a path prefix) only the rest of the path counts.
     let rest = req.match_info().unprocessed();
+    let full = req.match_info().as_str();
+    // The scope's prefix (`/team`, or empty), for links in pages.
+    let root = full[..full.len() - rest.len()]
+        .trim_end_matches('/')
+        .to_owned();
     let rel = rest.strip_prefix('/').unwrap_or(rest).to_owned();
     let route = Route::of(&rel);
     let resp = match *req.method() {
-        Method::GET | Method::HEAD => handle(&req, &ing, route, &rel).await,
+        Method::GET | Method::HEAD => handle(&req, &ing, route, &rel, &root).await,
         Method::OPTIONS => HttpResponse::Ok()
             .insert_header((header::ALLOW, "GET, HEAD, OPTIONS"))
             .finish(),
@@ -228,21 +260,26 @@ async fn dispatch(req: HttpRequest, ing: web::Data<Ingress>) -> HttpResponse {
     resp
 }
 
-async fn handle(req: &HttpRequest, ing: &Ingress, route: Route, rel: &str) -> HttpResponse {
+async fn handle(
+    req: &HttpRequest,
+    ing: &Ingress,
+    route: Route,
+    rel: &str,
+    root: &str,
+) -> HttpResponse {
     let svc = &*ing.service;
     match route {
-        Route::Index => HttpResponse::Ok()
-            .content_type("text/html; charset=utf-8")
-            .body(pages::layout(
-                "nixcached",
-                &format!(
-                    "<h1>nixcached</h1><p>A Nix binary cache serving <code>{}</code>.</p>\
-<p>Use it as a substituter: <code>nix copy --from http://{}</code>. \
-<a href=\"/nix-cache-info\">nix-cache-info</a> · <a href=\"/metrics\">metrics</a></p>",
-                    pages::escape(&svc.description),
-                    pages::escape(req.connection_info().host())
-                ),
-            )),
+        Route::Index => explorer::index(req, svc, root),
+        Route::Static => explorer::static_file(svc, root, &rel["_/".len()..]),
+        Route::Browse | Route::File => {
+            let Some((digest, view, tail)) = explorer::parse_view(rel) else {
+                return not_found(svc);
+            };
+            match view {
+                explorer::View::Browse => explorer::browse(ing, root, digest, tail).await,
+                explorer::View::File => explorer::file(req, ing, root, digest, tail).await,
+            }
+        }
         Route::CacheInfo => HttpResponse::Ok()
             .content_type("text/x-nix-cache-info")
             .insert_header((header::CACHE_CONTROL, NARINFO_MAX_AGE))
@@ -251,7 +288,7 @@ async fn handle(req: &HttpRequest, ing: &Ingress, route: Route, rel: &str) -> Ht
         Route::Metrics => HttpResponse::Ok()
             .content_type("text/plain; version=0.0.4; charset=utf-8")
             .body(svc.metrics.render()),
-        Route::NarInfo => narinfo(req, ing, &rel[..32]).await,
+        Route::NarInfo => narinfo(req, ing, &rel[..32], root).await,
         Route::Listing => match ing.fetcher.send(FetchListing(rel[..32].to_owned())).await {
             Ok(Ok(json)) => HttpResponse::Ok()
                 .content_type("application/json")
@@ -300,7 +337,7 @@ fn mailbox_error(svc: &CacheService, what: &str, e: actix::MailboxError) -> Http
     not_found(svc)
 }
 
-async fn narinfo(req: &HttpRequest, ing: &Ingress, digest: &str) -> HttpResponse {
+async fn narinfo(req: &HttpRequest, ing: &Ingress, digest: &str, root: &str) -> HttpResponse {
     let svc = &*ing.service;
     let served = match ing.lookup.send(Lookup(digest.to_owned())).await {
         Ok(Ok(s)) => s,
@@ -318,12 +355,10 @@ async fn narinfo(req: &HttpRequest, ing: &Ingress, digest: &str) -> HttpResponse
         }
         Err(e) => return mailbox_error(svc, digest, e),
     };
-    if wants_html(req) {
-        return HttpResponse::Ok()
-            .content_type("text/html; charset=utf-8")
-            .insert_header((header::VARY, "Accept"))
-            .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
-            .body(pages::narinfo_page(&served.info));
+    // What the lookup path learns feeds the explorer's index.
+    svc.catalog.learn(&served.info);
+    if wants_html(req) && !req.query_string().contains("format=text") {
+        return explorer::narinfo_page(svc, root, &served);
     }
     let mut b = HttpResponse::Ok();
     b.insert_header((header::ETAG, served.etag.as_str()))
@@ -468,5 +503,14 @@ mod tests {
         );
         assert_eq!(Route::of("nar/x.nar.xz"), Route::Nar);
         assert_eq!(Route::of("log/x.drv"), Route::Log);
+        assert_eq!(Route::of("_/style.css"), Route::Static);
+        assert_eq!(
+            Route::of("0123456789abcdfghijklmnpqrsvwxyz/browse/a%3Cb"),
+            Route::Browse
+        );
+        assert_eq!(
+            Route::of("0123456789abcdfghijklmnpqrsvwxyz/file/bin/x"),
+            Route::File
+        );
     }
 }

@@ -305,7 +305,10 @@ mod tests {
         fn s(out: &mut Vec<u8>, b: &[u8]) {
             out.extend_from_slice(&(b.len() as u64).to_le_bytes());
             out.extend_from_slice(b);
-            out.extend(std::iter::repeat(0).take(super::super::padding(b.len() as u64) as usize));
+            out.extend(std::iter::repeat_n(
+                0,
+                super::super::padding(b.len() as u64) as usize,
+            ));
         }
         for name in [&b".."[..], b"a/b", b"", b"."] {
             let mut n = Vec::new();

@@ -1,0 +1,315 @@
+//! Single files out of NARs, for the explorer's NAR browser.
+//!
+//! Two ways in, chosen per object:
+//! - **ranged**: the narinfo says `Compression: none` and the store has a listing with
+//!   `narOffset`s (the local store computes one; binary caches keep `.ls` files), so a file is
+//!   one ranged read of the NAR, however large the NAR is;
+//! - **streamed**: otherwise the NAR is read from the start through its decompressor and the
+//!   streaming NAR reader, which hands over the wanted file's bytes and stops there.
+//!
+//! Either way the bytes travel as a stream through a small bounded channel: memory stays
+//! bounded by a few chunks whatever the size of the NAR or of the file.
+
+use std::io::{self, Read};
+use std::sync::Arc;
+
+use actix::Addr;
+use bytes::Bytes;
+use moka::future::Cache;
+use tokio_util::io::{StreamReader, SyncIoBridge};
+
+use crate::fetcher::{FetchListing, Fetcher, OpenNar};
+use crate::formats::nar::{self, Listing, NarVisitor, Node};
+use crate::formats::{Compression, NarInfo};
+use crate::store::{ByteRange, ByteStream, StoreError};
+
+/// Bytes per chunk handed from the NAR reader to the response.
+const CHUNK: usize = 64 * 1024;
+/// Chunks in flight between the reader thread and the response.
+const IN_FLIGHT: usize = 4;
+
+/// An object's file tree, and whether its offsets may be used for ranged reads.
+#[derive(Debug)]
+pub struct ObjectTree {
+    /// The tree, with sizes, executable bits, symlink targets and NAR offsets.
+    pub listing: Listing,
+    /// True when a file can be fetched with one ranged read of the stored NAR.
+    pub ranged: bool,
+}
+
+/// A file's bytes (or a window of them) on their way out.
+pub struct FileBytes {
+    /// The bytes of the window.
+    pub stream: ByteStream,
+    /// Where the window lies in the file.
+    pub span: (u64, u64),
+    /// The whole file's size.
+    pub size: u64,
+}
+
+/// Finds files inside the NARs of one store; keeps recently used trees in memory.
+pub struct NarFiles {
+    fetcher: Addr<Fetcher>,
+    trees: Cache<String, Arc<ObjectTree>>,
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+fn mailbox(e: actix::MailboxError) -> StoreError {
+    StoreError::backend("store actor", e.to_string())
+}
+
+/// Rough memory a tree takes, for the cache's bound.
+fn weight(node: &Node) -> u64 {
+    match node {
+        Node::Regular { .. } => 48,
+        Node::Symlink { target } => 48 + target.len() as u64,
+        Node::Directory { entries } => entries
+            .iter()
+            .map(|(k, v)| 48 + k.len() as u64 + weight(v))
+            .sum(),
+    }
+}
+
+impl NarFiles {
+    /// A finder over the store behind `fetcher`, keeping up to `max_bytes` of trees.
+    pub fn new(fetcher: Addr<Fetcher>, max_bytes: u64) -> NarFiles {
+        let trees = Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|_: &String, t: &Arc<ObjectTree>| {
+                weight(&t.listing.root).try_into().unwrap_or(u32::MAX)
+            })
+            .build();
+        NarFiles { fetcher, trees }
+    }
+
+    /// The file tree of the object `info` describes: the store's listing when it has one,
+    /// else one streamed pass over the NAR.
+    pub async fn tree(&self, info: &NarInfo) -> Result<Arc<ObjectTree>, StoreError> {
+        let digest = info.store_path.digest().to_owned();
+        let fetcher = self.fetcher.clone();
+        let info = info.clone();
+        self.trees
+            .try_get_with(digest.clone(), async move {
+                match fetcher
+                    .send(FetchListing(digest.clone()))
+                    .await
+                    .map_err(mailbox)?
+                {
+                    Ok(json) => {
+                        let listing = Listing::from_json(&json).map_err(|e| corrupt(&digest, e))?;
+                        // Offsets of 0 mean the listing lacks them (older writers).
+                        let ranged =
+                            info.compression == Compression::None && has_offsets(&listing.root);
+                        Ok(Arc::new(ObjectTree { listing, ranged }))
+                    }
+                    Err(StoreError::NotFound(_)) => {
+                        let listing = stream_listing(&fetcher, &info).await?;
+                        Ok(Arc::new(ObjectTree {
+                            listing,
+                            ranged: false,
+                        }))
+                    }
+                    Err(e) => Err(e),
+                }
+            })
+            .await
+            .map_err(|e: Arc<StoreError>| match &*e {
+                StoreError::NotFound(m) => StoreError::NotFound(m.clone()),
+                StoreError::Invalid(m) => StoreError::Invalid(m.clone()),
+                other => StoreError::backend("reading the NAR's file tree", other.to_string()),
+            })
+    }
+
+    /// The bytes of the regular file at `path` (bytes, `/`-separated), or of `window` of it.
+    pub async fn open(
+        &self,
+        info: &NarInfo,
+        tree: &ObjectTree,
+        path: &[u8],
+        window: Option<ByteRange>,
+    ) -> Result<FileBytes, StoreError> {
+        let node = lookup(&tree.listing.root, path)
+            .ok_or_else(|| StoreError::NotFound("no such file in the NAR".into()))?;
+        let Node::Regular {
+            size, nar_offset, ..
+        } = *node
+        else {
+            return Err(StoreError::Invalid("not a regular file".into()));
+        };
+        let span = ByteRange::resolve_or_err(window, size)?;
+        if size == 0 {
+            return Ok(FileBytes {
+                stream: Box::pin(futures::stream::empty()),
+                span: (0, 0),
+                size,
+            });
+        }
+        if tree.ranged {
+            let blob = self
+                .fetcher
+                .send(OpenNar {
+                    url: info.url.clone(),
+                    range: Some(ByteRange::span(
+                        nar_offset + span.0,
+                        Some(nar_offset + span.1),
+                    )),
+                })
+                .await
+                .map_err(mailbox)??;
+            return Ok(FileBytes {
+                stream: blob.stream,
+                span,
+                size,
+            });
+        }
+        let stream = stream_file(&self.fetcher, info, path.to_vec(), span).await?;
+        Ok(FileBytes { stream, span, size })
+    }
+}
+
+/// Follows a byte path (no symlinks) from `root`.
+pub fn lookup<'a>(root: &'a Node, path: &[u8]) -> Option<&'a Node> {
+    let mut node = root;
+    for part in path.split(|&b| b == b'/').filter(|p| !p.is_empty()) {
+        match node {
+            Node::Directory { entries } => node = entries.get(part)?,
+            _ => return None,
+        }
+    }
+    Some(node)
+}
+
+fn has_offsets(node: &Node) -> bool {
+    match node {
+        Node::Regular { nar_offset, .. } => *nar_offset > 0,
+        Node::Symlink { .. } => true,
+        Node::Directory { entries } => entries.values().all(has_offsets),
+    }
+}
+
+/// The uncompressed NAR of `info` as a blocking reader, for the NAR reader on a blocking
+/// thread; must be called inside the runtime the stream belongs to.
+type BlockingNar = io::BufReader<SyncIoBridge<std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>>>;
+
+async fn nar_reader(fetcher: &Addr<Fetcher>, info: &NarInfo) -> Result<BlockingNar, StoreError> {
+    let blob = fetcher
+        .send(OpenNar {
+            url: info.url.clone(),
+            range: None,
+        })
+        .await
+        .map_err(mailbox)??;
+    let raw = tokio::io::BufReader::with_capacity(CHUNK, StreamReader::new(blob.stream));
+    // The reader skips unwanted files in small reads; a buffer turns them into few
+    // round trips to the runtime.
+    Ok(io::BufReader::with_capacity(
+        4 * CHUNK,
+        SyncIoBridge::new(info.compression.decoder(raw)),
+    ))
+}
+
+async fn stream_listing(fetcher: &Addr<Fetcher>, info: &NarInfo) -> Result<Listing, StoreError> {
+    let reader = nar_reader(fetcher, info).await?;
+    let what = info.store_path.to_string();
+    tokio::task::spawn_blocking(move || nar::read(reader, &mut ()))
+        .await
+        .map_err(|e| StoreError::backend("NAR reader thread", e.to_string()))?
+        .map_err(|e| corrupt(&what, e))
+}
+
+/// Hands the wanted file's bytes to a channel, then stops the reader.
+struct Extract {
+    path: Vec<u8>,
+    span: (u64, u64),
+    tx: tokio::sync::mpsc::Sender<io::Result<Bytes>>,
+    done: bool,
+}
+
+/// What the visitor returns to stop the reader once the file is out.
+const FOUND: &str = "nixcached: file extracted";
+
+impl NarVisitor for Extract {
+    fn file(
+        &mut self,
+        path: &[u8],
+        _executable: bool,
+        _size: u64,
+        contents: &mut dyn Read,
+    ) -> io::Result<()> {
+        if path != self.path {
+            return Ok(());
+        }
+        let (start, end) = self.span;
+        io::copy(&mut contents.take(start), &mut io::sink())?;
+        let mut left = end - start;
+        let mut buf = vec![0u8; CHUNK];
+        while left > 0 {
+            let n = contents.read(&mut buf[..CHUNK.min(left as usize)])?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            left -= n as u64;
+            // A closed channel means the client went away: stop reading the NAR.
+            self.tx
+                .blocking_send(Ok(Bytes::copy_from_slice(&buf[..n])))
+                .map_err(|_| io::Error::other("client went away"))?;
+        }
+        self.done = true;
+        Err(io::Error::other(FOUND))
+    }
+}
+
+async fn stream_file(
+    fetcher: &Addr<Fetcher>,
+    info: &NarInfo,
+    path: Vec<u8>,
+    span: (u64, u64),
+) -> Result<ByteStream, StoreError> {
+    let reader = nar_reader(fetcher, info).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(IN_FLIGHT);
+    let what = info.store_path.to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut v = Extract {
+            path,
+            span,
+            tx: tx.clone(),
+            done: false,
+        };
+        let r = nar::read(reader, &mut v);
+        if !v.done {
+            let msg = match r {
+                Ok(_) => "the file was not in the NAR".to_owned(),
+                Err(e) => e.to_string(),
+            };
+            tracing::warn!("extracting a file from {what}: {msg}");
+            let _ = tx.blocking_send(Err(io::Error::other(msg)));
+        }
+    });
+    Ok(Box::pin(tokio_stream_of(rx)))
+}
+
+fn tokio_stream_of(
+    mut rx: tokio::sync::mpsc::Receiver<io::Result<Bytes>>,
+) -> impl futures::Stream<Item = io::Result<Bytes>> + Send {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// Reads at most `limit` bytes of a stream (for inline views of small text files).
+pub async fn read_prefix(mut stream: ByteStream, limit: usize) -> io::Result<Vec<u8>> {
+    use futures::StreamExt;
+    let mut out = Vec::new();
+    while out.len() < limit {
+        match stream.next().await {
+            Some(chunk) => {
+                let chunk = chunk?;
+                let take = chunk.len().min(limit - out.len());
+                out.extend_from_slice(&chunk[..take]);
+            }
+            None => break,
+        }
+    }
+    Ok(out)
+}
