@@ -111,9 +111,34 @@ pub struct ServeArgs {
     /// HTTP worker threads (default: one per core).
     #[arg(long, default_value_t = 0)]
     pub workers: usize,
-    /// Store to serve: /nix/store, local?root=DIR, file:///DIR, s3://BUCKET, gs://BUCKET or
-    /// ssh://HOST. Default: the local Nix store when there is one, else a cache folder.
+    #[command(flatten)]
+    pub upstream: UpstreamArgs,
+    /// Store to serve: /nix/store, local?root=DIR, file:///DIR, s3://BUCKET, gs://BUCKET,
+    /// ssh://HOST or https://CACHE. Default: the local Nix store when there is one, else a
+    /// cache folder; with --upstream and no store, the upstreams alone.
     pub store: Option<String>,
+}
+
+/// Upstream binary caches behind the served store (`serve --upstream`).
+#[derive(Debug, Args)]
+pub struct UpstreamArgs {
+    /// Upstream binary cache (http:// or https://) for what the store lacks; repeatable, tried
+    /// in order.
+    #[arg(long = "upstream", value_name = "URL")]
+    pub upstreams: Vec<String>,
+    /// Key whose signature upstream narinfos must carry (NAME:BASE64, as in Nix's
+    /// trusted-public-keys; repeatable). Without any, upstream narinfos are not verified.
+    #[arg(long = "trusted-public-key", value_name = "NAME:KEY")]
+    pub trusted_public_keys: Vec<String>,
+    /// Longest wait for an upstream to connect and answer; then the next one is tried.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub upstream_timeout: Duration,
+    /// Folder keeping NARs fetched from upstreams (default: $XDG_CACHE_HOME/nixcached/upstream-nars).
+    #[arg(long, value_name = "DIR")]
+    pub nar_cache_dir: Option<PathBuf>,
+    /// Size bound of the NAR folder in MiB (0: keep no NARs, stream them through).
+    #[arg(long, default_value_t = 10240)]
+    pub nar_cache_size_mib: u64,
 }
 
 /// `nixcached upload`.
