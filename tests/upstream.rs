@@ -408,3 +408,52 @@ fn a_client_receives_the_first_bytes_before_the_upstream_finished() {
         "first body byte after {first:?}, last after {finished:?}"
     );
 }
+
+#[test]
+fn a_silent_upstream_times_out_and_the_next_one_answers() {
+    let env = NixEnv::new();
+    let closure = env.build_closure();
+    let (up_sk, up_pk) = env.keypair("upstream-1");
+    // Accepts connections (the kernel's backlog does) and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("http://{}", silent.local_addr().unwrap());
+    let b = PyServer::start(&nix_cache(&env, "b", &up_sk, "xz", &closure.app), 0.0);
+    let daemon = Daemon::start(
+        &env,
+        &[
+            "serve",
+            "--upstream",
+            &silent_url,
+            "--upstream",
+            &b.url,
+            "--trusted-public-key",
+            &up_pk,
+            "--upstream-timeout",
+            "1s",
+            "--nar-cache-dir",
+            env.path("nars").to_str().unwrap(),
+        ],
+    );
+    let asked = Instant::now();
+    let (code, _) = curl(&[&format!("{}/{}.narinfo", daemon.url, digest(&closure.dep))]);
+    assert_eq!(code, 200, "answered by the second upstream");
+    assert!(
+        asked.elapsed() < Duration::from_secs(4),
+        "after about one timeout: {:?}",
+        asked.elapsed()
+    );
+    let (code, _) = curl(&[&format!(
+        "{}/00000000000000000000000000000000.narinfo",
+        daemon.url
+    )]);
+    assert_eq!(
+        code, 404,
+        "a miss with one upstream silent is a 404, not a 5xx"
+    );
+    let fresh = env.path("fresh");
+    env.realise_from(fresh.to_str().unwrap(), &daemon.url, &up_pk, &closure.app);
+    assert!(daemon
+        .log()
+        .iter()
+        .any(|l| l.contains("no answer within 1s")));
+}
