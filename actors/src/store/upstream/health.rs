@@ -31,8 +31,9 @@ impl Health {
         }
     }
 
-    /// False while the upstream is in its cool-down. Once the cool-down is over one request
-    /// goes through again (the breaker is half open): its outcome closes or re-opens it.
+    /// False while the upstream is in its cool-down. Once the cool-down is over requests go
+    /// through again (the breaker is half open): the first failure re-opens it for another
+    /// cool-down, the first success closes it.
     pub fn available(&self) -> bool {
         let st = self.state.lock().expect("health lock");
         st.skipped_until.is_none_or(|t| Instant::now() >= t)
