@@ -89,10 +89,6 @@ pub struct ServeArgs {
     /// ones fall back to the built-in ones) and dist/ (style.css).
     #[arg(long)]
     pub client: Option<PathBuf>,
-    /// Public key (NAME:BASE64, as in nix.conf) whose signatures the explorer reports as
-    /// verified (repeatable); the public halves of --secret-key-file keys count too.
-    #[arg(long = "trusted-public-key", value_name = "KEY")]
-    pub trusted_public_keys: Vec<String>,
     /// Least time between the end of one store listing (for the explorer index) and the
     /// start of the next.
     #[arg(long, default_value = "2m", value_parser = parse_duration)]
@@ -125,9 +121,35 @@ pub struct ServeArgs {
     /// zstd-encoded to clients that send `Accept-Encoding: zstd`: less bandwidth, more CPU.
     #[arg(long)]
     pub transparent_zstd: bool,
-    /// Store to serve: /nix/store, local?root=DIR, file:///DIR, s3://BUCKET, gs://BUCKET or
-    /// ssh://HOST. Default: the local Nix store when there is one, else a cache folder.
+    #[command(flatten)]
+    pub upstream: UpstreamArgs,
+    /// Store to serve: /nix/store, local?root=DIR, file:///DIR, s3://BUCKET, gs://BUCKET,
+    /// ssh://HOST or https://CACHE. Default: the local Nix store when there is one, else a
+    /// cache folder; with --upstream and no store, the upstreams alone.
     pub store: Option<String>,
+}
+
+/// Upstream binary caches behind the served store (`serve --upstream`).
+#[derive(Debug, Args)]
+pub struct UpstreamArgs {
+    /// Upstream binary cache (http:// or https://) for what the store lacks; repeatable, tried
+    /// in order.
+    #[arg(long = "upstream", value_name = "URL")]
+    pub upstreams: Vec<String>,
+    /// Trusted key (NAME:BASE64, as in Nix's trusted-public-keys; repeatable): upstream
+    /// narinfos must carry a signature by one (without any, they are not verified), and the
+    /// explorer reports signatures by them as verified (as it does for --secret-key-file keys).
+    #[arg(long = "trusted-public-key", value_name = "NAME:KEY")]
+    pub trusted_public_keys: Vec<String>,
+    /// Longest wait for an upstream to connect and answer; then the next one is tried.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub upstream_timeout: Duration,
+    /// Folder keeping NARs fetched from upstreams (default: $XDG_CACHE_HOME/nixcached/upstream-nars).
+    #[arg(long, value_name = "DIR")]
+    pub nar_cache_dir: Option<PathBuf>,
+    /// Size bound of the NAR folder in MiB (0: keep no NARs, stream them through).
+    #[arg(long, default_value_t = 10240)]
+    pub nar_cache_size_mib: u64,
 }
 
 /// `nixcached upload`.

@@ -19,6 +19,8 @@
 //! [[cache]]                      # its own listener
 //! store = "s3://bucket?region=eu-west-1"
 //! listen = ["127.0.0.1:38381"]
+//! upstreams = ["https://cache.nixos.org"]   # what the bucket lacks
+//! trusted-public-keys = ["cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="]
 //!
 //! [[upload]]
 //! input = "/run/nixcached-upload"
@@ -103,12 +105,36 @@ pub struct CacheSection {
     pub transparent_zstd: bool,
     /// Folder replacing the explorer's templates and static files (as `serve --client`).
     pub client: Option<PathBuf>,
-    /// Public keys the explorer verifies signatures against (`name:base64`).
-    #[serde(default)]
-    pub trusted_public_keys: Vec<String>,
     /// Least time between two listings of the store for the explorer index (default 2m).
     #[serde(default, deserialize_with = "de_duration")]
     pub max_list_frequency: Option<Duration>,
+    /// Upstream binary caches behind the store, tried in order.
+    #[serde(default)]
+    pub upstreams: Vec<String>,
+    /// Trusted keys (`NAME:BASE64`): upstream narinfos must be signed by one, and the explorer
+    /// reports signatures by them as verified.
+    #[serde(default)]
+    pub trusted_public_keys: Vec<String>,
+    /// Per-upstream timeout (default 5s).
+    #[serde(default, deserialize_with = "de_duration")]
+    pub upstream_timeout: Option<Duration>,
+    /// Folder of NARs fetched from upstreams.
+    pub nar_cache_dir: Option<PathBuf>,
+    /// Size bound of that folder in MiB (default 10240; 0 keeps none).
+    pub nar_cache_size_mib: Option<u64>,
+}
+
+impl CacheSection {
+    /// The upstream settings, as `serve`'s flags would give them.
+    fn upstream_args(&self) -> crate::cli::UpstreamArgs {
+        crate::cli::UpstreamArgs {
+            upstreams: self.upstreams.clone(),
+            trusted_public_keys: self.trusted_public_keys.clone(),
+            upstream_timeout: self.upstream_timeout.unwrap_or(Duration::from_secs(5)),
+            nar_cache_dir: self.nar_cache_dir.clone(),
+            nar_cache_size_mib: self.nar_cache_size_mib.unwrap_or(10240),
+        }
+    }
 }
 
 /// `[[upload]]`.
@@ -193,7 +219,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let mut own = Vec::new();
     for c in &cfg.caches {
         let opts = ServeOptions {
-            store: crate::serve::open_store(Some(&c.store))?,
+            store: crate::serve::open_serve_store(Some(&c.store), &c.upstream_args())?,
             listen: c.listen.iter().map(|l| Listen::parse(l)).collect(),
             keys: crate::serve::read_keys(&c.secret_key_files)?,
             priority: c.priority,
@@ -334,5 +360,17 @@ mod tests {
         let cfg = Config::load(&p).unwrap();
         assert!(cfg.caches.len() >= 2);
         assert!(!cfg.uploads.is_empty());
+        let mirror = cfg
+            .caches
+            .iter()
+            .find(|c| !c.upstreams.is_empty())
+            .expect("an example with upstreams");
+        for k in &mirror.trusted_public_keys {
+            nixcached_actors::formats::PublicKey::parse(k).unwrap();
+        }
+        assert_eq!(
+            mirror.upstream_args().upstream_timeout,
+            Duration::from_secs(5)
+        );
     }
 }

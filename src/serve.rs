@@ -9,10 +9,12 @@ use nixcached_actors::lookup::CacheSettings;
 use nixcached_actors::serve::{Listen, ServeOptions, UiOptions};
 use nixcached_actors::store::binary_cache::BinaryCache;
 use nixcached_actors::store::file::FileBlobs;
+use nixcached_actors::store::layered::LayeredStore;
+use nixcached_actors::store::upstream::{UpstreamOptions, UpstreamStore};
 use nixcached_actors::store::url::StoreUrl;
 use nixcached_actors::store::Store;
 
-use crate::cli::ServeArgs;
+use crate::cli::{ServeArgs, UpstreamArgs};
 
 /// Reads `nix-store --generate-binary-cache-key` secret key files.
 pub fn read_keys(files: &[PathBuf]) -> anyhow::Result<Vec<SecretKey>> {
@@ -98,9 +100,70 @@ pub fn open_store(url: Option<&str>) -> anyhow::Result<Arc<dyn Store>> {
     }
 }
 
+/// The default NAR cache folder: `$XDG_CACHE_HOME/nixcached/upstream-nars`.
+fn default_nar_cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("nixcached/upstream-nars")
+}
+
+/// Opens the store to serve with its upstreams: an `http(s)://` store and every `--upstream`
+/// form one upstream store; another store with upstreams is layered in front of them.
+pub fn open_serve_store(url: Option<&str>, up: &UpstreamArgs) -> anyhow::Result<Arc<dyn Store>> {
+    let http_store = match url.map(StoreUrl::parse).transpose() {
+        Ok(Some(StoreUrl::Http(u))) => Some(u),
+        Ok(_) => None,
+        Err(e) => return Err(e).with_context(|| format!("opening store {}", url.unwrap_or(""))),
+    };
+    if http_store.is_none() && up.upstreams.is_empty() {
+        return open_store(url);
+    }
+    let mut urls: Vec<_> = http_store.into_iter().collect();
+    for u in &up.upstreams {
+        match StoreUrl::parse(u) {
+            Ok(StoreUrl::Http(parsed)) => urls.push(parsed),
+            _ => bail!(
+                "upstream {u:?} is not an http:// or https:// URL; write for example https://cache.nixos.org"
+            ),
+        }
+    }
+    let trusted_keys = up
+        .trusted_public_keys
+        .iter()
+        .map(|k| {
+            PublicKey::parse(k).with_context(|| {
+                format!(
+                    "trusted public key {k:?}; write NAME:BASE64 as in Nix's trusted-public-keys"
+                )
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut options = UpstreamOptions::new(urls);
+    options.trusted_keys = trusted_keys;
+    options.timeout = up.upstream_timeout;
+    if up.nar_cache_size_mib > 0 {
+        options.nar_cache = Some((
+            up.nar_cache_dir
+                .clone()
+                .unwrap_or_else(default_nar_cache_dir),
+            up.nar_cache_size_mib * 1024 * 1024,
+        ));
+    }
+    let upstream: Arc<dyn Store> =
+        Arc::new(UpstreamStore::open(options).context("opening the upstream caches")?);
+    match url {
+        Some(u) if StoreUrl::parse(u).is_ok_and(|p| !matches!(p, StoreUrl::Http(_))) => {
+            Ok(Arc::new(LayeredStore::new(open_store(Some(u))?, upstream)))
+        }
+        _ => Ok(upstream),
+    }
+}
+
 /// Runs `serve`.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let store = open_store(args.store.as_deref())?;
+    let store = open_serve_store(args.store.as_deref(), &args.upstream)?;
     let mut listen: Vec<Listen> = args.listen.iter().map(|l| Listen::parse(l)).collect();
     if args.systemd {
         if !listen.is_empty() {
@@ -127,7 +190,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         transparent_zstd: args.transparent_zstd,
         ui: ui_options(
             args.client.clone(),
-            &args.trusted_public_keys,
+            &args.upstream.trusted_public_keys,
             Some(args.max_list_frequency),
         )?,
     };

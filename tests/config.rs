@@ -7,10 +7,23 @@ use std::io::BufRead;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::NixEnv;
+use common::{curl, NixEnv};
 
+/// A child process stopped when the test ends, pass or fail.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Caches in one process: the chroot local store at the root, a folder under /folder, an S3
+/// bucket (moto) on its own listener, and an upstream HTTP cache under /mirror; one pipeline
+/// uploads to the bucket, the other to a folder. A real Nix substitutes from each cache.
 #[test]
-fn three_caches_and_two_pipelines_in_one_process() {
+fn four_caches_and_two_pipelines_in_one_process() {
     let env = NixEnv::new();
     let closure = env.build_closure();
     let (sk, pk) = env.keypair("config-1");
@@ -23,20 +36,43 @@ fn three_caches_and_two_pipelines_in_one_process() {
         ),
         &[&closure.app],
     );
-    let other = env.path("other-cache");
+    // An upstream binary cache: a plain HTTP server over a folder Nix filled.
+    let upstream_dir = env.path("upstream-cache");
     env.copy_to(
         &format!(
             "file://{}?compression=zstd&secret-key={}",
-            other.display(),
+            upstream_dir.display(),
             sk.display()
         ),
         &[&closure.lib],
     );
+    let port = common::peers::free_port();
+    let _upstream = KillOnDrop(
+        Command::new("python3")
+            .args(["-m", "http.server", "--bind", "127.0.0.1", "--directory"])
+            .arg(&upstream_dir)
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let upstream_url = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while curl(&[&format!("{upstream_url}/nix-cache-info")]).0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "python http.server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (s3_endpoint, bucket) = common::peers::new_s3_bucket("config");
+    let s3 = format!("s3://{bucket}?endpoint={s3_endpoint}&region=us-east-1");
     let (fifo1, fifo2) = (env.path("up1.fifo"), env.path("up2.fifo"));
     for f in [&fifo1, &fifo2] {
         assert!(Command::new("mkfifo").arg(f).status().unwrap().success());
     }
-    let (dest1, dest2) = (env.path("dest1"), env.path("dest2"));
+    let dest2 = env.path("dest2");
     let config = env.path("nixcached.toml");
     std::fs::write(
         &config,
@@ -54,12 +90,20 @@ store = "file://{folder}"
 prefix = "/folder"
 
 [[cache]]
-store = "file://{other}"
+store = "{s3}"
 listen = ["127.0.0.1:0"]
+
+[[cache]]
+store = "{upstream_url}"
+prefix = "/mirror"
+trusted-public-keys = ["{pk}"]
+upstream-timeout = "3s"
+nar-cache-dir = "{nars}"
+nar-cache-size-mib = 16
 
 [[upload]]
 input = "{fifo1}"
-dest = "file://{dest1}"
+dest = "{s3}"
 from = "local?root={store}"
 state-dir = "{state}/1"
 secret-key-files = ["{sk}"]
@@ -76,24 +120,25 @@ allow-finish = true
             store = env.store_arg(),
             sk = sk.display(),
             folder = folder.display(),
-            other = other.display(),
+            nars = env.path("nars").display(),
             fifo1 = fifo1.display(),
             fifo2 = fifo2.display(),
-            dest1 = dest1.display(),
             dest2 = dest2.display(),
             state = env.path("state").display(),
         ),
     )
     .unwrap();
-    let mut child = env
-        .cmd(env!("CARGO_BIN_EXE_nixcached"))
-        .args(["--config", config.to_str().unwrap()])
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    // Killed if the test fails half-way; stopped with SIGTERM at the end otherwise.
+    let mut daemon = KillOnDrop(
+        env.cmd(env!("CARGO_BIN_EXE_nixcached"))
+            .args(["--config", config.to_str().unwrap()])
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     // "Listening on http://127.0.0.1:P/prefix/ serving DESCRIPTION", one per cache.
-    let stderr = child.stderr.take().unwrap();
+    let stderr = daemon.0.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stderr)
@@ -111,9 +156,9 @@ allow-finish = true
     });
     let mut urls = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while urls.len() < 3 {
+    while urls.len() < 4 {
         let left = deadline.saturating_duration_since(Instant::now());
-        let (desc, url) = rx.recv_timeout(left).expect("three caches listening");
+        let (desc, url) = rx.recv_timeout(left).expect("four caches listening");
         urls.insert(desc, url);
     }
     let url_of = |needle: &str| {
@@ -124,24 +169,22 @@ allow-finish = true
     };
     let local_url = url_of("local?root=");
     let folder_url = url_of("folder-cache");
-    let other_url = url_of("other-cache");
+    let s3_url = url_of(&format!("s3://{bucket}"));
+    let mirror_url = url_of(&upstream_url);
     assert!(folder_url.ends_with("/folder"), "{folder_url}");
+    assert!(mirror_url.ends_with("/mirror"), "{mirror_url}");
 
-    for (i, (url, path)) in [
-        (&local_url, &closure.app),
-        (&folder_url, &closure.app),
-        (&other_url, &closure.lib),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    let substitute = |i: usize, url: &str, path: &str| {
         let fresh = env.path(&format!("fresh{i}"));
         env.realise_from(fresh.to_str().unwrap(), url, &pk, path);
         assert!(
             fresh.join(path.trim_start_matches('/')).exists(),
             "substituted {path} from {url}"
         );
-    }
+    };
+    substitute(0, &local_url, &closure.app);
+    substitute(1, &folder_url, &closure.app);
+    substitute(3, &mirror_url, &closure.lib);
 
     // Both pipelines upload what they are sent, then stop at the finish marker.
     let bin = env!("CARGO_BIN_EXE_nixcached");
@@ -163,35 +206,26 @@ allow-finish = true
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    for d in [&dest1, &dest2] {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !d
-            .join(format!(
-                "{}.narinfo",
-                &closure.app["/nix/store/".len()..][..32]
-            ))
-            .is_file()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "pipeline to {} did not upload",
-                d.display()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    let narinfo = format!("{}.narinfo", &closure.app["/nix/store/".len()..][..32]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // moto lists a bucket without credentials: see the upload land there.
+    let in_bucket = || {
+        let (code, body) = curl(&[&format!("{s3_endpoint}/{bucket}?prefix={narinfo}")]);
+        code == 200 && String::from_utf8_lossy(&body).contains(&format!("<Key>{narinfo}</Key>"))
+    };
+    while !(dest2.join(&narinfo).is_file() && in_bucket()) {
+        assert!(Instant::now() < deadline, "the pipelines did not upload");
+        std::thread::sleep(Duration::from_millis(100));
     }
-    env.verify(
-        &format!("file://{}", dest1.display()),
-        Some(&*pk),
-        &closure.app,
-    );
+    // What the first pipeline put in the bucket, substituted from the S3 cache.
+    substitute(2, &s3_url, &closure.app);
     env.verify(&format!("file://{}", dest2.display()), None, &closure.app);
 
     assert!(Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &daemon.0.id().to_string()])
         .status()
         .unwrap()
         .success());
-    let status = child.wait().unwrap();
+    let status = daemon.0.wait().unwrap();
     assert!(status.success(), "{status}");
 }

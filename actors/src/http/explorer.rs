@@ -866,6 +866,7 @@ mod tests {
             backend_timeout: std::time::Duration::from_secs(5),
             grace: std::time::Duration::from_secs(1),
             workers: 1,
+            transparent_zstd: false,
             ui: Default::default(),
         };
         let svc = start_service(&opts).await.unwrap();

@@ -2,17 +2,20 @@
 //!
 //! [`Store`] is the one interface every backend implements: the local Nix store
 //! ([`local::LocalStore`]), and binary caches ([`binary_cache::BinaryCache`]) over any
-//! [`blobs::Blobs`] backend such as a folder ([`file::FileBlobs`]). [`url::StoreUrl`] turns the
-//! URLs users type into one of them.
+//! [`blobs::Blobs`] backend such as a folder ([`file::FileBlobs`]), upstream HTTP caches
+//! ([`upstream::UpstreamStore`]), and one store in front of another ([`layered::LayeredStore`]).
+//! [`url::StoreUrl`] turns the URLs users type into one of them.
 
 pub mod binary_cache;
 pub mod blobs;
 pub mod file;
 pub mod gcs;
+pub mod layered;
 pub mod local;
 pub mod memory;
 pub mod s3;
 pub mod ssh;
+pub mod upstream;
 pub mod url;
 
 use std::io;

@@ -30,8 +30,8 @@ pub enum StoreUrl {
     S3(S3Options),
     /// `gs://BUCKET[?…]`: a binary cache in a Google Cloud Storage bucket.
     Gcs(GcsOptions),
-    /// A scheme this build recognises but cannot open yet (`http(s)://`).
-    NotYetSupported(String),
+    /// `http://` or `https://`: an upstream binary cache (such as cache.nixos.org), read-only.
+    Http(url::Url),
 }
 
 fn invalid(msg: String) -> StoreError {
@@ -74,7 +74,7 @@ impl StoreUrl {
         }
         let url = url::Url::parse(s).map_err(|e| {
             invalid(format!(
-                "{s:?} is not a store URL ({e}); use /nix/store, file:///DIR, s3://BUCKET, gs://BUCKET or ssh://HOST"
+                "{s:?} is not a store URL ({e}); use /nix/store, file:///DIR, s3://BUCKET, gs://BUCKET, ssh://HOST or https://CACHE"
             ))
         })?;
         match url.scheme() {
@@ -107,9 +107,14 @@ impl StoreUrl {
             "ssh" => Ok(StoreUrl::Ssh(super::ssh::target::SshTarget::parse(s)?)),
             "s3" => parse_s3(s, &url).map(StoreUrl::S3),
             "gs" => parse_gs(s, &url).map(StoreUrl::Gcs),
-            "http" | "https" => Ok(StoreUrl::NotYetSupported(s.to_owned())),
+            "http" | "https" => {
+                if url.host_str().unwrap_or_default().is_empty() {
+                    return Err(invalid(format!("store URL {s:?} names no host")));
+                }
+                Ok(StoreUrl::Http(url))
+            }
             other => Err(invalid(format!(
-                "unknown store scheme {other:?} in {s:?}; use /nix/store, file://, s3://, gs:// or ssh://"
+                "unknown store scheme {other:?} in {s:?}; use /nix/store, file://, s3://, gs://, ssh:// or https://"
             ))),
         }
     }
@@ -118,10 +123,9 @@ impl StoreUrl {
     pub fn open(&self) -> Result<Arc<dyn Store>, StoreError> {
         match self {
             StoreUrl::Local(layout) => Ok(Arc::new(LocalStore::open(layout.clone())?)),
-            StoreUrl::File { dir, create } => Ok(Arc::new(BinaryCache::new(Arc::new(FileBlobs::open(
-                dir.clone(),
-                *create,
-            )?)))),
+            StoreUrl::File { dir, create } => Ok(Arc::new(BinaryCache::new(Arc::new(
+                FileBlobs::open(dir.clone(), *create)?,
+            )))),
             StoreUrl::Ssh(target) => Ok(Arc::new(super::ssh::SshStore::open(target.clone())?)),
             StoreUrl::S3(options) => Ok(Arc::new(BinaryCache::new(Arc::new(S3Blobs::open(
                 options,
@@ -129,9 +133,9 @@ impl StoreUrl {
             StoreUrl::Gcs(options) => Ok(Arc::new(BinaryCache::new(Arc::new(GcsBlobs::open(
                 options,
             )?)))),
-            StoreUrl::NotYetSupported(s) => Err(StoreError::Unsupported(format!(
-                "{s}: this build of nixcached cannot open this kind of store yet; use /nix/store or file:///DIR"
-            ))),
+            StoreUrl::Http(url) => Ok(Arc::new(super::upstream::UpstreamStore::open(
+                super::upstream::UpstreamOptions::new(vec![url.clone()]),
+            )?)),
         }
     }
 }
@@ -550,7 +554,8 @@ mod tests {
     fn other_schemes() {
         assert!(matches!(
             StoreUrl::parse("https://cache.nixos.org").unwrap(),
-            StoreUrl::NotYetSupported(_)
+            StoreUrl::Http(u) if u.as_str() == "https://cache.nixos.org/"
         ));
+        assert!(StoreUrl::parse("ftp://x").is_err());
     }
 }
