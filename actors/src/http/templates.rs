@@ -4,9 +4,11 @@
 //! Engine: minijinja. One engine serves both the embedded set and the overrides, so an
 //! override is the same language as what it replaces (askama, checked at compile time, could
 //! not load templates at runtime, and two engines would mean two dialects). The embedded set
-//! is checked where it cannot slip through: every template is parsed when a service starts
-//! (a broken one stops `serve` with the template's name and line) and the unit tests render
-//! each of them with strict undefined-variable checking, so `cargo test` fails on a typo.
+//! is checked where it cannot slip through: `actors/build.rs` parses every template, so one
+//! that does not parse fails the build; every template is parsed again when a service starts
+//! (for `--client` overrides: a broken one stops `serve` with the template's name and line); and
+//! the unit tests render each of them with strict undefined-variable checking, so `cargo test`
+//! fails on a typo.
 //! Templates whose name ends in `.html` are auto-escaped by minijinja, so anything from the
 //! store is escaped unless a template explicitly marks it safe (ours never do).
 
