@@ -255,6 +255,21 @@ fn a_nar_fetched_once_is_served_from_the_disk_cache_after_the_upstream_is_gone()
     );
 }
 
+/// `serve URL` with one upstream trusted by `pk` and a private NAR cache folder.
+fn serve_one_upstream(env: &NixEnv, pk: &str, url: &str) -> Daemon {
+    Daemon::start(
+        env,
+        &[
+            "serve",
+            "--trusted-public-key",
+            pk,
+            "--nar-cache-dir",
+            env.path("nars").to_str().unwrap(),
+            url,
+        ],
+    )
+}
+
 #[test]
 fn a_narinfo_not_signed_by_a_trusted_key_is_refused() {
     let env = NixEnv::new();
@@ -262,17 +277,7 @@ fn a_narinfo_not_signed_by_a_trusted_key_is_refused() {
     let (up_sk, up_pk) = env.keypair("upstream-1");
     let (_, other_pk) = env.keypair("someone-else");
     let a = PyServer::start(&nix_cache(&env, "a", &up_sk, "xz", &closure.app), 0.0);
-    let daemon = Daemon::start(
-        &env,
-        &[
-            "serve",
-            "--trusted-public-key",
-            &other_pk,
-            "--nar-cache-dir",
-            env.path("nars").to_str().unwrap(),
-            &a.url,
-        ],
-    );
+    let daemon = serve_one_upstream(&env, &other_pk, &a.url);
     let (code, _) = curl(&[&format!("{}/{}.narinfo", daemon.url, digest(&closure.dep))]);
     assert_eq!(code, 404);
     assert_eq!(
@@ -311,17 +316,7 @@ fn concurrent_requests_for_one_uncached_nar_share_one_upstream_fetch() {
     // Uncompressed, so the NAR of `dep` (70 kB of data) takes several slow pieces.
     let dir = nix_cache(&env, "a", &up_sk, "none", &closure.dep);
     let a = PyServer::start(&dir, 0.3);
-    let daemon = Daemon::start(
-        &env,
-        &[
-            "serve",
-            "--trusted-public-key",
-            &up_pk,
-            "--nar-cache-dir",
-            env.path("nars").to_str().unwrap(),
-            &a.url,
-        ],
-    );
+    let daemon = serve_one_upstream(&env, &up_pk, &a.url);
     let url = nar_url(&daemon, &closure.dep);
     let expected = std::fs::read(dir.join(&url)).unwrap();
     assert!(
@@ -359,17 +354,7 @@ fn a_client_receives_the_first_bytes_before_the_upstream_finished() {
     let (up_sk, up_pk) = env.keypair("upstream-1");
     let dir = nix_cache(&env, "a", &up_sk, "none", &closure.dep);
     let a = PyServer::start(&dir, 1.0);
-    let daemon = Daemon::start(
-        &env,
-        &[
-            "serve",
-            "--trusted-public-key",
-            &up_pk,
-            "--nar-cache-dir",
-            env.path("nars").to_str().unwrap(),
-            &a.url,
-        ],
-    );
+    let daemon = serve_one_upstream(&env, &up_pk, &a.url);
     let url = nar_url(&daemon, &closure.dep);
     let expected = std::fs::read(dir.join(&url)).unwrap();
     let pieces = expected.len().div_ceil(16384);

@@ -21,7 +21,7 @@ use crate::catalog::{Closure, Discover, Page, SortBy};
 use crate::formats::nar::Node;
 use crate::formats::{NarInfo, PublicKey};
 use crate::lookup::{Lookup, LookupError, ServedNarInfo};
-use crate::nar_files::read_prefix;
+use crate::nar_files::{read_prefix, ObjectTree};
 use crate::store::{ByteStream, StoreError};
 
 /// Objects per index page (as the original).
@@ -460,22 +460,34 @@ fn as_text(bytes: &[u8], truncated: bool) -> Option<String> {
     }
 }
 
+/// The path asked for inside a NAR, the object's narinfo and its file tree, or the error page
+/// that says which of the three is wrong.
+async fn object_tree(
+    ing: &Ingress,
+    root: &str,
+    digest: &str,
+    encoded: &str,
+) -> Result<(NarPath, Arc<ServedNarInfo>, Arc<ObjectTree>), HttpResponse> {
+    let svc = &*ing.service;
+    let path = NarPath::parse(encoded)
+        .map_err(|e| error_page(svc, root, StatusCode::BAD_REQUEST, &e.to_string()))?;
+    let served = lookup(ing, root, digest).await?;
+    let tree = svc
+        .nar_files
+        .tree(&served.info)
+        .await
+        .map_err(|e| store_failure(svc, root, &format!("{digest} file tree"), e))?;
+    Ok((path, served, tree))
+}
+
 /// `/<digest>/browse/<path>`: a directory's entries, or a file with its text inline.
 pub async fn browse(ing: &Ingress, root: &str, digest: &str, encoded: &str) -> HttpResponse {
     let svc = &*ing.service;
-    let path = match NarPath::parse(encoded) {
-        Ok(p) => p,
-        Err(e) => return error_page(svc, root, StatusCode::BAD_REQUEST, &e.to_string()),
-    };
-    let served = match lookup(ing, root, digest).await {
-        Ok(s) => s,
+    let (path, served, tree) = match object_tree(ing, root, digest, encoded).await {
+        Ok(found) => found,
         Err(r) => return r,
     };
     let info = &served.info;
-    let tree = match svc.nar_files.tree(info).await {
-        Ok(t) => t,
-        Err(e) => return store_failure(svc, root, &format!("{digest} file tree"), e),
-    };
     let Some(node) = crate::nar_files::lookup(&tree.listing.root, &path.as_bytes()) else {
         return store_failure(svc, root, digest, StoreError::NotFound(String::new()));
     };
@@ -576,19 +588,11 @@ pub async fn file(
     encoded: &str,
 ) -> HttpResponse {
     let svc = &*ing.service;
-    let path = match NarPath::parse(encoded) {
-        Ok(p) => p,
-        Err(e) => return error_page(svc, root, StatusCode::BAD_REQUEST, &e.to_string()),
-    };
-    let served = match lookup(ing, root, digest).await {
-        Ok(s) => s,
+    let (path, served, tree) = match object_tree(ing, root, digest, encoded).await {
+        Ok(found) => found,
         Err(r) => return r,
     };
     let info = &served.info;
-    let tree = match svc.nar_files.tree(info).await {
-        Ok(t) => t,
-        Err(e) => return store_failure(svc, root, &format!("{digest} file tree"), e),
-    };
     match crate::nar_files::lookup(&tree.listing.root, &path.as_bytes()) {
         Some(Node::Regular { .. }) => {}
         Some(_) => return error_page(
