@@ -503,7 +503,7 @@ fn client_folder_replaces_templates_and_static_files_per_request() {
     let (code, body) = curl(&["-H", "Accept: text/html", &page]);
     assert_eq!(code, 500);
     assert!(String::from_utf8(body).unwrap().contains("template"));
-    assert!(d.log().iter().any(|l| l.contains("narinfo.html")));
+    assert!(d.logged("narinfo.html"), "{:?}", d.log());
 
     // A folder without templates/ stops serve with what to do.
     let out = env.output(

@@ -327,6 +327,21 @@ impl Daemon {
         self.log.lock().unwrap().clone()
     }
 
+    /// Whether a log line containing `needle` arrives within 10 s. The log is read by another
+    /// thread and trails the responses, so checking it right after a request races.
+    pub fn logged(&self, needle: &str) -> bool {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if self.log().iter().any(|l| l.contains(needle)) {
+                return true;
+            }
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// Peak resident memory so far, in KiB (VmHWM).
     pub fn peak_rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
