@@ -28,14 +28,6 @@ fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn socket_activated_serve_answers_the_connection_that_started_it() {
     let found = Command::new("systemd-socket-activate")
@@ -55,7 +47,7 @@ fn socket_activated_serve_answers_the_connection_that_started_it() {
     .unwrap();
     let store = format!("file://{}", cache.display());
     let sock = dir.path().join("serve.sock");
-    let tcp = format!("127.0.0.1:{}", free_port());
+    let tcp = format!("127.0.0.1:{}", common::peers::free_port());
     // The two kinds of socket a .socket unit can pass: ListenStream=PORT and ListenStream=/path.
     for (listen, curl_args) in [
         (tcp.clone(), vec![format!("http://{tcp}/nix-cache-info")]),

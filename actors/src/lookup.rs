@@ -26,6 +26,9 @@ pub struct ServedNarInfo {
     pub text: Bytes,
     /// Strong ETag of `text`.
     pub etag: String,
+    /// Set once the explorer's catalog has been told about this narinfo, so a cached narinfo
+    /// costs the catalog's lock once, not on every request for it.
+    pub cataloged: std::sync::atomic::AtomicBool,
 }
 
 impl ServedNarInfo {
@@ -37,7 +40,12 @@ impl ServedNarInfo {
             "\"{}\"",
             &crate::formats::nixbase32::encode(h.digest())[..26]
         );
-        ServedNarInfo { info, text, etag }
+        ServedNarInfo {
+            info,
+            text,
+            etag,
+            cataloged: Default::default(),
+        }
     }
 }
 

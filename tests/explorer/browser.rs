@@ -23,14 +23,6 @@ pub struct Browser {
 #[derive(Debug, Clone)]
 pub struct Element(String);
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// One WebDriver call; returns the `value` of the reply, panicking on WebDriver errors.
 fn call(method: &str, url: &str, body: Option<Value>) -> Value {
     let mut cmd = Command::new("curl");
@@ -97,7 +89,7 @@ impl Browser {
         eprintln!("screenshots go to {}", shots.display());
         // chromedriver cannot take port 0: pick a free port, retry if another process takes it.
         for _attempt in 0..5 {
-            let port = free_port();
+            let port = crate::common::peers::free_port();
             let mut driver = Command::new("chromedriver")
                 .arg(format!("--port={port}"))
                 .stdout(Stdio::null())

@@ -344,7 +344,7 @@ async fn lookup(
     let svc = &*ing.service;
     match ing.lookup.send(Lookup(digest.to_owned())).await {
         Ok(Ok(s)) => {
-            svc.catalog.learn(&s.info);
+            super::learn(svc, &s);
             Ok(s)
         }
         Ok(Err(LookupError::NotFound)) => Err(error_page(

@@ -27,7 +27,7 @@ use futures::StreamExt;
 use crate::catalog::{Catalog, Discovery};
 use crate::fetcher::{FetchListing, FetchLog, Fetcher, OpenNar};
 use crate::formats::{Compression, PublicKey};
-use crate::lookup::{Lookup, LookupActor, LookupError, LookupShared};
+use crate::lookup::{Lookup, LookupActor, LookupError, LookupShared, ServedNarInfo};
 use crate::metrics::Metrics;
 use crate::nar_files::NarFiles;
 use crate::store::{Blob, Store, StoreError};
@@ -337,6 +337,17 @@ fn mailbox_error(svc: &CacheService, what: &str, e: actix::MailboxError) -> Http
     not_found(svc)
 }
 
+/// Tells the explorer's index about a looked-up narinfo, once per cached narinfo: narinfo
+/// requests are the hottest path, and the catalog is one lock shared by every worker.
+fn learn(svc: &CacheService, served: &ServedNarInfo) {
+    if !served
+        .cataloged
+        .swap(true, std::sync::atomic::Ordering::Relaxed)
+    {
+        svc.catalog.learn(&served.info);
+    }
+}
+
 async fn narinfo(req: &HttpRequest, ing: &Ingress, digest: &str, root: &str) -> HttpResponse {
     let svc = &*ing.service;
     let served = match ing.lookup.send(Lookup(digest.to_owned())).await {
@@ -355,8 +366,7 @@ async fn narinfo(req: &HttpRequest, ing: &Ingress, digest: &str, root: &str) -> 
         }
         Err(e) => return mailbox_error(svc, digest, e),
     };
-    // What the lookup path learns feeds the explorer's index.
-    svc.catalog.learn(&served.info);
+    learn(svc, &served);
     if wants_html(req) && !req.query_string().contains("format=text") {
         return explorer::narinfo_page(svc, root, &served);
     }
