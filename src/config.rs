@@ -177,19 +177,20 @@ impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config {}", path.display()))?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and checks a config file's text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> anyhow::Result<Config> {
         let cfg: Config =
-            toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("config {origin}: {e}"))?;
         if cfg.caches.is_empty() && cfg.uploads.is_empty() {
-            bail!(
-                "config {}: no [[cache]] and no [[upload]]: nothing to run",
-                path.display()
-            );
+            bail!("config {origin}: no [[cache]] and no [[upload]]: nothing to run");
         }
         for c in &cfg.caches {
             if !c.prefix.is_empty() && (!c.prefix.starts_with('/') || c.prefix.ends_with('/')) {
                 bail!(
-                    "config {}: prefix {:?} must start with '/' and not end with one",
-                    path.display(),
+                    "config {origin}: prefix {:?} must start with '/' and not end with one",
                     c.prefix
                 );
             }

@@ -1,12 +1,8 @@
-//! The `nixcached` binary: parses the command line and hands over to the actors crate.
-
-mod cli;
-mod config;
-mod send;
-mod serve;
-mod upload;
+//! The `nixcached` binary: sets up logging, parses the command line and hands over to the
+//! library (`src/lib.rs`).
 
 use clap::Parser;
+use nixcached::{cli, run};
 
 fn init_logging(debug: bool) {
     let default = if debug { "debug" } else { "info" };
@@ -29,20 +25,5 @@ fn main() -> std::process::ExitCode {
             eprintln!("nixcached: error: {e:#}");
             std::process::ExitCode::FAILURE
         }
-    }
-}
-
-fn run(cli: cli::Cli) -> anyhow::Result<()> {
-    match (cli.command, cli.config) {
-        (Some(_), Some(_)) => {
-            anyhow::bail!("--config runs what the file describes; give it without a subcommand")
-        }
-        (None, Some(file)) => config::run(config::Config::load(&file)?),
-        (None, None) => {
-            anyhow::bail!("give a subcommand (serve, upload, send) or --config FILE; see --help")
-        }
-        (Some(cli::Command::Serve(args)), None) => serve::run(args),
-        (Some(cli::Command::Upload(args)), None) => upload::run(args),
-        (Some(cli::Command::Send(args)), None) => send::run(args),
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use common::conformance::{bytes_stream, fixture, suite};
 use common::{block_on, NixEnv};
-use nixcached_actors::formats::{Compression, StoreDir};
+use nixcached_actors::formats::{Compression, Digest, StoreDir};
 use nixcached_actors::publish::{publish, PublishOptions};
 use nixcached_actors::store::binary_cache::BinaryCache;
 use nixcached_actors::store::file::FileBlobs;
@@ -31,8 +31,8 @@ fn local_nix_store() {
             String::from_utf8_lossy(&log)
         );
         // Derivations are valid paths and are served too, as the original does.
-        let drv_digest = &drv[..32];
-        let info = store.narinfo(drv_digest).await.unwrap();
+        let drv_digest = Digest::parse(&drv[..32]).unwrap();
+        let info = store.narinfo(&drv_digest).await.unwrap();
         assert!(info.store_path.is_derivation());
     });
 }
@@ -49,13 +49,18 @@ fn local_store_never_serves_lock_files_or_invalid_paths() {
     let store: Arc<dyn Store> =
         Arc::new(LocalStore::open(LocalStoreLayout::chroot(&env.store_root())).unwrap());
     block_on(async {
-        assert!(store.narinfo(ghost).await.unwrap_err().is_not_found());
+        let ghost_digest = Digest::parse(ghost).unwrap();
+        assert!(store
+            .narinfo(&ghost_digest)
+            .await
+            .unwrap_err()
+            .is_not_found());
         assert!(store
             .nar(&format!("nar/{ghost}.nar"), None)
             .await
             .unwrap_err()
             .is_not_found());
-        assert!(!store.list().await.unwrap().contains(&ghost.to_owned()));
+        assert!(!store.list().await.unwrap().contains(&ghost_digest));
         assert_eq!(
             store.list().await.unwrap().len(),
             fx.objects.len() + 3,

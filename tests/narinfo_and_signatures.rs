@@ -6,7 +6,7 @@ use std::fs;
 use std::sync::Arc;
 
 use common::{block_on, NixEnv};
-use nixcached_actors::formats::{nar, Compression, NarInfo, PublicKey};
+use nixcached_actors::formats::{nar, Compression, Digest, NarInfo, PublicKey};
 use nixcached_actors::publish::{publish, PublishOptions};
 use nixcached_actors::store::binary_cache::BinaryCache;
 use nixcached_actors::store::file::FileBlobs;
@@ -14,8 +14,8 @@ use nixcached_actors::store::local::{LocalStore, LocalStoreLayout};
 use nixcached_actors::store::Store;
 use tokio::io::AsyncReadExt;
 
-fn digest_of(path: &str) -> &str {
-    &path["/nix/store/".len()..][..32]
+fn digest_of(path: &str) -> Digest {
+    Digest::parse(&path["/nix/store/".len()..][..32]).unwrap()
 }
 
 /// Nix writes caches in every compression; we parse and re-render each narinfo byte for byte,
@@ -93,7 +93,7 @@ fn caches_we_write_are_accepted_by_nix() {
                 .await
                 .unwrap();
             for path in &closure.paths {
-                publish(&*local, &cache, digest_of(path), &opts)
+                publish(&*local, &cache, &digest_of(path), &opts)
                     .await
                     .unwrap();
             }
@@ -164,7 +164,7 @@ fn signatures_from_nix_store_sign_verify_here() {
     let pk = PublicKey::parse(&pk).unwrap();
     block_on(async {
         for path in &closure.paths {
-            let info = local.narinfo(digest_of(path)).await.unwrap();
+            let info = local.narinfo(&digest_of(path)).await.unwrap();
             assert_eq!(info.sigs.len(), 1, "{path}");
             assert_eq!(
                 info.verified_by(std::slice::from_ref(&pk)).len(),

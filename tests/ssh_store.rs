@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::conformance::{bytes_stream, fixture, suite, Fixture};
 use common::{block_on, NixEnv};
-use nixcached_actors::formats::{Compression, SecretKey};
+use nixcached_actors::formats::{Compression, Digest, SecretKey};
 use nixcached_actors::publish::{publish, PublishOptions};
 use nixcached_actors::store::local::{LocalStore, LocalStoreLayout};
 use nixcached_actors::store::ssh::target::SshTarget;
@@ -93,7 +93,7 @@ fn ssh_children(remote_root: &Path, write: bool) -> Vec<u32> {
     found
 }
 
-fn nar_of(fx: &Fixture, digest: &str) -> Vec<u8> {
+fn nar_of(fx: &Fixture, digest: Digest) -> Vec<u8> {
     fx.objects
         .iter()
         .find(|o| o.0 == digest)
@@ -131,9 +131,10 @@ fn conformance_over_ssh() {
             Err(StoreError::Unsupported(_))
         ));
         // Derivations are store paths too: listed and served.
-        assert!(store.list().await.unwrap().contains(&drv[..32].to_owned()));
+        let drv_digest = Digest::parse(&drv[..32]).unwrap();
+        assert!(store.list().await.unwrap().contains(&drv_digest));
         assert!(store
-            .narinfo(&drv[..32])
+            .narinfo(&drv_digest)
             .await
             .unwrap()
             .store_path
@@ -148,8 +149,8 @@ fn narinfo_lookups_keep_flowing_while_a_nar_streams() {
     let fx = fixture(&env);
     let store = open(&peer.url(&env.store_root()));
     block_on(async {
-        let app = &fx.closure.app["/nix/store/".len()..][..32];
-        let info = store.narinfo(app).await.unwrap();
+        let app = Digest::parse(&fx.closure.app["/nix/store/".len()..][..32]).unwrap();
+        let info = store.narinfo(&app).await.unwrap();
         // Hold a NAR stream open without reading it: its session is busy.
         let held = store.nar(&info.url, None).await.unwrap();
         let started = Instant::now();
@@ -177,7 +178,7 @@ fn reconnects_after_the_ssh_process_dies() {
     let env = NixEnv::new();
     let fx = fixture(&env);
     let store = open(&peer.url(&env.store_root()));
-    let digest = fx.objects[0].0.clone();
+    let digest = fx.objects[0].0;
     block_on(async {
         store.narinfo(&digest).await.unwrap();
         let pids = ssh_children(&env.store_root(), true);
@@ -195,7 +196,7 @@ fn reconnects_after_the_ssh_process_dies() {
         }
         // The very next request logs in again and succeeds.
         let info = store.narinfo(&digest).await.unwrap();
-        assert_eq!(info.store_path.digest(), digest);
+        assert_eq!(*info.store_path.digest(), digest);
         let now = ssh_children(&env.store_root(), true);
         assert_eq!(now.len(), 1, "{now:?}");
         assert_ne!(now[0], old);
@@ -237,19 +238,19 @@ fn a_query_whose_connection_drops_mid_request_is_asked_again_on_a_new_login() {
         program.display()
     );
     let store = open(&url);
-    let digest = fx.objects[0].0.clone();
+    let digest = fx.objects[0].0;
     block_on(async {
         // The connection opened at start-up dies in the middle of the lookup; a lookup is
         // read-only, so it is asked again on a new login instead of failing (a failure here
         // would reach Nix as a 404, which it caches as "missing" for an hour).
         let info = store.narinfo(&digest).await.unwrap();
-        assert_eq!(info.store_path.digest(), digest);
+        assert_eq!(*info.store_path.digest(), digest);
         assert!(
             marker.exists(),
             "the first login really dropped the connection"
         );
         let info = store.narinfo(&fx.objects[1].0).await.unwrap();
-        assert_eq!(info.store_path.digest(), fx.objects[1].0);
+        assert_eq!(*info.store_path.digest(), fx.objects[1].0);
     });
 }
 
@@ -365,7 +366,7 @@ fn publish_a_closure_into_an_ssh_store() {
         eprintln!("re-published (already valid): {:?}", started.elapsed());
         let mut listed = store.list().await.unwrap();
         listed.sort();
-        let mut want: Vec<String> = fx.objects.iter().map(|o| o.0.clone()).collect();
+        let mut want: Vec<Digest> = fx.objects.iter().map(|o| o.0).collect();
         want.sort();
         assert_eq!(listed, want);
     });
@@ -387,7 +388,7 @@ fn imports_refuse_bad_nars_and_missing_references() {
     let env = NixEnv::new();
     let fx = fixture(&env);
     let local = LocalStore::open(LocalStoreLayout::chroot(&env.store_root())).unwrap();
-    let app = fx.closure.app["/nix/store/".len()..][..32].to_owned();
+    let app = Digest::parse(&fx.closure.app["/nix/store/".len()..][..32]).unwrap();
     let remote = env.path("remote");
     let remote_arg = remote.display().to_string();
     let invalid = |path: &str| {
@@ -529,7 +530,7 @@ fn large_nars_stream_both_ways_in_bounded_memory() {
     f.set_len(256 * 1024 * 1024 + 17).unwrap();
     drop(f);
     let sp = env.add(big.parent().unwrap());
-    let digest = sp["/nix/store/".len()..][..32].to_owned();
+    let digest = Digest::parse(&sp["/nix/store/".len()..][..32]).unwrap();
 
     // Served over ssh by the daemon.
     let d = common::Daemon::start(&env, &["serve", &peer.url(&env.store_root())]);

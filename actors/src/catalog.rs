@@ -24,7 +24,7 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use crate::fetcher::{FetchNarInfo, Fetcher, ListObjects};
-use crate::formats::NarInfo;
+use crate::formats::{Digest, NarInfo};
 use crate::store::StoreError;
 
 /// Narinfos discovery fetches at once (the original fetched at most 3 from buckets).
@@ -133,14 +133,14 @@ struct State {
 
 impl State {
     fn insert(&mut self, info: &NarInfo) -> bool {
-        let digest = info.store_path.digest().to_owned();
+        let digest = info.store_path.digest().to_string();
         if self.entries.contains_key(&digest) {
             return false;
         }
         let references: Vec<String> = info
             .references
             .iter()
-            .map(|r| r.digest().to_owned())
+            .map(|r| r.digest().to_string())
             .filter(|r| *r != digest)
             .collect();
         for r in &references {
@@ -196,13 +196,13 @@ impl State {
         c
     }
 
-    fn unknown_references(&self) -> Vec<String> {
-        let mut out: Vec<String> = self
+    fn unknown_references(&self) -> Vec<Digest> {
+        let mut out: Vec<Digest> = self
             .entries
             .values()
             .flat_map(|e| e.references.iter())
             .filter(|r| !self.entries.contains_key(*r) && !self.missing.contains(*r))
-            .cloned()
+            .filter_map(|r| Digest::parse(r).ok())
             .collect();
         out.sort();
         out.dedup();
@@ -404,7 +404,7 @@ async fn discover(catalog: &Catalog, fetcher: &Addr<Fetcher>) -> Result<usize, S
         .await
         .map_err(|e| StoreError::backend("store actor", e.to_string()))??;
     let found = listed.len();
-    let mut todo: Vec<String> = listed.into_iter().filter(|d| !catalog.knows(d)).collect();
+    let mut todo: Vec<Digest> = listed.into_iter().filter(|d| !catalog.knows(d)).collect();
     // Crawl edges: references met along the way, until no new ones appear.
     while !todo.is_empty() {
         fetch_all(catalog, fetcher, std::mem::take(&mut todo)).await;
@@ -413,19 +413,19 @@ async fn discover(catalog: &Catalog, fetcher: &Addr<Fetcher>) -> Result<usize, S
     Ok(found)
 }
 
-async fn fetch_all(catalog: &Catalog, fetcher: &Addr<Fetcher>, digests: Vec<String>) {
+async fn fetch_all(catalog: &Catalog, fetcher: &Addr<Fetcher>, digests: Vec<Digest>) {
     let mut results = futures::stream::iter(digests)
-        .map(|d| async move { (d.clone(), fetcher.send(FetchNarInfo(d)).await) })
+        .map(|d| async move { (d, fetcher.send(FetchNarInfo(d)).await) })
         .buffer_unordered(DISCOVERY_CONCURRENCY);
     while let Some((digest, r)) = results.next().await {
         match r {
             Ok(Ok(info)) => catalog.learn(&info),
             Ok(Err(StoreError::NotFound(_))) => {
-                catalog.lock().missing.insert(digest);
+                catalog.lock().missing.insert(digest.to_string());
             }
             Ok(Err(e)) => {
                 tracing::warn!("discovery: {digest}.narinfo: {e}; tried again in the next pass");
-                catalog.lock().missing.insert(digest);
+                catalog.lock().missing.insert(digest.to_string());
             }
             Err(e) => tracing::warn!("discovery: store actor: {e}"),
         }
@@ -474,6 +474,9 @@ mod tests {
         assert!(after.next_after.is_some());
         let a = "a".repeat(32);
         assert_eq!(c.referrers(&a).len(), 1);
-        assert_eq!(c.lock().unknown_references(), vec!["z".repeat(32)]);
+        assert_eq!(
+            c.lock().unknown_references(),
+            vec![Digest::parse(&"z".repeat(32)).unwrap()]
+        );
     }
 }

@@ -9,14 +9,14 @@ use std::time::{Duration, Instant};
 
 use actix::{Actor, Context, Handler, Message, ResponseFuture};
 
-use crate::formats::{CacheInfo, NarInfo};
+use crate::formats::{CacheInfo, Digest, NarInfo};
 use crate::metrics::Metrics;
 use crate::store::{Blob, ByteRange, Store, StoreError};
 
 /// Ask the store for a narinfo by store-path digest.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<NarInfo, StoreError>")]
-pub struct FetchNarInfo(pub String);
+pub struct FetchNarInfo(pub Digest);
 
 /// Open the file a narinfo `URL:` names (or a range of it) as a byte stream.
 #[derive(Debug, Message)]
@@ -36,7 +36,7 @@ pub struct FetchCacheInfo;
 /// Ask for an object's `.ls` listing.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<String, StoreError>")]
-pub struct FetchListing(pub String);
+pub struct FetchListing(pub Digest);
 
 /// Ask for a derivation's build log.
 #[derive(Debug, Message)]
@@ -45,7 +45,7 @@ pub struct FetchLog(pub String);
 
 /// Ask for the digests of every object in the store.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<Vec<String>, StoreError>")]
+#[rtype(result = "Result<Vec<Digest>, StoreError>")]
 pub struct ListObjects;
 
 /// Owns a store and runs requests against it with a timeout.
@@ -166,7 +166,7 @@ impl Handler<FetchLog> for Fetcher {
 }
 
 impl Handler<ListObjects> for Fetcher {
-    type Result = ResponseFuture<Result<Vec<String>, StoreError>>;
+    type Result = ResponseFuture<Result<Vec<Digest>, StoreError>>;
 
     fn handle(&mut self, _: ListObjects, _: &mut Context<Self>) -> Self::Result {
         Metrics::add(&self.metrics.backend_listings, 1);

@@ -1,13 +1,16 @@
-//! The engine of nixcached: Nix formats, store backends, and (in later modules) the actors that
-//! serve and upload them.
+//! The engine of nixcached: store backends, and the actors that serve and upload them. The Nix
+//! formats live in the crate `nixcached-formats` (re-exported as [`formats`]).
 //!
 //! The binary crate `nixcached` is only command-line parsing and wiring on top of this crate,
 //! so everything here can be used programmatically (see `examples/`).
 #![warn(missing_docs)]
 
+/// The Nix formats, from the pure crate `nixcached-formats`, re-exported because the public
+/// API of this crate (messages, stores) speaks in its types.
+pub use nixcached_formats as formats;
+
 pub mod catalog;
 pub mod fetcher;
-pub mod formats;
 pub mod http;
 pub mod lookup;
 pub mod metrics;

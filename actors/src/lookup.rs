@@ -13,7 +13,7 @@ use bytes::Bytes;
 use moka::future::Cache;
 
 use crate::fetcher::{FetchNarInfo, Fetcher};
-use crate::formats::{NarInfo, SecretKey};
+use crate::formats::{Digest, NarInfo, SecretKey};
 use crate::metrics::Metrics;
 use crate::store::StoreError;
 
@@ -49,24 +49,13 @@ impl ServedNarInfo {
     }
 }
 
-/// Why a lookup gave no narinfo.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum LookupError {
-    /// The store does not have it.
-    #[error("not found")]
-    NotFound,
-    /// The digest is malformed.
-    #[error("{0}")]
-    Invalid(String),
-    /// The store failed or timed out; the message is for logs, not for clients.
-    #[error("store unavailable: {0}")]
-    Unavailable(String),
-}
-
 /// Look up the narinfo of a store-path digest.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<Arc<ServedNarInfo>, LookupError>")]
-pub struct Lookup(pub String);
+///
+/// Fails with the store's own error (shared by every caller that waited on the same fetch):
+/// the HTTP edge decides what a client sees.
+#[rtype(result = "Result<Arc<ServedNarInfo>, StoreError>")]
+pub struct Lookup(pub Digest);
 
 /// Sizing of the lookup caches.
 #[derive(Debug, Clone)]
@@ -91,8 +80,8 @@ impl Default for CacheSettings {
 
 /// State shared by every worker's lookup actor.
 pub struct LookupShared {
-    positive: Cache<String, Arc<ServedNarInfo>>,
-    negative: Cache<String, ()>,
+    positive: Cache<Digest, Arc<ServedNarInfo>>,
+    negative: Cache<Digest, ()>,
     fetcher: Addr<Fetcher>,
     keys: Vec<SecretKey>,
     metrics: Arc<Metrics>,
@@ -109,7 +98,7 @@ impl LookupShared {
     ) -> Arc<LookupShared> {
         let positive = Cache::builder()
             .max_capacity(settings.max_bytes)
-            .weigher(|k: &String, v: &Arc<ServedNarInfo>| {
+            .weigher(|k: &Digest, v: &Arc<ServedNarInfo>| {
                 (k.len() + v.text.len() * 3).try_into().unwrap_or(u32::MAX)
             })
             .time_to_live(settings.ttl)
@@ -133,44 +122,39 @@ impl LookupShared {
         self.negative.invalidate_all();
     }
 
-    async fn lookup(self: Arc<Self>, digest: String) -> Result<Arc<ServedNarInfo>, LookupError> {
+    async fn lookup(self: Arc<Self>, digest: Digest) -> Result<Arc<ServedNarInfo>, StoreError> {
         if let Some(hit) = self.positive.get(&digest).await {
             Metrics::add(&self.metrics.cache_hits, 1);
             return Ok(hit);
         }
         if self.negative.contains_key(&digest) {
             Metrics::add(&self.metrics.cache_hits, 1);
-            return Err(LookupError::NotFound);
+            return Err(StoreError::NotFound(format!("{digest}.narinfo")));
         }
         Metrics::add(&self.metrics.cache_misses, 1);
         let this = self.clone();
-        let d = digest.clone();
+        let d = digest;
         self.positive
             .try_get_with(digest, async move {
                 let fetched = this
                     .fetcher
-                    .send(FetchNarInfo(d.clone()))
+                    .send(FetchNarInfo(d))
                     .await
-                    .map_err(|e| LookupError::Unavailable(format!("fetcher: {e}")))?;
+                    .map_err(|e| StoreError::backend("the store's fetcher actor", e))?;
                 match fetched {
                     Ok(mut info) => {
-                        for key in &this.keys {
-                            if !info.sigs.iter().any(|s| s.key_name == key.name()) {
-                                info.sign(key);
-                            }
-                        }
+                        info.sign_if_missing(&this.keys);
                         Ok(Arc::new(ServedNarInfo::new(info)))
                     }
-                    Err(StoreError::NotFound(_)) => {
+                    Err(e @ StoreError::NotFound(_)) => {
                         this.negative.insert(d, ()).await;
-                        Err(LookupError::NotFound)
+                        Err(e)
                     }
-                    Err(StoreError::Invalid(m)) => Err(LookupError::Invalid(m)),
-                    Err(e) => Err(LookupError::Unavailable(e.to_string())),
+                    Err(e) => Err(e),
                 }
             })
             .await
-            .map_err(|e: Arc<LookupError>| (*e).clone())
+            .map_err(|e: Arc<StoreError>| (*e).clone())
     }
 }
 
@@ -195,7 +179,7 @@ impl Actor for LookupActor {
 }
 
 impl Handler<Lookup> for LookupActor {
-    type Result = ResponseFuture<Result<Arc<ServedNarInfo>, LookupError>>;
+    type Result = ResponseFuture<Result<Arc<ServedNarInfo>, StoreError>>;
 
     fn handle(&mut self, msg: Lookup, _: &mut Context<Self>) -> Self::Result {
         Box::pin(self.shared.clone().lookup(msg.0))
@@ -265,12 +249,11 @@ mod tests {
             LookupActor::new(shared.clone()).start(),
             LookupActor::new(shared.clone()).start(),
         ];
-        let digest = "5r1dlyl2wyar1nn50ry8xi6apps79m0j".to_string();
+        let digest = Digest::parse("5r1dlyl2wyar1nn50ry8xi6apps79m0j").unwrap();
         let replies =
-            futures::future::join_all((0..200).map(|i| actors[i % 2].send(Lookup(digest.clone()))))
-                .await;
+            futures::future::join_all((0..200).map(|i| actors[i % 2].send(Lookup(digest)))).await;
         for r in replies {
-            assert_eq!(r.unwrap().unwrap().info.store_path.digest(), digest);
+            assert_eq!(*r.unwrap().unwrap().info.store_path.digest(), digest);
         }
         assert_eq!(
             slow.gets.load(Ordering::SeqCst),
@@ -279,14 +262,13 @@ mod tests {
         );
         assert_eq!(metrics.backend_narinfo_fetches.load(Ordering::SeqCst), 1);
 
-        let missing = "00000000000000000000000000000000".to_string();
+        let missing = Digest::parse("00000000000000000000000000000000").unwrap();
         let replies =
-            futures::future::join_all((0..50).map(|_| actors[0].send(Lookup(missing.clone()))))
-                .await;
+            futures::future::join_all((0..50).map(|_| actors[0].send(Lookup(missing)))).await;
         for r in replies {
-            assert!(matches!(r.unwrap(), Err(LookupError::NotFound)));
+            assert!(matches!(r.unwrap(), Err(StoreError::NotFound(_))));
         }
-        let _ = actors[1].send(Lookup(missing.clone())).await.unwrap();
+        let _ = actors[1].send(Lookup(missing)).await.unwrap();
         assert_eq!(
             slow.gets.load(Ordering::SeqCst),
             2,

@@ -20,7 +20,7 @@ use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use crate::fetcher::{FetchListing, Fetcher, OpenNar};
 use crate::formats::nar::{self, Listing, NarVisitor, Node};
-use crate::formats::{Compression, NarInfo};
+use crate::formats::{Compression, Digest, NarInfo};
 use crate::store::{ByteRange, ByteStream, StoreError};
 
 /// Bytes per chunk handed from the NAR reader to the response.
@@ -50,7 +50,7 @@ pub struct FileBytes {
 /// Finds files inside the NARs of one store; keeps recently used trees in memory.
 pub struct NarFiles {
     fetcher: Addr<Fetcher>,
-    trees: Cache<String, Arc<ObjectTree>>,
+    trees: Cache<Digest, Arc<ObjectTree>>,
 }
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -78,7 +78,7 @@ impl NarFiles {
     pub fn new(fetcher: Addr<Fetcher>, max_bytes: u64) -> NarFiles {
         let trees = Cache::builder()
             .max_capacity(max_bytes)
-            .weigher(|_: &String, t: &Arc<ObjectTree>| {
+            .weigher(|_: &Digest, t: &Arc<ObjectTree>| {
                 weight(&t.listing.root).try_into().unwrap_or(u32::MAX)
             })
             .build();
@@ -88,16 +88,12 @@ impl NarFiles {
     /// The file tree of the object `info` describes: the store's listing when it has one,
     /// else one streamed pass over the NAR.
     pub async fn tree(&self, info: &NarInfo) -> Result<Arc<ObjectTree>, StoreError> {
-        let digest = info.store_path.digest().to_owned();
+        let digest = *info.store_path.digest();
         let fetcher = self.fetcher.clone();
         let info = info.clone();
         self.trees
-            .try_get_with(digest.clone(), async move {
-                match fetcher
-                    .send(FetchListing(digest.clone()))
-                    .await
-                    .map_err(mailbox)?
-                {
+            .try_get_with(digest, async move {
+                match fetcher.send(FetchListing(digest)).await.map_err(mailbox)? {
                     Ok(json) => {
                         let listing = Listing::from_json(&json).map_err(|e| corrupt(&digest, e))?;
                         // Offsets of 0 mean the listing lacks them (older writers).

@@ -15,7 +15,7 @@ use futures::{Stream, StreamExt};
 use tokio_util::io::{ReaderStream, StreamReader};
 
 use crate::formats::hash::HashingCounter;
-use crate::formats::{Compression, Hash, NarInfo, SecretKey};
+use crate::formats::{Compression, Digest, Hash, NarInfo, SecretKey};
 use crate::store::{ByteStream, Result, Store, StoreError};
 
 /// How objects are written.
@@ -109,7 +109,7 @@ fn hashing(inner: ByteStream, expect: Option<(Hash, u64)>) -> (ByteStream, Tally
 pub async fn publish(
     source: &dyn Store,
     dest: &dyn Store,
-    digest: &str,
+    digest: &Digest,
     opts: &PublishOptions,
 ) -> Result<NarInfo> {
     let src_info = source.narinfo(digest).await?;

@@ -15,12 +15,13 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde::Serialize;
 
+use super::error::{respond, Failure, Mode};
 use super::nar_path::{encode_segment, NarPath};
 use super::{range, CacheService, Ingress};
 use crate::catalog::{Closure, Discover, Page, SortBy};
 use crate::formats::nar::Node;
-use crate::formats::{NarInfo, PublicKey};
-use crate::lookup::{Lookup, LookupError, ServedNarInfo};
+use crate::formats::{Digest, NarInfo, PublicKey};
+use crate::lookup::{Lookup, ServedNarInfo};
 use crate::nar_files::{read_prefix, ObjectTree};
 use crate::store::{ByteStream, StoreError};
 
@@ -43,11 +44,9 @@ pub enum View {
 }
 
 /// Splits `<digest>/browse/<rest>` or `<digest>/file/<rest>`.
-pub fn parse_view(rel: &str) -> Option<(&str, View, &str)> {
+pub fn parse_view(rel: &str) -> Option<(Digest, View, &str)> {
     let (digest, rest) = rel.split_at_checked(32)?;
-    if !crate::formats::store_path::is_valid_digest(digest) {
-        return None;
-    }
+    let digest = Digest::parse(digest).ok()?;
     let rest = rest.strip_prefix('/')?;
     let (view, tail) = rest.split_once('/').unwrap_or((rest, ""));
     match view {
@@ -336,71 +335,39 @@ struct BrowsePage<'a> {
     target_href: Option<String>,
 }
 
+/// What the object pages say when the store lacks the object.
+const NO_OBJECT: &str =
+    "This store has no object with that digest. Search the index for it by name.";
+/// What the NAR browser says when the object lacks the entry.
+const NO_ENTRY: &str =
+    "There is no such entry in this store object. Go up a level to see what it holds.";
+
 async fn lookup(
     ing: &Ingress,
     root: &str,
-    digest: &str,
+    digest: &Digest,
 ) -> Result<Arc<ServedNarInfo>, HttpResponse> {
     let svc = &*ing.service;
-    match ing.lookup.send(Lookup(digest.to_owned())).await {
+    let mode = Mode::Html {
+        root,
+        missing: NO_OBJECT,
+    };
+    match ing.lookup.send(Lookup(*digest)).await {
         Ok(Ok(s)) => {
             super::learn(svc, &s);
             Ok(s)
         }
-        Ok(Err(LookupError::NotFound)) => Err(error_page(
-            svc,
-            root,
-            StatusCode::NOT_FOUND,
-            "This store has no object with that digest. Search the index for it by name.",
-        )),
-        Ok(Err(LookupError::Invalid(_))) => Err(error_page(
-            svc,
-            root,
-            StatusCode::BAD_REQUEST,
-            "That is not a store-path digest (32 characters of Nix's base-32 alphabet).",
-        )),
-        Ok(Err(LookupError::Unavailable(m))) => {
-            tracing::warn!("{digest}: {m}");
-            Err(error_page(
-                svc,
-                root,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "The store did not answer in time. Try again in a moment; the server log has the cause.",
-            ))
-        }
-        Err(e) => {
-            tracing::error!("{digest}: lookup actor: {e}");
-            Err(error_page(
-                svc,
-                root,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "The server is shutting down or overloaded. Try again in a moment.",
-            ))
-        }
+        Ok(Err(e)) => Err(respond(svc, mode, digest, e.into())),
+        Err(e) => Err(respond(svc, mode, digest, e.into())),
     }
 }
 
 fn store_failure(svc: &CacheService, root: &str, what: &str, e: StoreError) -> HttpResponse {
-    match e {
-        StoreError::NotFound(_) => error_page(
-            svc,
-            root,
-            StatusCode::NOT_FOUND,
-            "There is no such entry in this store object. Go up a level to see what it holds.",
-        ),
-        StoreError::RangeNotSatisfiable { total } => HttpResponse::RangeNotSatisfiable()
-            .insert_header((header::CONTENT_RANGE, format!("bytes */{total}")))
-            .finish(),
-        e => {
-            tracing::warn!("{what}: {e}");
-            error_page(
-                svc,
-                root,
-                StatusCode::BAD_GATEWAY,
-                "The store failed while reading this object's NAR. Try again; the server log has the cause.",
-            )
-        }
-    }
+    let mode = Mode::Html {
+        root,
+        missing: NO_ENTRY,
+    };
+    respond(svc, mode, what, Failure::Store(e))
 }
 
 /// Where a symlink leads, as a browse link, when it can be followed: into another store path
@@ -465,7 +432,7 @@ fn as_text(bytes: &[u8], truncated: bool) -> Option<String> {
 async fn object_tree(
     ing: &Ingress,
     root: &str,
-    digest: &str,
+    digest: &Digest,
     encoded: &str,
 ) -> Result<(NarPath, Arc<ServedNarInfo>, Arc<ObjectTree>), HttpResponse> {
     let svc = &*ing.service;
@@ -481,7 +448,7 @@ async fn object_tree(
 }
 
 /// `/<digest>/browse/<path>`: a directory's entries, or a file with its text inline.
-pub async fn browse(ing: &Ingress, root: &str, digest: &str, encoded: &str) -> HttpResponse {
+pub async fn browse(ing: &Ingress, root: &str, digest: &Digest, encoded: &str) -> HttpResponse {
     let svc = &*ing.service;
     let (path, served, tree) = match object_tree(ing, root, digest, encoded).await {
         Ok(found) => found,
@@ -584,7 +551,7 @@ pub async fn file(
     req: &HttpRequest,
     ing: &Ingress,
     root: &str,
-    digest: &str,
+    digest: &Digest,
     encoded: &str,
 ) -> HttpResponse {
     let svc = &*ing.service;
@@ -906,17 +873,18 @@ mod tests {
     #[test]
     fn views_and_text_detection() {
         let d = "0123456789abcdfghijklmnpqrsvwxyz";
+        let dd = Digest::parse(d).unwrap();
         assert_eq!(
             parse_view(&format!("{d}/browse/a/b")),
-            Some((d, View::Browse, "a/b"))
+            Some((dd, View::Browse, "a/b"))
         );
         assert_eq!(
             parse_view(&format!("{d}/browse")),
-            Some((d, View::Browse, ""))
+            Some((dd, View::Browse, ""))
         );
         assert_eq!(
             parse_view(&format!("{d}/file/x")),
-            Some((d, View::File, "x"))
+            Some((dd, View::File, "x"))
         );
         assert_eq!(parse_view(&format!("{d}/other/x")), None);
         assert_eq!(parse_view("nar/x.nar"), None);

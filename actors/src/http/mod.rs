@@ -8,6 +8,7 @@
 //! lacks, and any store failure or timeout, is a 404 (logged on our side); malformed requests
 //! are 400; wrong methods are 405 with `Allow`. Response bodies never carry internal detail.
 
+pub mod error;
 pub mod explorer;
 pub mod nar_path;
 pub mod range;
@@ -26,11 +27,12 @@ use futures::StreamExt;
 
 use crate::catalog::{Catalog, Discovery};
 use crate::fetcher::{FetchListing, FetchLog, Fetcher, OpenNar};
-use crate::formats::{Compression, PublicKey};
-use crate::lookup::{Lookup, LookupActor, LookupError, LookupShared, ServedNarInfo};
+use crate::formats::{Compression, Digest, PublicKey};
+use crate::lookup::{Lookup, LookupActor, LookupShared, ServedNarInfo};
 use crate::metrics::Metrics;
 use crate::nar_files::NarFiles;
-use crate::store::{Blob, Store, StoreError};
+use crate::store::{Blob, Store};
+use error::{respond, text, Failure, Mode};
 
 /// Everything one served cache needs, shared by all HTTP workers.
 pub struct CacheService {
@@ -109,73 +111,78 @@ pub fn scope(prefix: &str, ingress: Ingress) -> actix_web::Scope {
 const NARINFO_MAX_AGE: &str = "public, max-age=300";
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 
-/// Which resource a path names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Route {
+/// Which resource a path names, with the names in it parsed: a handler never sees a digest
+/// that is not one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Route<'a> {
     Index,
     CacheInfo,
     Health,
     Metrics,
-    NarInfo,
-    Listing,
-    Log,
-    Nar,
-    Static,
-    Browse,
-    File,
+    NarInfo(Digest),
+    Listing(Digest),
+    /// `<digest>.narinfo` or `<digest>.ls` whose digest is malformed.
+    BadDigest,
+    Log(&'a str),
+    Nar(&'a str),
+    Static(&'a str),
+    Browse(Digest, &'a str),
+    File(Digest, &'a str),
 }
 
-impl Route {
-    fn name(self) -> &'static str {
+impl<'a> Route<'a> {
+    fn name(&self) -> &'static str {
         match self {
             Route::Index => "index",
             Route::CacheInfo => "nix-cache-info",
             Route::Health => "healthz",
             Route::Metrics => "metrics",
-            Route::NarInfo => "narinfo",
-            Route::Listing => "ls",
-            Route::Log => "log",
-            Route::Nar => "nar",
-            Route::Static => "static",
-            Route::Browse => "browse",
-            Route::File => "file",
+            Route::NarInfo(_) => "narinfo",
+            Route::Listing(_) => "ls",
+            Route::BadDigest => "bad-digest",
+            Route::Log(_) => "log",
+            Route::Nar(_) => "nar",
+            Route::Static(_) => "static",
+            Route::Browse(..) => "browse",
+            Route::File(..) => "file",
         }
     }
 
-    fn of(rel: &str) -> Route {
+    fn of(rel: &'a str) -> Route<'a> {
+        fn digest_route<'a>(name: &str, make: fn(Digest) -> Route<'a>) -> Route<'a> {
+            match Digest::parse(name) {
+                Ok(d) => make(d),
+                Err(_) => Route::BadDigest,
+            }
+        }
+        // `<32 chars>.narinfo` / `.ls`: the shapes of a digest route, checked by parsing.
+        let digest_shaped = |stem: &str| stem.len() == 32 && !stem.contains('/');
         match rel {
             "" => Route::Index,
             "nix-cache-info" => Route::CacheInfo,
             "healthz" => Route::Health,
             "metrics" => Route::Metrics,
-            r if r.len() == 40 && r.ends_with(".narinfo") => Route::NarInfo,
-            r if r.len() == 35 && r.ends_with(".ls") => Route::Listing,
-            r if r.starts_with("log/") => Route::Log,
-            r if r.starts_with("_/") => Route::Static,
-            r => match explorer::parse_view(r) {
-                Some((_, explorer::View::Browse, _)) => Route::Browse,
-                Some((_, explorer::View::File, _)) => Route::File,
-                None => Route::Nar,
-            },
+            r => {
+                if let Some(stem) = r.strip_suffix(".narinfo").filter(|s| digest_shaped(s)) {
+                    return digest_route(stem, Route::NarInfo);
+                }
+                if let Some(stem) = r.strip_suffix(".ls").filter(|s| digest_shaped(s)) {
+                    return digest_route(stem, Route::Listing);
+                }
+                if let Some(drv) = r.strip_prefix("log/") {
+                    return Route::Log(drv);
+                }
+                if let Some(name) = r.strip_prefix("_/") {
+                    return Route::Static(name);
+                }
+                match explorer::parse_view(r) {
+                    Some((d, explorer::View::Browse, tail)) => Route::Browse(d, tail),
+                    Some((d, explorer::View::File, tail)) => Route::File(d, tail),
+                    None => Route::Nar(r),
+                }
+            }
         }
     }
-}
-
-fn text(status: StatusCode, body: &'static str) -> HttpResponse {
-    HttpResponse::build(status)
-        .content_type("text/plain; charset=utf-8")
-        .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
-        .body(body)
-}
-
-fn not_found(svc: &CacheService) -> HttpResponse {
-    HttpResponse::NotFound()
-        .content_type("text/plain; charset=utf-8")
-        .insert_header((
-            header::CACHE_CONTROL,
-            format!("public, max-age={}", svc.negative_ttl_secs),
-        ))
-        .body("404 not found\n")
 }
 
 fn if_none_match(req: &HttpRequest, etag: &str) -> bool {
@@ -246,6 +253,7 @@ async fn dispatch(req: HttpRequest, ing: web::Data<Ingress>) -> HttpResponse {
         .to_owned();
     let rel = rest.strip_prefix('/').unwrap_or(rest).to_owned();
     let route = Route::of(&rel);
+    let name = route.name();
     let resp = match *req.method() {
         Method::GET | Method::HEAD => handle(&req, &ing, route, &rel, &root).await,
         Method::OPTIONS => HttpResponse::Ok()
@@ -256,30 +264,23 @@ async fn dispatch(req: HttpRequest, ing: web::Data<Ingress>) -> HttpResponse {
             .content_type("text/plain; charset=utf-8")
             .body("405 method not allowed: this cache is read-only over HTTP\n"),
     };
-    svc.metrics.request(route.name(), resp.status().as_u16());
+    svc.metrics.request(name, resp.status().as_u16());
     resp
 }
 
 async fn handle(
     req: &HttpRequest,
     ing: &Ingress,
-    route: Route,
+    route: Route<'_>,
     rel: &str,
     root: &str,
 ) -> HttpResponse {
     let svc = &*ing.service;
     match route {
         Route::Index => explorer::index(req, svc, root),
-        Route::Static => explorer::static_file(svc, root, &rel["_/".len()..]),
-        Route::Browse | Route::File => {
-            let Some((digest, view, tail)) = explorer::parse_view(rel) else {
-                return not_found(svc);
-            };
-            match view {
-                explorer::View::Browse => explorer::browse(ing, root, digest, tail).await,
-                explorer::View::File => explorer::file(req, ing, root, digest, tail).await,
-            }
-        }
+        Route::Static(name) => explorer::static_file(svc, root, name),
+        Route::Browse(digest, tail) => explorer::browse(ing, root, &digest, tail).await,
+        Route::File(digest, tail) => explorer::file(req, ing, root, &digest, tail).await,
         Route::CacheInfo => HttpResponse::Ok()
             .content_type("text/x-nix-cache-info")
             .insert_header((header::CACHE_CONTROL, NARINFO_MAX_AGE))
@@ -288,53 +289,33 @@ async fn handle(
         Route::Metrics => HttpResponse::Ok()
             .content_type("text/plain; version=0.0.4; charset=utf-8")
             .body(svc.metrics.render()),
-        Route::NarInfo => narinfo(req, ing, &rel[..32], root).await,
-        Route::Listing => match ing.fetcher.send(FetchListing(rel[..32].to_owned())).await {
+        Route::BadDigest => {
+            tracing::debug!("refused {rel}: not a store-path digest");
+            text(
+                StatusCode::BAD_REQUEST,
+                "400 bad request: not a store path digest\n",
+            )
+        }
+        Route::NarInfo(digest) => narinfo(req, ing, digest, root).await,
+        Route::Listing(digest) => match ing.fetcher.send(FetchListing(digest)).await {
             Ok(Ok(json)) => HttpResponse::Ok()
                 .content_type("application/json")
                 .insert_header((header::CACHE_CONTROL, IMMUTABLE))
                 .body(json),
-            Ok(Err(e)) => store_error(svc, rel, e),
-            Err(e) => mailbox_error(svc, rel, e),
+            Ok(Err(e)) => respond(svc, Mode::Protocol, rel, e.into()),
+            Err(e) => respond(svc, Mode::Protocol, rel, e.into()),
         },
-        Route::Log => match ing
-            .fetcher
-            .send(FetchLog(rel["log/".len()..].to_owned()))
-            .await
-        {
+        Route::Log(drv) => match ing.fetcher.send(FetchLog(drv.to_owned())).await {
             Ok(Ok(blob)) => HttpResponse::Ok()
                 .content_type("text/plain; charset=utf-8")
                 .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
                 .insert_header((header::CONTENT_SECURITY_POLICY, "default-src 'none'"))
                 .body(SizedStream::new(blob.span.1 - blob.span.0, blob.stream)),
-            Ok(Err(e)) => store_error(svc, rel, e),
-            Err(e) => mailbox_error(svc, rel, e),
+            Ok(Err(e)) => respond(svc, Mode::Protocol, rel, e.into()),
+            Err(e) => respond(svc, Mode::Protocol, rel, e.into()),
         },
-        Route::Nar => nar(req, ing, rel).await,
+        Route::Nar(key) => nar(req, ing, key).await,
     }
-}
-
-fn store_error(svc: &CacheService, what: &str, e: StoreError) -> HttpResponse {
-    match e {
-        StoreError::NotFound(_) => not_found(svc),
-        StoreError::Invalid(m) => {
-            tracing::debug!("refused {what}: {m}");
-            text(StatusCode::BAD_REQUEST, "400 bad request\n")
-        }
-        StoreError::RangeNotSatisfiable { total } => HttpResponse::RangeNotSatisfiable()
-            .insert_header((header::CONTENT_RANGE, format!("bytes */{total}")))
-            .finish(),
-        e => {
-            // A 5xx would make Nix disable this substituter; the client sees a miss instead.
-            tracing::warn!("{what}: {e}; answering 404");
-            not_found(svc)
-        }
-    }
-}
-
-fn mailbox_error(svc: &CacheService, what: &str, e: actix::MailboxError) -> HttpResponse {
-    tracing::error!("{what}: store actor unavailable: {e}; answering 404");
-    not_found(svc)
 }
 
 /// Tells the explorer's index about a looked-up narinfo, once per cached narinfo: narinfo
@@ -348,23 +329,13 @@ fn learn(svc: &CacheService, served: &ServedNarInfo) {
     }
 }
 
-async fn narinfo(req: &HttpRequest, ing: &Ingress, digest: &str, root: &str) -> HttpResponse {
+async fn narinfo(req: &HttpRequest, ing: &Ingress, digest: Digest, root: &str) -> HttpResponse {
     let svc = &*ing.service;
-    let served = match ing.lookup.send(Lookup(digest.to_owned())).await {
+    let what = format!("{digest}.narinfo");
+    let served = match ing.lookup.send(Lookup(digest)).await {
         Ok(Ok(s)) => s,
-        Ok(Err(LookupError::NotFound)) => return not_found(svc),
-        Ok(Err(LookupError::Invalid(m))) => {
-            tracing::debug!("refused {digest}.narinfo: {m}");
-            return text(
-                StatusCode::BAD_REQUEST,
-                "400 bad request: not a store path digest\n",
-            );
-        }
-        Ok(Err(LookupError::Unavailable(m))) => {
-            tracing::warn!("{digest}.narinfo: {m}; answering 404");
-            return not_found(svc);
-        }
-        Err(e) => return mailbox_error(svc, digest, e),
+        Ok(Err(e)) => return respond(svc, Mode::Protocol, &what, e.into()),
+        Err(e) => return respond(svc, Mode::Protocol, &what, Failure::Mailbox(e)),
     };
     learn(svc, &served);
     if wants_html(req) && !req.query_string().contains("format=text") {
@@ -401,8 +372,8 @@ async fn nar(req: &HttpRequest, ing: &Ingress, key: &str) -> HttpResponse {
         .await
     {
         Ok(Ok(b)) => b,
-        Ok(Err(e)) => return store_error(svc, key, e),
-        Err(e) => return mailbox_error(svc, key, e),
+        Ok(Err(e)) => return respond(svc, Mode::Protocol, key, e.into()),
+        Err(e) => return respond(svc, Mode::Protocol, key, e.into()),
     };
     let mut b: HttpResponseBuilder = HttpResponse::Ok();
     b.insert_header((header::ETAG, etag.as_str()))
@@ -503,24 +474,30 @@ mod tests {
     #[test]
     fn routes() {
         assert_eq!(Route::of(""), Route::Index);
+        let d = Digest::parse("0123456789abcdfghijklmnpqrsvwxyz").unwrap();
         assert_eq!(
             Route::of("0123456789abcdfghijklmnpqrsvwxyz.narinfo"),
-            Route::NarInfo
+            Route::NarInfo(d)
         );
         assert_eq!(
             Route::of("0123456789abcdfghijklmnpqrsvwxyz.ls"),
-            Route::Listing
+            Route::Listing(d)
         );
-        assert_eq!(Route::of("nar/x.nar.xz"), Route::Nar);
-        assert_eq!(Route::of("log/x.drv"), Route::Log);
-        assert_eq!(Route::of("_/style.css"), Route::Static);
+        // 'e', 'o', 'u', 't' are not in Nix's base-32 alphabet.
+        assert_eq!(
+            Route::of("eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee.narinfo"),
+            Route::BadDigest
+        );
+        assert_eq!(Route::of("nar/x.nar.xz"), Route::Nar("nar/x.nar.xz"));
+        assert_eq!(Route::of("log/x.drv"), Route::Log("x.drv"));
+        assert_eq!(Route::of("_/style.css"), Route::Static("style.css"));
         assert_eq!(
             Route::of("0123456789abcdfghijklmnpqrsvwxyz/browse/a%3Cb"),
-            Route::Browse
+            Route::Browse(d, "a%3Cb")
         );
         assert_eq!(
             Route::of("0123456789abcdfghijklmnpqrsvwxyz/file/bin/x"),
-            Route::File
+            Route::File(d, "bin/x")
         );
     }
 }

@@ -7,9 +7,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::blobs::{check_key, Blobs};
-use super::{check_digest, Blob, ByteRange, ByteStream, Result, Store, StoreError};
+use super::{Blob, ByteRange, ByteStream, Result, Store, StoreError};
 use crate::formats::compression::Compression;
-use crate::formats::{CacheInfo, NarInfo, StoreDir};
+use crate::formats::{CacheInfo, Digest, NarInfo, StoreDir};
 
 /// The key of `nix-cache-info`.
 pub const CACHE_INFO_KEY: &str = "nix-cache-info";
@@ -106,8 +106,7 @@ impl Store for BinaryCache {
         }
     }
 
-    async fn narinfo(&self, digest: &str) -> Result<NarInfo> {
-        check_digest(digest)?;
+    async fn narinfo(&self, digest: &Digest) -> Result<NarInfo> {
         let key = format!("{digest}.narinfo");
         let text = self.small(&key).await?;
         let info = NarInfo::parse(&text).map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))?;
@@ -125,8 +124,7 @@ impl Store for BinaryCache {
         self.blobs.get(url, range).await
     }
 
-    async fn listing(&self, digest: &str) -> Result<String> {
-        check_digest(digest)?;
+    async fn listing(&self, digest: &Digest) -> Result<String> {
         self.small(&format!("{digest}.ls")).await
     }
 
@@ -136,7 +134,7 @@ impl Store for BinaryCache {
         self.blobs.get(&format!("log/{drv}"), None).await
     }
 
-    async fn list(&self) -> Result<Vec<String>> {
+    async fn list(&self) -> Result<Vec<Digest>> {
         Ok(self
             .blobs
             .list("")
@@ -144,8 +142,7 @@ impl Store for BinaryCache {
             .into_iter()
             .filter_map(|k| {
                 k.strip_suffix(".narinfo")
-                    .filter(|d| crate::formats::store_path::is_valid_digest(d))
-                    .map(str::to_owned)
+                    .and_then(|d| Digest::parse(d).ok())
             })
             .collect())
     }
@@ -163,8 +160,7 @@ impl Store for BinaryCache {
             .map(|_| ())
     }
 
-    async fn put_listing(&self, digest: &str, json: &str) -> Result<()> {
-        check_digest(digest)?;
+    async fn put_listing(&self, digest: &Digest, json: &str) -> Result<()> {
         self.blobs
             .put(
                 &format!("{digest}.ls"),

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::{Blob, ByteRange, ByteStream, Result, Store, StoreError};
-use crate::formats::{CacheInfo, NarInfo, StoreDir};
+use crate::formats::{CacheInfo, Digest, NarInfo, StoreDir};
 
 /// The primary store, falling back to another for what it lacks.
 pub struct LayeredStore {
@@ -63,7 +63,7 @@ impl Store for LayeredStore {
         self.primary.cache_info().await
     }
 
-    async fn narinfo(&self, digest: &str) -> Result<NarInfo> {
+    async fn narinfo(&self, digest: &Digest) -> Result<NarInfo> {
         self.either(&format!("{digest}.narinfo"), |s| async move {
             s.narinfo(digest).await
         })
@@ -75,7 +75,7 @@ impl Store for LayeredStore {
             .await
     }
 
-    async fn listing(&self, digest: &str) -> Result<String> {
+    async fn listing(&self, digest: &Digest) -> Result<String> {
         self.either(&format!("{digest}.ls"), |s| async move {
             s.listing(digest).await
         })
@@ -87,12 +87,12 @@ impl Store for LayeredStore {
             .await
     }
 
-    async fn list(&self) -> Result<Vec<String>> {
+    async fn list(&self) -> Result<Vec<Digest>> {
         let mut all = self.primary.list().await?;
         match self.fallback.list().await {
             Ok(more) => {
-                let mut seen: std::collections::HashSet<String> = all.iter().cloned().collect();
-                all.extend(more.into_iter().filter(|d| seen.insert(d.clone())));
+                let mut seen: std::collections::HashSet<Digest> = all.iter().copied().collect();
+                all.extend(more.into_iter().filter(|d| seen.insert(*d)));
             }
             // Upstream caches cannot be listed; the primary's objects are what there is.
             Err(StoreError::Unsupported(_)) => {}
@@ -109,7 +109,7 @@ impl Store for LayeredStore {
         self.primary.put_narinfo(info).await
     }
 
-    async fn put_listing(&self, digest: &str, json: &str) -> Result<()> {
+    async fn put_listing(&self, digest: &Digest, json: &str) -> Result<()> {
         self.primary.put_listing(digest, json).await
     }
 
@@ -137,6 +137,10 @@ mod tests {
 
     const A: &str = "StorePath: /nix/store/5r1dlyl2wyar1nn50ry8xi6apps79m0j-dir1\nURL: nar/a.nar\nCompression: none\nNarHash: sha256:1vn8cv29b1lzdb1pfpx4klpf2xja1iq8jbrvfk82f2ms1gc0gz4y\nNarSize: 1240\nReferences: \n";
     const B: &str = "StorePath: /nix/store/0r1dlyl2wyar1nn50ry8xi6apps79m0j-dir2\nURL: nar/b.nar\nCompression: none\nNarHash: sha256:1vn8cv29b1lzdb1pfpx4klpf2xja1iq8jbrvfk82f2ms1gc0gz4y\nNarSize: 1240\nReferences: \n";
+
+    fn d(s: &str) -> Digest {
+        Digest::parse(s).unwrap()
+    }
 
     fn once(s: &'static str) -> ByteStream {
         Box::pin(futures::stream::once(async move {
@@ -166,10 +170,16 @@ mod tests {
             .await
             .unwrap();
         let s = LayeredStore::new(Arc::new(primary), Arc::new(fallback));
-        assert!(s.narinfo("5r1dlyl2wyar1nn50ry8xi6apps79m0j").await.is_ok());
-        assert!(s.narinfo("0r1dlyl2wyar1nn50ry8xi6apps79m0j").await.is_ok());
         assert!(s
-            .narinfo("00000000000000000000000000000000")
+            .narinfo(&d("5r1dlyl2wyar1nn50ry8xi6apps79m0j"))
+            .await
+            .is_ok());
+        assert!(s
+            .narinfo(&d("0r1dlyl2wyar1nn50ry8xi6apps79m0j"))
+            .await
+            .is_ok());
+        assert!(s
+            .narinfo(&d("00000000000000000000000000000000"))
             .await
             .unwrap_err()
             .is_not_found());

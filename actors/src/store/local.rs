@@ -7,10 +7,10 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
-use super::{check_digest, Blob, ByteRange, ByteStream, Result, Store, StoreError};
+use super::{Blob, ByteRange, ByteStream, Result, Store, StoreError};
 use crate::formats::compression::Compression;
 use crate::formats::nar;
-use crate::formats::{CacheInfo, Hash, NarInfo, Signature, StoreDir, StorePath};
+use crate::formats::{CacheInfo, Digest, Hash, NarInfo, Signature, StoreDir, StorePath};
 
 /// Where a local store keeps its objects and its state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -247,7 +247,6 @@ impl LocalStore {
     }
 
     async fn lookup(self: &Arc<Self>, digest: &str) -> Result<NarInfo> {
-        check_digest(digest)?;
         let dir = self.layout.store_dir.as_str().to_owned();
         let d = digest.to_owned();
         let row = self
@@ -370,7 +369,7 @@ impl Store for Arc<LocalStore> {
         })
     }
 
-    async fn narinfo(&self, digest: &str) -> Result<NarInfo> {
+    async fn narinfo(&self, digest: &Digest) -> Result<NarInfo> {
         self.lookup(digest).await
     }
 
@@ -394,7 +393,7 @@ impl Store for Arc<LocalStore> {
         Ok(Blob::of_span(stream, (start, end), total))
     }
 
-    async fn listing(&self, digest: &str) -> Result<String> {
+    async fn listing(&self, digest: &Digest) -> Result<String> {
         let info = self.lookup(digest).await?;
         let path = self.real_path(&info.store_path);
         tokio::task::spawn_blocking(move || nar::listing(&path).map(|l| l.to_json()))
@@ -430,7 +429,7 @@ impl Store for Arc<LocalStore> {
         Ok(file_blob(out))
     }
 
-    async fn list(&self) -> Result<Vec<String>> {
+    async fn list(&self) -> Result<Vec<Digest>> {
         let dir = self.layout.store_dir.clone();
         self.with_db(move |c| {
             let mut stmt = c.prepare("SELECT path FROM ValidPaths")?;
@@ -452,7 +451,7 @@ impl Store for Arc<LocalStore> {
         Err(self.read_only())
     }
 
-    async fn put_listing(&self, _digest: &str, _json: &str) -> Result<()> {
+    async fn put_listing(&self, _digest: &Digest, _json: &str) -> Result<()> {
         Err(self.read_only())
     }
 

@@ -20,13 +20,14 @@ pub mod url;
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use thiserror::Error;
 
-use crate::formats::{CacheInfo, NarInfo};
+use crate::formats::{CacheInfo, Digest, NarInfo};
 
 /// Bytes that arrive in chunks; NARs of any size travel like this, never as one buffer.
 pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
@@ -119,7 +120,11 @@ impl Blob {
 }
 
 /// What can go wrong talking to a store, in terms a user can act on.
-#[derive(Debug, Error)]
+///
+/// Cloneable (the cause is shared), so one failed lookup can be handed to every caller that
+/// waited on it; [`StoreError::is_transient`] is the one rule for whether trying again can help,
+/// used by the upload scheduler's retries and the upstream health check alike.
+#[derive(Debug, Clone, Error)]
 pub enum StoreError {
     /// The object does not exist (HTTP 404).
     #[error("not found: {0}")]
@@ -139,31 +144,59 @@ pub enum StoreError {
     /// The store holds data that does not parse.
     #[error("corrupt data in the store: {0}")]
     Corrupt(String),
-    /// The backend failed (I/O, network, database); may be transient.
+    /// The backend failed (I/O, network, database).
     #[error("{context}: {source}")]
     Backend {
         /// What was being done.
         context: String,
-        /// The cause.
-        source: Box<dyn std::error::Error + Send + Sync>,
+        /// The cause, shared between clones.
+        source: Arc<dyn std::error::Error + Send + Sync>,
+        /// True when the same request may succeed later (a timeout, a 5xx, a reset); false
+        /// when only a change of configuration helps (access denied, no such bucket).
+        transient: bool,
     },
 }
 
 impl StoreError {
-    /// Wraps a backend error with what was being done.
+    /// Wraps a backend error that may go away by itself (network, I/O, 5xx).
     pub fn backend(
         context: impl Into<String>,
         source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
     ) -> Self {
         StoreError::Backend {
             context: context.into(),
-            source: source.into(),
+            source: Arc::from(source.into()),
+            transient: true,
+        }
+    }
+
+    /// Wraps a backend error that retrying cannot fix (refused credentials, a missing bucket).
+    pub fn backend_permanent(
+        context: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        StoreError::Backend {
+            context: context.into(),
+            source: Arc::from(source.into()),
+            transient: false,
         }
     }
 
     /// True for [`StoreError::NotFound`].
     pub fn is_not_found(&self) -> bool {
         matches!(self, StoreError::NotFound(_))
+    }
+
+    /// True when trying the same operation again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Backend { transient, .. } => *transient,
+            StoreError::NotFound(_)
+            | StoreError::Invalid(_)
+            | StoreError::Unsupported(_)
+            | StoreError::RangeNotSatisfiable { .. }
+            | StoreError::Corrupt(_) => false,
+        }
     }
 }
 
@@ -183,19 +216,19 @@ pub trait Store: Send + Sync + 'static {
     async fn cache_info(&self) -> Result<CacheInfo>;
 
     /// The narinfo of the store object with this 32-character digest.
-    async fn narinfo(&self, digest: &str) -> Result<NarInfo>;
+    async fn narinfo(&self, digest: &Digest) -> Result<NarInfo>;
 
     /// The file a narinfo's `URL:` names, or a slice of it.
     async fn nar(&self, url: &str, range: Option<ByteRange>) -> Result<Blob>;
 
     /// The `.ls` listing of an object's NAR, as JSON text.
-    async fn listing(&self, digest: &str) -> Result<String>;
+    async fn listing(&self, digest: &Digest) -> Result<String>;
 
     /// The build log of a derivation (`<digest>-<name>.drv`), uncompressed.
     async fn log(&self, drv: &str) -> Result<Blob>;
 
     /// The digests of every object in the store (order unspecified).
-    async fn list(&self) -> Result<Vec<String>>;
+    async fn list(&self) -> Result<Vec<Digest>>;
 
     /// Writes a NAR file under `url` (relative, as it will appear in the narinfo).
     async fn put_nar(&self, url: &str, data: ByteStream) -> Result<u64>;
@@ -204,7 +237,7 @@ pub trait Store: Send + Sync + 'static {
     async fn put_narinfo(&self, info: &NarInfo) -> Result<()>;
 
     /// Writes an object's `.ls` listing.
-    async fn put_listing(&self, digest: &str, json: &str) -> Result<()>;
+    async fn put_listing(&self, digest: &Digest, json: &str) -> Result<()>;
 
     /// Writes a derivation's build log.
     async fn put_log(&self, drv: &str, data: ByteStream) -> Result<()>;
@@ -256,15 +289,4 @@ pub fn digest_of_nar_url(url: &str) -> Option<&str> {
 pub fn digest_of_object_url(url: &str) -> Option<&str> {
     url.strip_suffix(".narinfo")
         .or_else(|| digest_of_nar_url(url))
-}
-
-/// Checks that `digest` is a store-path digest, so it can be used in keys and paths.
-pub fn check_digest(digest: &str) -> Result<()> {
-    if crate::formats::store_path::is_valid_digest(digest) {
-        Ok(())
-    } else {
-        Err(StoreError::Invalid(format!(
-            "{digest:?} is not a 32-character nixbase32 store-path digest"
-        )))
-    }
 }

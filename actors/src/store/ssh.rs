@@ -60,9 +60,11 @@ use self::process::SshProcess;
 use self::spool::Spool;
 use self::target::SshTarget;
 use self::wire::PathInfo;
-use super::{check_digest, Blob, ByteRange, ByteStream, Result, Store, StoreError};
+use super::{Blob, ByteRange, ByteStream, Result, Store, StoreError};
 use crate::formats::hash::Algo;
-use crate::formats::{nar, nixbase32, CacheInfo, Compression, Hash, NarInfo, StoreDir, StorePath};
+use crate::formats::{
+    nar, nixbase32, CacheInfo, Compression, Digest, Hash, NarInfo, StoreDir, StorePath,
+};
 
 /// Longest a listing of the remote store directory may take.
 const LIST_TIMEOUT: Duration = Duration::from_secs(300);
@@ -200,7 +202,6 @@ impl SshStore {
 
     /// The remote metadata of the path with this digest.
     async fn path_info(&self, digest: &str) -> Result<PathInfo> {
-        check_digest(digest)?;
         let mut names = self.index.lookup(digest);
         if names.is_empty() {
             self.refresh_index().await?;
@@ -327,7 +328,7 @@ impl Store for SshStore {
         })
     }
 
-    async fn narinfo(&self, digest: &str) -> Result<NarInfo> {
+    async fn narinfo(&self, digest: &Digest) -> Result<NarInfo> {
         narinfo_of(self.path_info(digest).await?, self.store_dir())
     }
 
@@ -344,7 +345,7 @@ impl Store for SshStore {
         Ok(Blob::of_span(stream, (start, end), total))
     }
 
-    async fn listing(&self, digest: &str) -> Result<String> {
+    async fn listing(&self, digest: &Digest) -> Result<String> {
         let info = self.path_info(digest).await?;
         let reader = SyncIoBridge::new(StreamReader::new(self.nar_stream(&info).await?));
         tokio::task::spawn_blocking(move || nar::read(reader, &mut ()).map(|l| l.to_json()))
@@ -408,7 +409,7 @@ impl Store for SshStore {
         })
     }
 
-    async fn list(&self) -> Result<Vec<String>> {
+    async fn list(&self) -> Result<Vec<Digest>> {
         self.refresh_index().await?;
         let names = self.index.all();
         let mut digests = Vec::new();
@@ -493,7 +494,7 @@ impl Store for SshStore {
     }
 
     /// Does nothing: listings are computed from the NAR when asked for.
-    async fn put_listing(&self, _digest: &str, _json: &str) -> Result<()> {
+    async fn put_listing(&self, _digest: &Digest, _json: &str) -> Result<()> {
         Ok(())
     }
 

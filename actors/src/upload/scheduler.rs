@@ -23,7 +23,7 @@ use tokio::sync::{oneshot, Semaphore};
 
 use super::journal::{Journal, State};
 use super::uploader::{Upload, UploadFailure, Uploaded, Uploader};
-use crate::formats::StorePath;
+use crate::formats::{Digest, StorePath};
 use crate::store::local::LocalStore;
 use crate::store::StoreError;
 
@@ -68,8 +68,8 @@ enum ObjState {
 struct Obj {
     path: StorePath,
     /// Digests of references other than itself.
-    refs: Vec<String>,
-    referrers: HashSet<String>,
+    refs: Vec<Digest>,
+    referrers: HashSet<Digest>,
     roots: HashSet<String>,
     state: ObjState,
     attempts: u32,
@@ -77,7 +77,7 @@ struct Obj {
 
 #[derive(Debug, Default)]
 struct Root {
-    remaining: HashSet<String>,
+    remaining: HashSet<Digest>,
     failure: Option<String>,
 }
 
@@ -111,9 +111,9 @@ pub struct Scheduler {
     journal: Arc<Journal>,
     uploaders: Vec<Addr<Uploader>>,
     idle: Vec<usize>,
-    objects: HashMap<String, Obj>,
+    objects: HashMap<Digest, Obj>,
     roots: HashMap<String, Root>,
-    ready: VecDeque<String>,
+    ready: VecDeque<Digest>,
     permits: Arc<Semaphore>,
     settings: SchedulerSettings,
     drain_waiters: Vec<oneshot::Sender<Summary>>,
@@ -173,12 +173,12 @@ impl Scheduler {
         };
         let mut entry = Root::default();
         for (path, refs) in &closure {
-            let d = path.digest().to_owned();
-            let obj = self.objects.entry(d.clone()).or_insert_with(|| Obj {
+            let d = *path.digest();
+            let obj = self.objects.entry(d).or_insert_with(|| Obj {
                 path: path.clone(),
                 refs: refs
                     .iter()
-                    .map(|r| r.digest().to_owned())
+                    .map(|r| *r.digest())
                     .filter(|r| r != path.digest())
                     .collect(),
                 referrers: HashSet::new(),
@@ -193,18 +193,18 @@ impl Scheduler {
             }
             if obj.state != ObjState::Done {
                 obj.roots.insert(root.clone());
-                entry.remaining.insert(d.clone());
+                entry.remaining.insert(d);
             }
         }
         for (path, refs) in &closure {
             for r in refs.iter().filter(|r| *r != path) {
                 if let Some(o) = self.objects.get_mut(r.digest()) {
-                    o.referrers.insert(path.digest().to_owned());
+                    o.referrers.insert(*path.digest());
                 }
             }
         }
         let empty = entry.remaining.is_empty();
-        let members: Vec<String> = entry.remaining.iter().cloned().collect();
+        let members: Vec<Digest> = entry.remaining.iter().copied().collect();
         self.roots.insert(root.clone(), entry);
         for d in members {
             self.promote(&d);
@@ -215,7 +215,7 @@ impl Scheduler {
     }
 
     /// Moves a waiting object to the ready queue when all its references are done.
-    fn promote(&mut self, digest: &str) {
+    fn promote(&mut self, digest: &Digest) {
         let Some(obj) = self.objects.get(digest) else {
             return;
         };
@@ -238,7 +238,7 @@ impl Scheduler {
             self.fail(digest, why);
         } else if all_done {
             self.objects.get_mut(digest).expect("present").state = ObjState::Ready;
-            self.ready.push_back(digest.to_owned());
+            self.ready.push_back(*digest);
         }
     }
 
@@ -270,7 +270,7 @@ impl Scheduler {
 
     fn finished(
         &mut self,
-        digest: &str,
+        digest: &Digest,
         res: Result<Uploaded, UploadFailure>,
         ctx: &mut Context<Self>,
     ) {
@@ -287,7 +287,7 @@ impl Scheduler {
                     return;
                 };
                 obj.state = ObjState::Done;
-                let referrers: Vec<String> = obj.referrers.iter().cloned().collect();
+                let referrers: Vec<Digest> = obj.referrers.iter().copied().collect();
                 let roots: Vec<String> = obj.roots.drain().collect();
                 for r in referrers {
                     self.promote(&r);
@@ -316,7 +316,7 @@ impl Scheduler {
                     obj.attempts
                 );
                 obj.state = ObjState::Ready;
-                let d = digest.to_owned();
+                let d = *digest;
                 ctx.run_later(delay, move |act, ctx| {
                     act.ready.push_back(d);
                     act.dispatch(ctx);
@@ -326,8 +326,8 @@ impl Scheduler {
     }
 
     /// Fails an object and, transitively, everything waiting on it.
-    fn fail(&mut self, digest: &str, why: String) {
-        let mut stack = vec![(digest.to_owned(), why)];
+    fn fail(&mut self, digest: &Digest, why: String) {
+        let mut stack = vec![(*digest, why)];
         while let Some((d, why)) = stack.pop() {
             let Some(obj) = self.objects.get_mut(&d) else {
                 continue;
@@ -339,7 +339,7 @@ impl Scheduler {
             self.summary.failed += 1;
             let roots: Vec<String> = obj.roots.drain().collect();
             for r in obj.referrers.iter() {
-                stack.push((r.clone(), format!("its reference {} failed", obj.path)));
+                stack.push((*r, format!("its reference {} failed", obj.path)));
             }
             for root in roots {
                 if let Some(r) = self.roots.get_mut(&root) {
@@ -350,7 +350,7 @@ impl Scheduler {
         }
     }
 
-    fn member_settled(&mut self, root: &str, digest: &str) {
+    fn member_settled(&mut self, root: &str, digest: &Digest) {
         let Some(r) = self.roots.get_mut(root) else {
             return;
         };

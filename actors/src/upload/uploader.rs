@@ -112,11 +112,7 @@ async fn merge_existing(
             merged.sigs.push(s.clone());
         }
     }
-    for k in &opts.keys {
-        if !merged.sigs.iter().any(|s| s.key_name == k.name()) {
-            merged.sign(k);
-        }
-    }
+    merged.sign_if_missing(&opts.keys);
     let added = merged.sigs.len() - existing.sigs.len();
     if added > 0 {
         dest.put_narinfo(&merged).await?;

@@ -29,7 +29,7 @@ struct Names {
 impl Names {
     fn insert(&mut self, base_name: &str) {
         if let Ok(p) = StorePath::from_base_name(base_name) {
-            let names = self.by_digest.entry(p.digest().to_owned()).or_default();
+            let names = self.by_digest.entry(p.digest().to_string()).or_default();
             if !names.iter().any(|n| n == base_name) {
                 names.push(base_name.to_owned());
             }

@@ -26,8 +26,8 @@ use url::Url;
 use self::disk_cache::{Expected, NarDiskCache, StartDownload};
 use self::health::Health;
 use super::blobs::check_key;
-use super::{check_digest, Blob, ByteRange, ByteStream, Result, Store, StoreError};
-use crate::formats::{CacheInfo, NarInfo, PublicKey};
+use super::{Blob, ByteRange, ByteStream, Result, Store, StoreError};
+use crate::formats::{CacheInfo, Digest, NarInfo, PublicKey};
 
 /// How to reach and trust the upstreams.
 #[derive(Debug, Clone)]
@@ -505,8 +505,7 @@ impl Store for UpstreamStore {
         }
     }
 
-    async fn narinfo(&self, digest: &str) -> Result<NarInfo> {
-        check_digest(digest)?;
+    async fn narinfo(&self, digest: &Digest) -> Result<NarInfo> {
         let order = self.inner.order(None);
         if order.is_empty() {
             return Err(StoreError::backend(
@@ -567,8 +566,7 @@ impl Store for UpstreamStore {
         Ok(Blob::of_span(body(resp), span, total))
     }
 
-    async fn listing(&self, digest: &str) -> Result<String> {
-        check_digest(digest)?;
+    async fn listing(&self, digest: &Digest) -> Result<String> {
         let what = format!("{digest}.ls");
         let (_, resp) = self.inner.first_found(&what, false).await?;
         let text = Inner::text(resp, &what).await?;
@@ -596,7 +594,7 @@ impl Store for UpstreamStore {
         })
     }
 
-    async fn list(&self) -> Result<Vec<String>> {
+    async fn list(&self) -> Result<Vec<Digest>> {
         Err(StoreError::Unsupported(format!(
             "{} cannot be listed: binary caches over HTTP have no index",
             self.describe()
@@ -611,7 +609,7 @@ impl Store for UpstreamStore {
         Err(read_only(self))
     }
 
-    async fn put_listing(&self, _digest: &str, _json: &str) -> Result<()> {
+    async fn put_listing(&self, _digest: &Digest, _json: &str) -> Result<()> {
         Err(read_only(self))
     }
 
@@ -621,7 +619,8 @@ impl Store for UpstreamStore {
 
     async fn exists(&self, url: &str) -> Result<bool> {
         if let Some(digest) = url.strip_suffix(".narinfo") {
-            return match self.narinfo(digest).await {
+            let digest = Digest::parse(digest).map_err(|e| StoreError::Invalid(e.to_string()))?;
+            return match self.narinfo(&digest).await {
                 Ok(_) => Ok(true),
                 Err(StoreError::NotFound(_)) => Ok(false),
                 Err(e) => Err(e),

@@ -6,11 +6,15 @@
 
 mod listing;
 mod reader;
+#[cfg(feature = "tokio")]
+mod stream;
 mod writer;
 
 pub use listing::{Listing, Node};
 pub use reader::{read, NarError, NarVisitor};
-pub use writer::{dump, dump_stream, listing, NarStream};
+#[cfg(feature = "tokio")]
+pub use stream::{dump_stream, NarStream};
+pub use writer::{dump, listing};
 
 /// The magic string at the start of every NAR.
 pub const MAGIC: &str = "nix-archive-1";

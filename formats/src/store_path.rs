@@ -96,10 +96,92 @@ impl fmt::Display for StoreDir {
     }
 }
 
+/// A store-path digest: the 32 nixbase32 characters that name `<digest>.narinfo`.
+///
+/// Parsed once where a digest enters (a request path, a FIFO line, a listing) and carried as
+/// this type from then on, so no backend has to re-check a string before it builds a key or a
+/// file name out of it: a `Digest` cannot hold `/`, `..` or anything but nixbase32.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest([u8; DIGEST_LEN]);
+
+/// Why a string is not a store-path digest.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("{0:?} is not a 32-character nixbase32 store-path digest")]
+pub struct BadDigest(pub String);
+
+impl Digest {
+    /// Parses a digest; the whole string must be the 32 characters.
+    pub fn parse(s: &str) -> Result<Digest, BadDigest> {
+        if !is_valid_digest(s) {
+            let shown: String = s.chars().take(80).collect();
+            return Err(BadDigest(shown));
+        }
+        let mut bytes = [0u8; DIGEST_LEN];
+        bytes.copy_from_slice(s.as_bytes());
+        Ok(Digest(bytes))
+    }
+
+    /// The digest as text.
+    pub fn as_str(&self) -> &str {
+        // Only nixbase32 (ASCII) bytes ever get in, through `parse`.
+        std::str::from_utf8(&self.0).expect("a digest is ASCII")
+    }
+}
+
+impl std::ops::Deref for Digest {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for Digest {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::borrow::Borrow<str> for Digest {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::str::FromStr for Digest {
+    type Err = BadDigest;
+    fn from_str(s: &str) -> Result<Digest, BadDigest> {
+        Digest::parse(s)
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Digest({})", self.as_str())
+    }
+}
+
+impl PartialEq<str> for Digest {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for Digest {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// A store object's identity: its digest and name, independent of the store directory.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StorePath {
-    digest: String,
+    digest: Digest,
     name: String,
 }
 
@@ -129,13 +211,13 @@ impl StorePath {
             return Err(StorePathError::BadName(name.into()));
         }
         Ok(StorePath {
-            digest: digest.into(),
+            digest: Digest::parse(digest).map_err(|_| StorePathError::BadDigest(base.into()))?,
             name: name.into(),
         })
     }
 
     /// The 32-character digest (what `<digest>.narinfo` is named after).
-    pub fn digest(&self) -> &str {
+    pub fn digest(&self) -> &Digest {
         &self.digest
     }
 

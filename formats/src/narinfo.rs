@@ -279,6 +279,17 @@ impl NarInfo {
         self.sigs.push(sig);
     }
 
+    /// Adds a signature by each of `keys` whose name has none on this narinfo yet; a
+    /// signature already there under that name is kept as it is. The one rule for "sign what
+    /// we serve or upload", so serving and uploading never disagree about it.
+    pub fn sign_if_missing(&mut self, keys: &[SecretKey]) {
+        for key in keys {
+            if !self.sigs.iter().any(|s| s.key_name == key.name()) {
+                self.sign(key);
+            }
+        }
+    }
+
     /// The names of the keys among `keys` whose signature on this narinfo verifies.
     pub fn verified_by<'k>(&self, keys: &'k [PublicKey]) -> Vec<&'k PublicKey> {
         let fp = self.fingerprint();
