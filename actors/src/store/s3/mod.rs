@@ -9,10 +9,12 @@
 //! read, and `credential_process` the commands those files may name.
 //!
 //! The rest is split by idea: `options` turns a URL's settings into a client, `error` turns
-//! what goes wrong into messages a user can act on, and this file moves the bytes.
+//! what goes wrong into messages a user can act on (with S3's own code, which `error_code`
+//! reads), and this file moves the bytes.
 
 mod credential_process;
 mod error;
+mod error_code;
 mod options;
 mod profile;
 
