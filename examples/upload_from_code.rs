@@ -132,7 +132,7 @@ fn run(args: Args) -> Result<bool, String> {
 
     // Actors need a running actix system; `block_on` runs it until the future ends.
     actix::System::new().block_on(async move {
-        let pipeline = start_pipeline(&config).await?;
+        let pipeline = start_pipeline(&config).await.map_err(|e| e.to_string())?;
         if pipeline.resumed > 0 {
             println!("resumed {} paths from an earlier run", pipeline.resumed);
         }
@@ -143,7 +143,8 @@ fn run(args: Args) -> Result<bool, String> {
             .scheduler
             .send(Enqueue(paths))
             .await
-            .map_err(|e| format!("scheduler: {e}"))??;
+            .map_err(|e| format!("scheduler: {e}"))?
+            .map_err(|e| e.to_string())?;
         // Drain is answered once everything accepted before it is uploaded or given up on.
         let summary = pipeline
             .scheduler

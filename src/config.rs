@@ -297,7 +297,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         let (served, uploaded) = futures::join!(serving, uploading);
         served?;
         for u in uploaded {
-            let outcome = u.map_err(anyhow::Error::msg)?;
+            let outcome = u?;
             if let Some(e) = outcome.input_error {
                 bail!("{e}");
             }

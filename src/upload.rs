@@ -104,9 +104,7 @@ pub fn prepare(args: &UploadArgs) -> anyhow::Result<UploadConfig> {
 /// Runs `upload`.
 pub fn run(args: UploadArgs) -> anyhow::Result<()> {
     let cfg = prepare(&args)?;
-    let outcome = actix::System::new()
-        .block_on(nixcached_actors::upload::run(cfg))
-        .map_err(anyhow::Error::msg)?;
+    let outcome = actix::System::new().block_on(nixcached_actors::upload::run(cfg))?;
     if let Some(e) = outcome.input_error {
         bail!("{e}");
     }

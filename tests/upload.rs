@@ -218,6 +218,109 @@ fn sighup_with_paths_queued_uploads_them_all_and_exits_zero() {
     }
 }
 
+/// Waits until every path has a narinfo in the folder cache `dest`.
+fn wait_for_narinfos(dest: &Path, paths: &[String], what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let missing: Vec<&String> = paths
+            .iter()
+            .filter(|p| !dest.join(format!("{}.narinfo", digest(p))).is_file())
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {} of {} paths never uploaded, e.g. {}",
+            missing.len(),
+            paths.len(),
+            missing[0]
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A batch larger than `--queue-size` is taken in pieces that fit, never waited on whole
+/// (that wait could never end: it hung the pipeline for good before the fix).
+#[test]
+fn one_send_larger_than_the_queue_is_uploaded_whole() {
+    let env = NixEnv::new();
+    for (n, k) in [(7, 3), (12, 1)] {
+        let paths = many_paths(&env, n);
+        let fifo = env.path(&format!("f{n}"));
+        mkfifo(&fifo);
+        let dest = env.path(&format!("cache{n}"));
+        let dest_url = format!("file://{}", dest.display());
+        let up = Upload::start(
+            &env,
+            &fifo,
+            &dest_url,
+            &["--queue-size", &k.to_string(), "--jobs", "2"],
+        );
+        let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+        let out = send(&fifo, &refs, &["--timeout", "60s"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wait_for_narinfos(&dest, &paths, &format!("{n} paths, queue {k}"));
+        up.signal("HUP");
+        assert!(up.wait().success(), "SIGHUP after the work is done exits 0");
+        assert_eq!(check_consistent(&dest), n);
+        for p in &paths {
+            env.verify(&dest_url, None, p);
+        }
+        fs::remove_dir_all(env.path("state")).unwrap();
+    }
+}
+
+/// More paths pending in the journal than the queue holds (a long destination outage, then
+/// `kill -9`): the next start takes them all, piece by piece.
+#[test]
+fn a_restart_resumes_more_pending_paths_than_the_queue_holds() {
+    let env = NixEnv::new();
+    let paths = many_paths(&env, 6);
+    let fifo = env.path("f");
+    mkfifo(&fifo);
+    let dest = env.path("cache");
+    let dest_url = format!("file://{}", dest.display());
+    let args = ["--queue-size", "2", "--jobs", "1"];
+    let up = Upload::start(&env, &fifo, &dest_url, &args);
+    // The destination goes away: nothing can finish, the queue stays full.
+    let away = env.path("cache-away");
+    fs::rename(&dest, &away).unwrap();
+    fs::write(&dest, "not a folder").unwrap();
+    let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+    // The queue is full, so `send` is held back and spools its paths when it gives up; the
+    // reader has journaled what it read before waiting for room in the queue.
+    let out = send(&fifo, &refs, &["--timeout", "5s"]);
+    assert!(!out.status.success(), "send must be held back");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("spooled"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    up.signal("KILL");
+    let _ = up.wait();
+    fs::remove_file(&dest).unwrap();
+    fs::rename(&away, &dest).unwrap();
+    for p in &paths {
+        assert!(
+            !dest.join(format!("{}.narinfo", digest(p))).exists(),
+            "{p} was uploaded during the outage"
+        );
+    }
+    let up = Upload::start(&env, &fifo, &dest_url, &args);
+    wait_for_narinfos(&dest, &paths, "resumed after kill -9");
+    up.signal("HUP");
+    assert!(up.wait().success());
+    assert_eq!(check_consistent(&dest), paths.len());
+    for p in &paths {
+        env.verify(&dest_url, None, p);
+    }
+}
+
 #[test]
 fn sigkill_at_any_moment_loses_no_sent_path_and_the_cache_stays_consistent() {
     let env = NixEnv::new();

@@ -7,6 +7,7 @@
 //!                  backpressure)            order, retries)        each)
 //! ```
 
+pub mod error;
 pub mod input;
 pub mod journal;
 pub mod reader;
@@ -24,6 +25,7 @@ use crate::publish::PublishOptions;
 use crate::serve::StopSignals;
 use crate::store::local::LocalStore;
 use crate::store::Store;
+pub use error::UploadError;
 use journal::Journal;
 use reader::{FifoReader, InputEnd, InputSpec, StopReading};
 use scheduler::{Drain, Enqueue, Scheduler, SchedulerSettings, Summary};
@@ -72,7 +74,7 @@ pub struct Pipeline {
 ///
 /// This is the part of [`run`] that does not depend on where paths come from, for programs
 /// that produce paths themselves (see `examples/upload_from_code.rs`).
-pub async fn start_pipeline(cfg: &PipelineConfig) -> Result<Pipeline, String> {
+pub async fn start_pipeline(cfg: &PipelineConfig) -> Result<Pipeline, UploadError> {
     let store_dir: StoreDir = cfg.source.layout().store_dir.clone();
     match cfg.dest.prepare_for_upload(&store_dir).await {
         Ok(()) => {}
@@ -95,9 +97,14 @@ pub async fn start_pipeline(cfg: &PipelineConfig) -> Result<Pipeline, String> {
                 }
             });
         }
-        Err(e) => return Err(format!("preparing {}: {e}", cfg.dest.describe())),
+        Err(source) => {
+            return Err(UploadError::Prepare {
+                dest: cfg.dest.describe(),
+                source,
+            })
+        }
     }
-    let journal = Arc::new(Journal::open(&cfg.journal).map_err(|e| e.to_string())?);
+    let journal = Arc::new(Journal::open(&cfg.journal)?);
     let source: Arc<dyn Store> = Arc::new(cfg.source.clone());
     let uploaders = (0..cfg.jobs.max(1))
         .map(|_| {
@@ -118,14 +125,21 @@ pub async fn start_pipeline(cfg: &PipelineConfig) -> Result<Pipeline, String> {
     )
     .start();
 
-    let resumed = journal.pending().map_err(|e| e.to_string())?;
+    let resumed = journal.pending()?;
     let n = resumed.len();
     if n > 0 {
         tracing::info!("resuming {n} paths left unfinished by an earlier run");
-        scheduler
-            .send(Enqueue(resumed))
-            .await
-            .map_err(|e| e.to_string())??;
+        // Queued now (so a Drain sent later waits for it) but not awaited: more pending paths
+        // than the queue holds go in piece by piece as uploads finish, while the pipeline
+        // already reads new input and answers signals.
+        let resuming = scheduler.send(Enqueue(resumed));
+        actix::spawn(async move {
+            match resuming.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!("resuming unfinished paths: {e}"),
+                Err(e) => tracing::error!("resuming unfinished paths: {e}"),
+            }
+        });
     }
     Ok(Pipeline {
         scheduler,
@@ -135,7 +149,7 @@ pub async fn start_pipeline(cfg: &PipelineConfig) -> Result<Pipeline, String> {
 }
 
 /// How a pipeline ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Outcome {
     /// Totals.
     pub summary: Summary,
@@ -144,15 +158,15 @@ pub struct Outcome {
     /// True when everything accepted was finished (not a prompt stop).
     pub drained: bool,
     /// An input error, if reading failed.
-    pub input_error: Option<String>,
+    pub input_error: Option<std::sync::Arc<UploadError>>,
 }
 
 /// Runs a pipeline inside an actix system until the input ends or a signal arrives.
 ///
 /// End of input, the finish marker and SIGHUP drain: everything accepted is finished first.
 /// SIGTERM and SIGINT stop promptly; unfinished work stays in the journal for the next start.
-pub async fn run(cfg: UploadConfig) -> Result<Outcome, String> {
-    let mut signals = StopSignals::install().map_err(|e| e.to_string())?;
+pub async fn run(cfg: UploadConfig) -> Result<Outcome, UploadError> {
+    let mut signals = StopSignals::install().map_err(UploadError::Signals)?;
     let Pipeline {
         scheduler, journal, ..
     } = start_pipeline(&cfg.pipeline).await?;
@@ -163,7 +177,7 @@ pub async fn run(cfg: UploadConfig) -> Result<Outcome, String> {
         end = ended_rx => match end.unwrap_or(InputEnd::Eof) {
             InputEnd::Eof => ("end of input".to_owned(), true, None),
             InputEnd::Finish => ("finish marker".to_owned(), true, None),
-            InputEnd::Error(e) => (format!("input error: {e}"), true, Some(e)),
+            InputEnd::Error(e) => (format!("input error: {e}"), true, Some(std::sync::Arc::new(e))),
         },
         sig = signals.recv() => {
             let drain = sig == "SIGHUP";
@@ -189,7 +203,7 @@ pub async fn run(cfg: UploadConfig) -> Result<Outcome, String> {
     );
     // Drain is queued behind every Enqueue already accepted; a second signal stops at once.
     let summary = tokio::select! {
-        s = scheduler.send(Drain) => s.map_err(|e| e.to_string())?,
+        s = scheduler.send(Drain) => s?,
         sig = signals.recv() => {
             tracing::info!("{sig}: stopping without finishing; unfinished paths stay queued");
             return Ok(Outcome { summary: Summary::default(), reason: sig.to_owned(), drained: false, input_error });

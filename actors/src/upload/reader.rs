@@ -10,6 +10,7 @@ use actix::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+use super::error::UploadError;
 use super::input::{parse_line, LineSplitter, Parsed, Token};
 use super::journal::read_spool;
 use super::scheduler::{Enqueue, Scheduler};
@@ -31,14 +32,14 @@ pub struct InputSpec {
 }
 
 /// How reading ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum InputEnd {
     /// End of file: every writer closed.
     Eof,
     /// The finish marker (with `--allow-finish`).
     Finish,
-    /// Reading failed.
-    Error(String),
+    /// Reading (or handing paths on) failed.
+    Error(UploadError),
 }
 
 /// Stop reading (SIGHUP): what was accepted is still finished by the scheduler.
@@ -135,24 +136,21 @@ fn paths_of(spec: &InputSpec, tokens: Vec<Token>) -> (Vec<String>, bool) {
     (paths, finish)
 }
 
-async fn enqueue(scheduler: &Addr<Scheduler>, paths: Vec<String>) -> Result<(), String> {
+async fn enqueue(scheduler: &Addr<Scheduler>, paths: Vec<String>) -> Result<(), UploadError> {
     if paths.is_empty() {
         return Ok(());
     }
-    tracing::debug!("accepting {paths:?}");
-    scheduler
-        .send(Enqueue(paths))
-        .await
-        .map_err(|e| e.to_string())?
+    tracing::debug!("accepting {} paths", paths.len());
+    scheduler.send(Enqueue(paths)).await?
 }
 
 /// Moves whatever `send` spooled into the scheduler, deleting spool files only after the
 /// scheduler has committed their paths.
-async fn ingest_spool(spec: &InputSpec, scheduler: &Addr<Scheduler>) -> Result<(), String> {
+async fn ingest_spool(spec: &InputSpec, scheduler: &Addr<Scheduler>) -> Result<(), UploadError> {
     let Some(dir) = &spec.spool else {
         return Ok(());
     };
-    let (lines, files) = read_spool(dir).map_err(|e| e.to_string())?;
+    let (lines, files) = read_spool(dir)?;
     if files.is_empty() {
         return Ok(());
     }
@@ -185,10 +183,15 @@ async fn read_loop(spec: InputSpec, scheduler: Addr<Scheduler>) -> InputEnd {
         let eof = chunk.is_none();
         let tokens = match chunk {
             None => splitter.finish(),
-            Some(Err(e)) => return InputEnd::Error(format!("reading input: {e}")),
+            Some(Err(source)) => {
+                return InputEnd::Error(UploadError::Input {
+                    path: spec.path.clone(),
+                    source,
+                })
+            }
             Some(Ok(bytes)) => match splitter.push(&bytes) {
                 Ok(t) => t,
-                Err(e) => return InputEnd::Error(e.to_string()),
+                Err(e) => return InputEnd::Error(e.into()),
             },
         };
         let (paths, finish) = paths_of(&spec, tokens);

@@ -1,8 +1,11 @@
 //! The upload scheduler actor: durable acceptance, closures, ordering, retries and draining.
 //!
-//! - `Enqueue` replies only once its paths are committed to the journal, and only when the
-//!   queue has room: the reader awaits each reply, so a full queue stops the reader, the pipe
-//!   fills and `send` blocks. That is the backpressure, and it needs no other mechanism.
+//! - `Enqueue` commits all its paths to the journal first (so nothing read is ever lost),
+//!   then takes them in pieces of at most [`PIECE`] (and at most the queue bound), each piece
+//!   waiting for room in the queue; it replies when the last piece is in. The reader awaits
+//!   each reply, so a full queue stops the reader, the pipe fills and `send` blocks. That is
+//!   the backpressure, and it needs no other mechanism. A batch of any size gets through: no
+//!   piece ever waits for more room than the queue has.
 //! - Each accepted path brings its closure (from the local Nix database). An object is
 //!   dispatched only when all its references are in the destination, so a narinfo never
 //!   appears before the narinfos of its references: the destination is a consistent cache
@@ -21,16 +24,28 @@ use actix::{
 };
 use tokio::sync::{oneshot, Semaphore};
 
+use super::error::UploadError;
 use super::journal::{Journal, State};
 use super::uploader::{Upload, UploadFailure, Uploaded, Uploader};
 use crate::formats::{Digest, StorePath};
 use crate::store::local::LocalStore;
 use crate::store::StoreError;
 
-/// Accept store paths (absolute) for upload.
+/// Accept store paths (absolute) for upload, any number of them.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<(), String>")]
+#[rtype(result = "Result<(), UploadError>")]
 pub struct Enqueue(pub Vec<String>);
+
+/// Most paths that wait for room in the queue together: small enough that a piece never
+/// waits for much of the queue to empty, large enough that a long spool is not one
+/// round trip per path.
+pub const PIECE: usize = 64;
+
+/// Take journaled paths into the queue once it has room for all of them; sent by the
+/// scheduler to itself, one piece of an [`Enqueue`] at a time.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), UploadError>")]
+struct Admit(Vec<String>);
 
 /// Answer when everything accepted so far is finished.
 #[derive(Debug, Message)]
@@ -421,49 +436,64 @@ impl Actor for Scheduler {
 }
 
 impl Handler<Enqueue> for Scheduler {
-    type Result = ResponseActFuture<Self, Result<(), String>>;
+    type Result = ResponseActFuture<Self, Result<(), UploadError>>;
 
-    fn handle(&mut self, msg: Enqueue, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Enqueue, ctx: &mut Context<Self>) -> Self::Result {
+        let paths = msg.0;
+        // Counted until the last piece is admitted, so a Drain waits for all of them.
+        self.enqueues_in_progress += 1;
+        let journal = self.journal.clone();
+        let me = ctx.address();
+        let piece = self.settings.queue_bound.clamp(1, PIECE);
+        let fut = async move {
+            // Durable first: whatever was read is in the journal before anything waits.
+            let p = paths.clone();
+            tokio::task::spawn_blocking(move || journal.add(&p)).await??;
+            for chunk in paths.chunks(piece) {
+                me.send(Admit(chunk.to_vec())).await??;
+            }
+            Ok(())
+        };
+        Box::pin(fut.into_actor(self).map(|res, act, _| {
+            act.enqueues_in_progress -= 1;
+            act.answer_drains();
+            res
+        }))
+    }
+}
+
+impl Handler<Admit> for Scheduler {
+    type Result = ResponseActFuture<Self, Result<(), UploadError>>;
+
+    fn handle(&mut self, msg: Admit, _: &mut Context<Self>) -> Self::Result {
         let paths = msg.0;
         let n = paths.len() as u32;
         self.enqueues_in_progress += 1;
         let permits = self.permits.clone();
-        let journal = self.journal.clone();
         let source = self.source.clone();
         let fut = async move {
             // Wait for room: this wait is what stops the reader when uploads fall behind.
+            // `n` is never more than the queue bound, so the room always comes.
             permits
-                .clone()
                 .acquire_many_owned(n)
                 .await
-                .map_err(|e| e.to_string())?
+                .expect("the scheduler never closes its semaphore")
                 .forget();
-            let p = paths.clone();
-            let committed = tokio::task::spawn_blocking(move || journal.add(&p))
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()));
-            if let Err(e) = committed {
-                permits.add_permits(n as usize);
-                return Err(e);
-            }
             let mut closures = Vec::new();
             for p in paths {
                 let c = source.closure(vec![p.clone()]).await;
                 closures.push((p, c));
             }
-            Ok(closures)
+            closures
         };
-        Box::pin(fut.into_actor(self).map(|res, act, ctx| {
+        Box::pin(fut.into_actor(self).map(|closures, act, ctx| {
             act.enqueues_in_progress -= 1;
-            let result = res.map(|closures| {
-                for (root, c) in closures {
-                    act.add_root(root, c);
-                }
-            });
+            for (root, c) in closures {
+                act.add_root(root, c);
+            }
             act.dispatch(ctx);
             act.answer_drains();
-            result
+            Ok(())
         }))
     }
 }
