@@ -4,6 +4,53 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+/// Every default of a flag or config key, written once: clap's `default_value`s and the
+/// config file's `Default` impls both read these.
+pub mod defaults {
+    /// `serve --host`.
+    pub const HOST: &str = "localhost";
+    /// `serve --port`.
+    pub const PORT: u16 = 38380;
+    /// `serve --max-list-frequency`, `max-list-frequency`.
+    pub const MAX_LIST_FREQUENCY: &str = "2m";
+    /// `serve --cache-size-mib`, `cache-size-mib`.
+    pub const CACHE_SIZE_MIB: u64 = 64;
+    /// `serve --cache-ttl`, `cache-ttl`.
+    pub const CACHE_TTL: &str = "1h";
+    /// `serve --negative-ttl`, `negative-ttl`.
+    pub const NEGATIVE_TTL: &str = "30s";
+    /// `serve --backend-timeout`, `[server] backend-timeout`.
+    pub const BACKEND_TIMEOUT: &str = "20s";
+    /// `serve --grace`, `[server] grace`.
+    pub const GRACE: &str = "30s";
+    /// `serve --upstream-timeout`, `upstream-timeout`.
+    pub const UPSTREAM_TIMEOUT: &str = "5s";
+    /// `serve --nar-cache-size-mib`, `nar-cache-size-mib`.
+    pub const NAR_CACHE_SIZE_MIB: u64 = 10240;
+    /// `upload --compression`, `compression`.
+    pub const COMPRESSION: &str = "zstd";
+    /// `upload --jobs`, `jobs`.
+    pub const JOBS: u32 = 2;
+    /// `upload --queue-size`, `queue-size`.
+    pub const QUEUE_SIZE: u32 = 10_000;
+    /// `upload --progress-interval`, `progress-interval`.
+    pub const PROGRESS_INTERVAL: &str = "10s";
+    /// `upload --from`, `from`.
+    pub const FROM: &str = "/nix/store";
+
+    /// A default duration above as a [`Duration`](std::time::Duration).
+    pub fn duration(text: &str) -> std::time::Duration {
+        super::parse_duration(text).expect("the defaults above parse")
+    }
+}
+
+/// Reads a duration config value written as the flags take it (`30s`, `2m`, `1h30m`).
+pub fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
 
 /// Nix cache daemon: serve a store over HTTP, upload build results asynchronously.
 #[derive(Debug, Parser)]
@@ -73,10 +120,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Interface to listen on.
-    #[arg(long, default_value = "localhost")]
+    #[arg(long, default_value = defaults::HOST)]
     pub host: String,
     /// TCP port.
-    #[arg(short, long, default_value_t = 38380)]
+    #[arg(short, long, default_value_t = defaults::PORT)]
     pub port: u16,
     /// Listen on this address instead of --host/--port: host:port, or unix:/path (repeatable).
     #[arg(long = "listen", value_name = "ADDR")]
@@ -91,7 +138,7 @@ pub struct ServeArgs {
     pub client: Option<PathBuf>,
     /// Least time between the end of one store listing (for the explorer index) and the
     /// start of the next.
-    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    #[arg(long, default_value = defaults::MAX_LIST_FREQUENCY, value_parser = parse_duration)]
     pub max_list_frequency: Duration,
     /// Sign narinfos that lack a signature by this key (repeatable; nix-store --generate-binary-cache-key format).
     #[arg(long = "secret-key-file", value_name = "FILE")]
@@ -100,19 +147,19 @@ pub struct ServeArgs {
     #[arg(long)]
     pub priority: Option<u32>,
     /// Memory for cached narinfos, in MiB.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = defaults::CACHE_SIZE_MIB)]
     pub cache_size_mib: u64,
     /// How long a found narinfo is cached.
-    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, default_value = defaults::CACHE_TTL, value_parser = parse_duration)]
     pub cache_ttl: Duration,
     /// How long a missing narinfo is remembered (and may be cached by clients).
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, default_value = defaults::NEGATIVE_TTL, value_parser = parse_duration)]
     pub negative_ttl: Duration,
     /// Longest a store operation may take; slower ones answer 404 (never 5xx, which makes Nix give up on the cache).
-    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    #[arg(long, default_value = defaults::BACKEND_TIMEOUT, value_parser = parse_duration)]
     pub backend_timeout: Duration,
     /// How long in-flight responses may run after SIGTERM, SIGINT or SIGHUP.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, default_value = defaults::GRACE, value_parser = parse_duration)]
     pub grace: Duration,
     /// HTTP worker threads (default: one per core).
     #[arg(long, default_value_t = 0)]
@@ -142,24 +189,29 @@ pub struct UpstreamArgs {
     #[arg(long = "trusted-public-key", value_name = "NAME:KEY")]
     pub trusted_public_keys: Vec<String>,
     /// Longest wait for an upstream to connect and answer; then the next one is tried.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = defaults::UPSTREAM_TIMEOUT, value_parser = parse_duration)]
     pub upstream_timeout: Duration,
     /// Folder keeping NARs fetched from upstreams (default: $XDG_CACHE_HOME/nixcached/upstream-nars).
     #[arg(long, value_name = "DIR")]
     pub nar_cache_dir: Option<PathBuf>,
     /// Size bound of the NAR folder in MiB (0: keep no NARs, stream them through).
-    #[arg(long, default_value_t = 10240)]
+    #[arg(long, default_value_t = defaults::NAR_CACHE_SIZE_MIB)]
     pub nar_cache_size_mib: u64,
 }
 
-/// `nixcached upload`.
-#[derive(Debug, Args)]
+/// `nixcached upload`, and a config file's `[[upload]]` (the same struct, so both take the
+/// same settings with the same defaults; config keys are the flag names, and
+/// `secret-key-files` is the list form of `--secret-key-file`).
+#[derive(Debug, Clone, Args, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct UploadArgs {
     /// File or FIFO to read store paths from (default: standard input).
     #[arg(long)]
     pub input: Option<PathBuf>,
-    /// Keep a FIFO open for new senders instead of stopping at end of input.
+    /// Keep a FIFO open for new senders instead of stopping at end of input (in a config
+    /// file the default is true: pipelines there are long-lived).
     #[arg(short = 'k', long)]
+    #[serde(default = "keep_alive_in_config")]
     pub keep_alive: bool,
     /// Stop after the finish marker that `send --finish` writes.
     #[arg(long)]
@@ -168,7 +220,7 @@ pub struct UploadArgs {
     #[arg(short, long)]
     pub force: bool,
     /// NAR compression: zstd, xz, bzip2, gzip, br or none.
-    #[arg(long, default_value = "zstd")]
+    #[arg(long, default_value = defaults::COMPRESSION)]
     pub compression: String,
     /// Compression level, on the codec's own scale (zstd 1-19, xz 0-9, …).
     #[arg(long)]
@@ -177,7 +229,7 @@ pub struct UploadArgs {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub write_nar_listing: bool,
     /// Objects uploaded concurrently (at least 1).
-    #[arg(short, long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(short, long, default_value_t = defaults::JOBS, value_parser = clap::value_parser!(u32).range(1..))]
     pub jobs: u32,
     /// Sign narinfos with this key (repeatable; nix-store --generate-binary-cache-key format).
     #[arg(long = "secret-key-file", value_name = "FILE")]
@@ -186,16 +238,44 @@ pub struct UploadArgs {
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
     /// Accepted-but-unfinished paths before reading pauses (and senders block).
-    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = defaults::QUEUE_SIZE, value_parser = clap::value_parser!(u32).range(1..))]
     pub queue_size: u32,
     /// How often to log progress (0 to never).
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = defaults::PROGRESS_INTERVAL, value_parser = parse_duration)]
+    #[serde(deserialize_with = "de_duration")]
     pub progress_interval: Duration,
     /// The local Nix store the paths are in: /nix/store, or local?root=DIR for a chroot store.
-    #[arg(long, default_value = "/nix/store")]
+    #[arg(long, default_value = defaults::FROM)]
     pub from: String,
     /// Destination: file:///DIR, s3://BUCKET, gs://BUCKET or ssh://HOST.
     pub dest: String,
+}
+
+fn keep_alive_in_config() -> bool {
+    true
+}
+
+impl Default for UploadArgs {
+    /// The flags' defaults (what `[[upload]]` keys left out take), with no input or
+    /// destination.
+    fn default() -> Self {
+        UploadArgs {
+            input: None,
+            keep_alive: false,
+            allow_finish: false,
+            force: false,
+            compression: defaults::COMPRESSION.into(),
+            compression_level: None,
+            write_nar_listing: true,
+            jobs: defaults::JOBS,
+            secret_key_files: Vec::new(),
+            state_dir: None,
+            queue_size: defaults::QUEUE_SIZE,
+            progress_interval: defaults::duration(defaults::PROGRESS_INTERVAL),
+            from: defaults::FROM.into(),
+            dest: String::new(),
+        }
+    }
 }
 
 /// `nixcached send`.
@@ -226,6 +306,33 @@ mod tests {
         assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
         assert!(parse_duration("2x").is_err());
         assert!(parse_duration("-1").is_err());
+    }
+
+    #[test]
+    fn defaults_are_the_flags_defaults() {
+        let parsed = Cli::parse_from(["nixcached", "upload", "file:///x"]);
+        let Some(Command::Upload(args)) = parsed.command else {
+            panic!("upload parses")
+        };
+        let d = UploadArgs::default();
+        assert_eq!(
+            (
+                args.compression,
+                args.jobs,
+                args.queue_size,
+                args.progress_interval,
+                args.from,
+                args.write_nar_listing
+            ),
+            (
+                d.compression,
+                d.jobs,
+                d.queue_size,
+                d.progress_interval,
+                d.from,
+                d.write_nar_listing
+            )
+        );
     }
 
     #[test]

@@ -34,13 +34,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde::Deserialize;
 
-use crate::cli::parse_duration;
-
-fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    let s: Option<String> = Option::deserialize(d)?;
-    s.map(|s| parse_duration(&s).map_err(serde::de::Error::custom))
-        .transpose()
-}
+use crate::cli::{de_duration, defaults, UploadArgs};
 
 /// The whole file.
 #[derive(Debug, Deserialize)]
@@ -52,76 +46,103 @@ pub struct Config {
     /// Served caches.
     #[serde(default, rename = "cache")]
     pub caches: Vec<CacheSection>,
-    /// Upload pipelines.
+    /// Upload pipelines: the settings of `upload`'s flags, with `input` and `dest` required.
     #[serde(default, rename = "upload")]
-    pub uploads: Vec<UploadSection>,
+    pub uploads: Vec<UploadArgs>,
 }
 
 /// `[server]`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ServerSection {
     /// Shared listeners (default `localhost:38380`).
-    #[serde(default)]
     pub listen: Vec<String>,
     /// Store operation timeout.
-    #[serde(default, deserialize_with = "de_duration")]
-    pub backend_timeout: Option<Duration>,
+    #[serde(deserialize_with = "de_duration")]
+    pub backend_timeout: Duration,
     /// Shutdown grace period.
-    #[serde(default, deserialize_with = "de_duration")]
-    pub grace: Option<Duration>,
-    /// HTTP workers per server.
-    #[serde(default)]
+    #[serde(deserialize_with = "de_duration")]
+    pub grace: Duration,
+    /// HTTP workers per server (0: one per core).
     pub workers: usize,
 }
 
-/// `[[cache]]`.
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            listen: Vec::new(),
+            backend_timeout: defaults::duration(defaults::BACKEND_TIMEOUT),
+            grace: defaults::duration(defaults::GRACE),
+            workers: 0,
+        }
+    }
+}
+
+/// `[[cache]]`: `serve`'s per-cache settings, with the same defaults.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct CacheSection {
-    /// Store URL.
+    /// Store URL (required).
     pub store: String,
     /// Own listeners; without them the cache is on `[server]`'s under `prefix`.
-    #[serde(default)]
     pub listen: Vec<String>,
     /// Path prefix on the listeners (`/team`); default the root.
-    #[serde(default)]
     pub prefix: String,
     /// Signing keys.
-    #[serde(default)]
     pub secret_key_files: Vec<PathBuf>,
     /// Advertised priority.
     pub priority: Option<u32>,
     /// Narinfo memory cache in MiB.
-    pub cache_size_mib: Option<u64>,
+    pub cache_size_mib: u64,
     /// Positive TTL.
-    #[serde(default, deserialize_with = "de_duration")]
-    pub cache_ttl: Option<Duration>,
+    #[serde(deserialize_with = "de_duration")]
+    pub cache_ttl: Duration,
     /// Negative TTL.
-    #[serde(default, deserialize_with = "de_duration")]
-    pub negative_ttl: Option<Duration>,
+    #[serde(deserialize_with = "de_duration")]
+    pub negative_ttl: Duration,
     /// zstd-encode uncompressed NARs for clients that accept it.
-    #[serde(default)]
     pub transparent_zstd: bool,
     /// Folder replacing the explorer's templates and static files (as `serve --client`).
     pub client: Option<PathBuf>,
-    /// Least time between two listings of the store for the explorer index (default 2m).
-    #[serde(default, deserialize_with = "de_duration")]
-    pub max_list_frequency: Option<Duration>,
+    /// Least time between two listings of the store for the explorer index.
+    #[serde(deserialize_with = "de_duration")]
+    pub max_list_frequency: Duration,
     /// Upstream binary caches behind the store, tried in order.
-    #[serde(default)]
     pub upstreams: Vec<String>,
     /// Trusted keys (`NAME:BASE64`): upstream narinfos must be signed by one, and the explorer
     /// reports signatures by them as verified.
-    #[serde(default)]
     pub trusted_public_keys: Vec<String>,
-    /// Per-upstream timeout (default 5s).
-    #[serde(default, deserialize_with = "de_duration")]
-    pub upstream_timeout: Option<Duration>,
+    /// Per-upstream timeout.
+    #[serde(deserialize_with = "de_duration")]
+    pub upstream_timeout: Duration,
     /// Folder of NARs fetched from upstreams.
     pub nar_cache_dir: Option<PathBuf>,
-    /// Size bound of that folder in MiB (default 10240; 0 keeps none).
-    pub nar_cache_size_mib: Option<u64>,
+    /// Size bound of that folder in MiB (0 keeps none).
+    pub nar_cache_size_mib: u64,
+}
+
+impl Default for CacheSection {
+    /// `serve`'s flag defaults, with no store.
+    fn default() -> Self {
+        CacheSection {
+            store: String::new(),
+            listen: Vec::new(),
+            prefix: String::new(),
+            secret_key_files: Vec::new(),
+            priority: None,
+            cache_size_mib: defaults::CACHE_SIZE_MIB,
+            cache_ttl: defaults::duration(defaults::CACHE_TTL),
+            negative_ttl: defaults::duration(defaults::NEGATIVE_TTL),
+            transparent_zstd: false,
+            client: None,
+            max_list_frequency: defaults::duration(defaults::MAX_LIST_FREQUENCY),
+            upstreams: Vec::new(),
+            trusted_public_keys: Vec::new(),
+            upstream_timeout: defaults::duration(defaults::UPSTREAM_TIMEOUT),
+            nar_cache_dir: None,
+            nar_cache_size_mib: defaults::NAR_CACHE_SIZE_MIB,
+        }
+    }
 }
 
 impl CacheSection {
@@ -130,46 +151,11 @@ impl CacheSection {
         crate::cli::UpstreamArgs {
             upstreams: self.upstreams.clone(),
             trusted_public_keys: self.trusted_public_keys.clone(),
-            upstream_timeout: self.upstream_timeout.unwrap_or(Duration::from_secs(5)),
+            upstream_timeout: self.upstream_timeout,
             nar_cache_dir: self.nar_cache_dir.clone(),
-            nar_cache_size_mib: self.nar_cache_size_mib.unwrap_or(10240),
+            nar_cache_size_mib: self.nar_cache_size_mib,
         }
     }
-}
-
-/// `[[upload]]`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct UploadSection {
-    /// FIFO or file to read.
-    pub input: PathBuf,
-    /// Destination URL.
-    pub dest: String,
-    /// Keep the FIFO open (default true in a config: pipelines are long-lived).
-    pub keep_alive: Option<bool>,
-    /// Stop at the finish marker.
-    #[serde(default)]
-    pub allow_finish: bool,
-    /// Re-upload existing objects.
-    #[serde(default)]
-    pub force: bool,
-    /// Compression (default zstd).
-    pub compression: Option<String>,
-    /// Compression level.
-    pub compression_level: Option<i32>,
-    /// Write `.ls` listings (default true).
-    pub write_nar_listing: Option<bool>,
-    /// Concurrent uploads (default 2).
-    pub jobs: Option<u32>,
-    /// Signing keys.
-    #[serde(default)]
-    pub secret_key_files: Vec<PathBuf>,
-    /// Journal folder.
-    pub state_dir: Option<PathBuf>,
-    /// Queue bound.
-    pub queue_size: Option<u32>,
-    /// Source store (default /nix/store).
-    pub from: Option<String>,
 }
 
 impl Config {
@@ -187,7 +173,21 @@ impl Config {
         if cfg.caches.is_empty() && cfg.uploads.is_empty() {
             bail!("config {origin}: no [[cache]] and no [[upload]]: nothing to run");
         }
+        for u in &cfg.uploads {
+            if u.input.is_none() || u.dest.is_empty() {
+                bail!("config {origin}: every [[upload]] needs input (a FIFO or file) and dest (a cache URL)");
+            }
+            if u.jobs == 0 || u.queue_size == 0 {
+                bail!(
+                    "config {origin}: jobs and queue-size of [[upload]] {} must be at least 1",
+                    u.dest
+                );
+            }
+        }
         for c in &cfg.caches {
+            if c.store.is_empty() {
+                bail!("config {origin}: every [[cache]] needs store (a store URL)");
+            }
             if !c.prefix.is_empty() && (!c.prefix.starts_with('/') || c.prefix.ends_with('/')) {
                 bail!(
                     "config {origin}: prefix {:?} must start with '/' and not end with one",
@@ -205,14 +205,14 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     use nixcached_actors::lookup::CacheSettings;
     use nixcached_actors::serve::{Listen, ServeOptions, ServerGroup};
 
-    let defaults = CacheSettings::default();
-    let backend_timeout = cfg
-        .server
-        .backend_timeout
-        .unwrap_or(Duration::from_secs(20));
-    let grace = cfg.server.grace.unwrap_or(Duration::from_secs(30));
+    let backend_timeout = cfg.server.backend_timeout;
+    let grace = cfg.server.grace;
     let shared_listen: Vec<Listen> = if cfg.server.listen.is_empty() {
-        vec![Listen::Tcp("localhost:38380".into())]
+        vec![Listen::Tcp(format!(
+            "{}:{}",
+            defaults::HOST,
+            defaults::PORT
+        ))]
     } else {
         cfg.server.listen.iter().map(|l| Listen::parse(l)).collect()
     };
@@ -225,12 +225,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             keys: crate::serve::read_keys(&c.secret_key_files)?,
             priority: c.priority,
             cache: CacheSettings {
-                max_bytes: c
-                    .cache_size_mib
-                    .map(|m| m * 1024 * 1024)
-                    .unwrap_or(defaults.max_bytes),
-                ttl: c.cache_ttl.unwrap_or(defaults.ttl),
-                negative_ttl: c.negative_ttl.unwrap_or(defaults.negative_ttl),
+                max_bytes: c.cache_size_mib * 1024 * 1024,
+                ttl: c.cache_ttl,
+                negative_ttl: c.negative_ttl,
             },
             backend_timeout,
             grace,
@@ -239,7 +236,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             ui: crate::serve::ui_options(
                 c.client.clone(),
                 &c.trusted_public_keys,
-                c.max_list_frequency,
+                Some(c.max_list_frequency),
             )?,
         };
         if c.listen.is_empty() {
@@ -265,24 +262,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let pipelines = cfg
         .uploads
         .iter()
-        .map(|u| {
-            crate::upload::prepare(&crate::cli::UploadArgs {
-                input: Some(u.input.clone()),
-                keep_alive: u.keep_alive.unwrap_or(true),
-                allow_finish: u.allow_finish,
-                force: u.force,
-                compression: u.compression.clone().unwrap_or_else(|| "zstd".into()),
-                compression_level: u.compression_level,
-                write_nar_listing: u.write_nar_listing.unwrap_or(true),
-                jobs: u.jobs.unwrap_or(2).max(1),
-                secret_key_files: u.secret_key_files.clone(),
-                state_dir: u.state_dir.clone(),
-                queue_size: u.queue_size.unwrap_or(10_000).max(1),
-                progress_interval: Duration::from_secs(10),
-                from: u.from.clone().unwrap_or_else(|| "/nix/store".into()),
-                dest: u.dest.clone(),
-            })
-        })
+        .map(crate::upload::prepare)
         .collect::<anyhow::Result<Vec<_>>>()?;
     actix::System::new().block_on(async move {
         let serving = async {
@@ -343,7 +323,7 @@ mod tests {
         let ui = crate::serve::ui_options(
             c.client.clone(),
             &c.trusted_public_keys,
-            c.max_list_frequency,
+            Some(c.max_list_frequency),
         )
         .unwrap();
         assert_eq!(ui.max_list_frequency, Duration::from_secs(300));

@@ -43,15 +43,10 @@ pub struct UploadFailure {
 
 impl UploadFailure {
     fn from_store(what: &str, e: StoreError) -> UploadFailure {
-        let permanent = matches!(
-            e,
-            StoreError::NotFound(_)
-                | StoreError::Corrupt(_)
-                | StoreError::Invalid(_)
-                | StoreError::Unsupported(_)
-        );
+        // The store's own rule (`is_transient`) decides, as it does for upstream health:
+        // refused credentials or a missing bucket fail the path instead of retrying forever.
         UploadFailure {
-            permanent,
+            permanent: !e.is_transient(),
             message: format!("{what}: {e}"),
         }
     }
