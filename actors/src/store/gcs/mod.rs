@@ -33,7 +33,7 @@ use super::{slice_stream, Blob, ByteRange, ByteStream, Result, StoreError};
 use auth::Auth;
 use error::GcsError;
 use resumable::{fill, CHUNK};
-use retry::{backoff, ATTEMPTS};
+use retry::retry;
 
 /// Objects in a GCS bucket.
 pub struct GcsBlobs {
@@ -116,29 +116,22 @@ impl GcsBlobs {
     /// Sends a request (rebuilt by `make` for each attempt), retrying transient failures;
     /// any answer other than 2xx or 308 becomes an error.
     async fn send(&self, make: impl Fn() -> RequestBuilder) -> Result<Response, GcsError> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let err = match self
-                .auth
-                .authorize(make(), &self.options.bucket)
-                .await?
-                .send()
-                .await
-            {
-                Ok(resp)
-                    if resp.status().is_success()
-                        || resp.status() == StatusCode::PERMANENT_REDIRECT =>
-                {
-                    return Ok(resp)
-                }
-                Ok(resp) => GcsError::from_response(resp).await,
-                Err(e) => GcsError::Http(e),
-            };
-            if attempt >= ATTEMPTS || !err.is_transient() {
-                return Err(err);
-            }
-            tokio::time::sleep(backoff(attempt)).await;
+        retry(|| self.send_once(make())).await
+    }
+
+    /// One attempt of a request: any answer other than 2xx or 308 becomes an error.
+    async fn send_once(&self, rb: RequestBuilder) -> Result<Response, GcsError> {
+        let resp = self
+            .auth
+            .authorize(rb, &self.options.bucket)
+            .await?
+            .send()
+            .await
+            .map_err(GcsError::Http)?;
+        if resp.status().is_success() || resp.status() == StatusCode::PERMANENT_REDIRECT {
+            Ok(resp)
+        } else {
+            Err(GcsError::from_response(resp).await)
         }
     }
 

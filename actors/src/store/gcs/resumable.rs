@@ -9,7 +9,7 @@ use reqwest::header::{HeaderValue, CONTENT_RANGE, CONTENT_TYPE, LOCATION, RANGE}
 use reqwest::{Response, StatusCode};
 
 use super::error::GcsError;
-use super::retry::{backoff, ATTEMPTS};
+use super::retry::{retry_or_recover, ATTEMPTS};
 use super::GcsBlobs;
 use crate::store::{ByteStream, Result, StoreError};
 
@@ -59,37 +59,27 @@ impl GcsBlobs {
         };
         // fake-gcs-server takes the object's type from the last chunk; GCS ignores it.
         let resp = self
-            .auth
-            .authorize(
+            .send_once(
                 self.http
                     .put(session)
                     .header(CONTENT_RANGE, range)
                     .header(CONTENT_TYPE, content_type)
                     .body(body),
-                &self.options.bucket,
             )
-            .await?
-            .send()
-            .await
-            .map_err(GcsError::Http)?;
+            .await?;
         upload_progress(resp).await
     }
 
     /// Asks how much of an upload GCS holds, after a chunk failed midway.
     async fn upload_status(&self, session: &str) -> Result<Option<u64>, GcsError> {
         let resp = self
-            .auth
-            .authorize(
+            .send_once(
                 self.http
                     .put(session)
                     .header(CONTENT_RANGE, "bytes */*")
                     .body(Bytes::new()),
-                &self.options.bucket,
             )
-            .await?
-            .send()
-            .await
-            .map_err(GcsError::Http)?;
+            .await?;
         upload_progress(resp).await
     }
 
@@ -102,24 +92,18 @@ impl GcsBlobs {
         total: Option<u64>,
         content_type: &str,
     ) -> Result<Option<u64>, GcsError> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self
-                .send_chunk(session, body.clone(), offset, total, content_type)
-                .await
-            {
-                Err(e) if e.is_transient() && attempt < ATTEMPTS => {
-                    tokio::time::sleep(backoff(attempt)).await;
-                    match self.upload_status(session).await {
-                        Ok(Some(held)) if held > offset => return Ok(Some(held)),
-                        Ok(None) => return Ok(None),
-                        _ => continue,
-                    }
+        retry_or_recover(
+            || self.send_chunk(session, body.clone(), offset, total, content_type),
+            || async {
+                match self.upload_status(session).await {
+                    Ok(Some(held)) if held > offset => Some(Some(held)),
+                    Ok(None) => Some(None),
+                    // Nothing new held, or no answer: send the chunk again.
+                    _ => None,
                 }
-                other => return other,
-            }
-        }
+            },
+        )
+        .await
     }
 
     async fn cancel(&self, session: &str) {
