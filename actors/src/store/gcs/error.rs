@@ -111,9 +111,10 @@ impl GcsBlobs {
         self.classify(doing, &self.url_of(key), e)
     }
 
-    /// The error for a 404 that GCS gave because the bucket, not an object, is missing.
+    /// The error for a 404 that GCS gave because the bucket, not an object, is missing;
+    /// permanent, as only creating the bucket or fixing the URL helps.
     pub(super) fn no_bucket(&self, e: GcsError) -> StoreError {
-        StoreError::backend(
+        StoreError::backend_permanent(
             format!(
                 "GCS bucket {:?} does not exist at {} (create it, or check the gs:// URL)",
                 self.options.bucket, self.endpoint.base
@@ -146,9 +147,16 @@ impl GcsBlobs {
             }
             _ => None,
         };
-        match why {
-            Some(why) => StoreError::backend(format!("{doing} {what}: {why}"), e),
-            None => StoreError::backend(format!("{doing} {what}"), e),
+        let context = match why {
+            Some(why) => format!("{doing} {what}: {why}"),
+            None => format!("{doing} {what}"),
+        };
+        // The same rule as the retries here: what they gave up on may work later (a 503, a
+        // dropped connection), what they never retried will not (a 403, bad credentials).
+        if e.is_transient() {
+            StoreError::backend(context, e)
+        } else {
+            StoreError::backend_permanent(context, e)
         }
     }
 }
@@ -156,6 +164,7 @@ impl GcsBlobs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::blobs::Blobs;
     use crate::store::gcs::GcsOptions;
 
     fn status(code: u16) -> GcsError {
@@ -166,12 +175,7 @@ mod tests {
     }
 
     fn blobs() -> GcsBlobs {
-        GcsBlobs::open(&GcsOptions {
-            bucket: "b".into(),
-            endpoint: Some("http://127.0.0.1:9".into()),
-            ..GcsOptions::default()
-        })
-        .unwrap()
+        blobs_at("http://127.0.0.1:9".into())
     }
 
     #[test]
@@ -185,5 +189,88 @@ mod tests {
         assert!(e.starts_with("reading gs://b/k: GCS answered 500"), "{e}");
         assert!(status(503).is_transient() && status(429).is_transient());
         assert!(!status(404).is_transient());
+    }
+
+    #[test]
+    fn mapped_errors_say_whether_trying_again_can_help() {
+        let b = blobs();
+        let map = |e| b.classify("reading", "gs://b/k", e);
+        assert!(map(status(503)).is_transient());
+        assert!(map(status(429)).is_transient());
+        assert!(map(status(408)).is_transient());
+        assert!(!map(status(403)).is_transient());
+        assert!(!map(status(401)).is_transient());
+        assert!(!map(status(400)).is_transient());
+        assert!(!b.no_bucket(status(404)).is_transient());
+        let creds =
+            GcsError::Credentials("GOOGLE_APPLICATION_CREDENTIALS=/nowhere: no such file".into());
+        assert!(!map(creds).is_transient());
+    }
+
+    /// A server at `http://127.0.0.1:PORT` that answers every request with `answer` and
+    /// closes the connection.
+    async fn answering(answer: String) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => request.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let _ = conn.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        base
+    }
+
+    fn blobs_at(endpoint: String) -> GcsBlobs {
+        GcsBlobs::open(&GcsOptions {
+            bucket: "b".into(),
+            endpoint: Some(endpoint),
+            ..GcsOptions::default()
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_missing_bucket_is_permanent() {
+        let body = r#"{"error":{"message":"The specified bucket does not exist."}}"#;
+        let b = blobs_at(
+            answering(format!(
+                "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            ))
+            .await,
+        );
+        let e = b.head("k").await.unwrap_err();
+        assert!(e.to_string().contains("does not exist"), "{e}");
+        assert!(!e.is_transient(), "{e}");
+        let e = b.list("").await.unwrap_err();
+        assert!(e.to_string().contains("does not exist"), "{e}");
+        assert!(!e.is_transient(), "{e}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_endpoint_is_transient() {
+        // A port that was just free: connecting to it is refused.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let b = blobs_at(format!("http://127.0.0.1:{port}"));
+        let e = b.send_once(b.http.get(b.list_url(&[]))).await.unwrap_err();
+        let e = b.classify("listing", "gs://b/", e);
+        assert!(e.to_string().contains("cannot reach"), "{e}");
+        assert!(e.is_transient(), "{e}");
     }
 }

@@ -225,8 +225,9 @@ impl Blobs for GcsBlobs {
         if resp.status() == StatusCode::PARTIAL_CONTENT {
             let (start, end, total) =
                 content_range(resp.headers().get(CONTENT_RANGE)).ok_or_else(|| {
-                    StoreError::backend(
-                        format!("reading {}", self.url_of(key)),
+                    self.classify(
+                        "reading",
+                        &self.url_of(key),
                         GcsError::Protocol(
                             "a partial answer without a usable Content-Range".into(),
                         ),
