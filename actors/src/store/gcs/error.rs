@@ -37,7 +37,12 @@ impl GcsError {
     pub(super) fn is_transient(&self) -> bool {
         match self {
             GcsError::Status { status, .. } => transient_status(*status),
-            GcsError::Http(e) => e.is_connect() || e.is_timeout() || e.is_request(),
+            // Body and decode errors come only from reading an answer (the connection
+            // dropped midway), never from sending one, so they change no retry here; they
+            // keep a listing cut short as transient as a request cut short.
+            GcsError::Http(e) => {
+                e.is_connect() || e.is_timeout() || e.is_request() || e.is_body() || e.is_decode()
+            }
             _ => false,
         }
     }
@@ -257,6 +262,19 @@ mod tests {
         let e = b.list("").await.unwrap_err();
         assert!(e.to_string().contains("does not exist"), "{e}");
         assert!(!e.is_transient(), "{e}");
+    }
+
+    #[tokio::test]
+    async fn an_answer_cut_short_is_transient() {
+        let b = blobs_at(
+            answering(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\nconnection: close\r\n\r\n{\"items\":".into(),
+            )
+            .await,
+        );
+        let e = b.list("").await.unwrap_err();
+        assert!(e.to_string().starts_with("listing gs://b/"), "{e}");
+        assert!(e.is_transient(), "{e}");
     }
 
     #[tokio::test]
