@@ -178,16 +178,18 @@ fn range_header(range: ByteRange) -> Option<String> {
     }
 }
 
-/// `Content-Range: bytes a-b/total` → `(a, b + 1, total)`.
+/// `Content-Range: bytes a-b/total` → `(a, b + 1, total)`; `None` unless it describes a
+/// slice of the object, as readers of the blob subtract its ends.
 fn content_range(v: Option<&HeaderValue>) -> Option<(u64, u64, u64)> {
     let s = v?.to_str().ok()?.strip_prefix("bytes ")?;
     let (span, total) = s.split_once('/')?;
     let (a, b) = span.split_once('-')?;
-    Some((
+    let (start, end, total): (u64, u64, u64) = (
         a.parse().ok()?,
-        b.parse::<u64>().ok()? + 1,
+        b.parse::<u64>().ok()?.checked_add(1)?,
         total.parse().ok()?,
-    ))
+    );
+    (start < end && end <= total).then_some((start, end, total))
 }
 
 #[async_trait]
@@ -379,5 +381,13 @@ mod tests {
         let cr = HeaderValue::from_static("bytes 2-5/22");
         assert_eq!(content_range(Some(&cr)), Some((2, 6, 22)));
         assert_eq!(content_range(None), None);
+        for bad in [
+            "bytes 0-18446744073709551615/1",
+            "bytes 5-2/22",
+            "bytes 2-30/22",
+        ] {
+            let v = HeaderValue::from_static(bad);
+            assert_eq!(content_range(Some(&v)), None, "{bad}");
+        }
     }
 }

@@ -218,7 +218,7 @@ fn held_bytes(range: Option<&HeaderValue>) -> Result<u64, GcsError> {
         .ok()
         .and_then(|s| s.strip_prefix("bytes=0-"))
         .and_then(|n| n.trim().parse::<u64>().ok())
-        .map(|last| last + 1)
+        .and_then(|last| last.checked_add(1))
         .ok_or_else(|| GcsError::Protocol(format!("upload progress {v:?}")))
 }
 
@@ -232,5 +232,10 @@ mod tests {
         assert_eq!(held_bytes(Some(&held)).unwrap(), 262144);
         assert_eq!(held_bytes(None).unwrap(), 0);
         assert!(held_bytes(Some(&HeaderValue::from_static("bytes=5-9"))).is_err());
+        let huge = HeaderValue::from_static("bytes=0-18446744073709551615");
+        assert!(
+            held_bytes(Some(&huge)).is_err(),
+            "an overflowing count is refused"
+        );
     }
 }
