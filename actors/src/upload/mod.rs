@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 
 use crate::formats::StoreDir;
 use crate::publish::PublishOptions;
-use crate::serve::StopSignals;
+use crate::shutdown::{Signal, StopSignals};
 use crate::store::local::LocalStore;
 use crate::store::Store;
 use journal::Journal;
@@ -166,8 +166,8 @@ pub async fn run(cfg: UploadConfig) -> Result<Outcome, String> {
             InputEnd::Error(e) => (format!("input error: {e}"), true, Some(e)),
         },
         sig = signals.recv() => {
-            let drain = sig == "SIGHUP";
-            (sig.to_owned(), drain, None)
+            let drain = sig == Signal::Hup;
+            (sig.to_string(), drain, None)
         }
     };
     reader.do_send(StopReading);
@@ -192,7 +192,7 @@ pub async fn run(cfg: UploadConfig) -> Result<Outcome, String> {
         s = scheduler.send(Drain) => s.map_err(|e| e.to_string())?,
         sig = signals.recv() => {
             tracing::info!("{sig}: stopping without finishing; unfinished paths stay queued");
-            return Ok(Outcome { summary: Summary::default(), reason: sig.to_owned(), drained: false, input_error });
+            return Ok(Outcome { summary: Summary::default(), reason: sig.to_string(), drained: false, input_error });
         }
     };
     tracing::info!(
