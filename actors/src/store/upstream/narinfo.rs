@@ -7,7 +7,8 @@ use std::sync::Arc;
 use url::Url;
 
 use super::disk_cache::Expected;
-use super::{Answer, Inner, NarSource, UpstreamError};
+use super::request::{Answer, UpstreamError};
+use super::{Inner, NarSource};
 use crate::formats::NarInfo;
 use crate::store::blobs::check_key;
 
