@@ -18,5 +18,6 @@ pub mod nar_files;
 pub mod publish;
 pub mod send;
 pub mod serve;
+pub mod shutdown;
 pub mod store;
 pub mod upload;

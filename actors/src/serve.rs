@@ -20,6 +20,7 @@ use crate::http::{self, CacheService, Ingress};
 use crate::lookup::{CacheSettings, LookupShared};
 use crate::metrics::Metrics;
 use crate::nar_files::NarFiles;
+use crate::shutdown::StopSignals;
 use crate::store::Store;
 
 /// Where to accept connections.
@@ -225,35 +226,6 @@ fn bind(listen: &[Listen]) -> io::Result<Vec<(Either, String)>> {
         }
     }
     Ok(out)
-}
-
-/// SIGTERM, SIGINT and SIGHUP, caught from the moment this is made: install it before
-/// announcing readiness, so an early signal is a clean stop rather than the default kill.
-pub struct StopSignals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-    hup: tokio::signal::unix::Signal,
-}
-
-impl StopSignals {
-    /// Installs the handlers (inside a Tokio runtime).
-    pub fn install() -> io::Result<StopSignals> {
-        use tokio::signal::unix::{signal, SignalKind};
-        Ok(StopSignals {
-            term: signal(SignalKind::terminate())?,
-            int: signal(SignalKind::interrupt())?,
-            hup: signal(SignalKind::hangup())?,
-        })
-    }
-
-    /// Resolves with the name of the first signal received.
-    pub async fn recv(&mut self) -> &'static str {
-        tokio::select! {
-            _ = self.term.recv() => "SIGTERM",
-            _ = self.int.recv() => "SIGINT",
-            _ = self.hup.recv() => "SIGHUP",
-        }
-    }
 }
 
 /// Several caches behind one set of listeners, each under its own path prefix (`""` for

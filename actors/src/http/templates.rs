@@ -209,7 +209,7 @@ fn content_type(name: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::explorer::samples;
+    use crate::http::explorer::samples::samples;
 
     #[test]
     fn every_embedded_template_renders_with_sample_data_and_escapes() {

@@ -123,7 +123,9 @@ impl Blob {
 ///
 /// Cloneable (the cause is shared), so one failed lookup can be handed to every caller that
 /// waited on it; [`StoreError::is_transient`] is the one rule for whether trying again can help,
-/// used by the upload scheduler's retries and the upstream health check alike.
+/// used by the upload scheduler's retries. Upstream failures get their flag from
+/// [`upstream::UpstreamError::is_transient`], the same rule that counts them against an
+/// upstream's health, so the two cannot disagree.
 #[derive(Debug, Clone, Error)]
 pub enum StoreError {
     /// The object does not exist (HTTP 404).

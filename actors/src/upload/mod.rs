@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 
 use crate::formats::StoreDir;
 use crate::publish::PublishOptions;
-use crate::serve::StopSignals;
+use crate::shutdown::{Signal, StopSignals};
 use crate::store::local::LocalStore;
 use crate::store::Store;
 pub use error::UploadError;
@@ -180,8 +180,8 @@ pub async fn run(cfg: UploadConfig) -> Result<Outcome, UploadError> {
             InputEnd::Error(e) => (format!("input error: {e}"), true, Some(std::sync::Arc::new(e))),
         },
         sig = signals.recv() => {
-            let drain = sig == "SIGHUP";
-            (sig.to_owned(), drain, None)
+            let drain = sig == Signal::Hup;
+            (sig.to_string(), drain, None)
         }
     };
     reader.do_send(StopReading);
@@ -206,7 +206,7 @@ pub async fn run(cfg: UploadConfig) -> Result<Outcome, UploadError> {
         s = scheduler.send(Drain) => s?,
         sig = signals.recv() => {
             tracing::info!("{sig}: stopping without finishing; unfinished paths stay queued");
-            return Ok(Outcome { summary: Summary::default(), reason: sig.to_owned(), drained: false, input_error });
+            return Ok(Outcome { summary: Summary::default(), reason: sig.to_string(), drained: false, input_error });
         }
     };
     tracing::info!(

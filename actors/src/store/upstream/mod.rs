@@ -2,14 +2,17 @@
 //!
 //! Upstreams are tried in the order given: a 404 from one sends the request to the next, and
 //! so does a failure (connection error, timeout before the first byte, 5xx), which also counts
-//! towards skipping that upstream for a while ([`health`]). Narinfos are accepted only when
-//! one of the configured trusted keys signed them, and only when their upstream also has the
-//! NAR they name (a `HEAD` request), so this store never hands out a narinfo whose NAR it
-//! cannot deliver. NARs go through a size-bounded folder ([`disk_cache`]) when one is
+//! towards skipping that upstream for a while ([`health`]; `request.rs` holds the rule for
+//! which answers are failures). Narinfos are accepted only when one of the configured trusted
+//! keys signed them, and only when their upstream also has the NAR they name (a `HEAD`
+//! request), so this store never hands out a narinfo whose NAR it cannot deliver
+//! (`narinfo.rs`). NARs go through a size-bounded folder ([`disk_cache`]) when one is
 //! configured, else they are proxied straight through.
 
 pub mod disk_cache;
 pub mod health;
+mod narinfo;
+mod request;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,13 +21,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::TryStreamExt;
 use moka::future::Cache;
-use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, RANGE};
+use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE};
 use reqwest::StatusCode;
-use thiserror::Error;
 use url::Url;
 
 use self::disk_cache::{Expected, NarDiskCache, StartDownload};
 use self::health::Health;
+pub use self::request::UpstreamError;
+use self::request::{not_found_or, Answer};
 use super::blobs::check_key;
 use super::{Blob, ByteRange, ByteStream, Result, Store, StoreError};
 use crate::formats::{CacheInfo, Digest, NarInfo, PublicKey};
@@ -59,39 +63,6 @@ impl UpstreamOptions {
             nar_cache: None,
         }
     }
-}
-
-/// Why an upstream request did not give an answer.
-#[derive(Debug, Error)]
-pub enum UpstreamError {
-    /// No connection or no response headers within the timeout.
-    #[error("{url}: no answer within {after:?}")]
-    Timeout {
-        /// The URL asked.
-        url: Url,
-        /// The timeout.
-        after: Duration,
-    },
-    /// The request failed (DNS, connection refused, TLS, reset).
-    #[error("{url}: {source}")]
-    Http {
-        /// The URL asked.
-        url: Url,
-        /// The cause.
-        #[source]
-        source: reqwest::Error,
-    },
-    /// An answer other than found or not found.
-    #[error("{url}: HTTP {status}")]
-    Status {
-        /// The URL asked.
-        url: Url,
-        /// The status.
-        status: StatusCode,
-    },
-    /// Every upstream is being skipped after repeated failures.
-    #[error("every upstream is failing and skipped for now")]
-    AllSkipped,
 }
 
 /// Where a NAR this store handed out a narinfo for can be fetched.
@@ -130,12 +101,6 @@ impl std::fmt::Debug for UpstreamStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "UpstreamStore({})", self.describe())
     }
-}
-
-/// What one upstream said.
-enum Answer {
-    Found(reqwest::Response),
-    Missing,
 }
 
 /// `base` with a trailing `/`, so that joining keeps its path (`https://h/cache` + `x`).
@@ -221,45 +186,6 @@ impl UpstreamStore {
 }
 
 impl Inner {
-    /// One request to one upstream, with the timeout and health accounting.
-    async fn ask(
-        &self,
-        i: usize,
-        url: Url,
-        head: bool,
-        range: Option<(u64, u64)>,
-    ) -> std::result::Result<Answer, UpstreamError> {
-        let up = &self.upstreams[i];
-        let mut req = if head {
-            self.http.head(url.clone())
-        } else {
-            self.http.get(url.clone())
-        };
-        if let Some((s, e)) = range {
-            req = req.header(RANGE, format!("bytes={s}-{}", e - 1));
-        }
-        let timeout = self.options.timeout;
-        let r = match tokio::time::timeout(timeout, req.send()).await {
-            Err(_) => Err(UpstreamError::Timeout {
-                url,
-                after: timeout,
-            }),
-            Ok(Err(source)) => Err(UpstreamError::Http { url, source }),
-            Ok(Ok(resp)) => match resp.status() {
-                s if s.is_success() => Ok(Answer::Found(resp)),
-                StatusCode::NOT_FOUND | StatusCode::FORBIDDEN | StatusCode::GONE => {
-                    Ok(Answer::Missing)
-                }
-                status => Err(UpstreamError::Status { url, status }),
-            },
-        };
-        match &r {
-            Ok(_) => up.health.success(),
-            Err(e) => up.health.failure(&e.to_string()),
-        }
-        r
-    }
-
     /// The upstreams to try, in order, skipping those in their cool-down.
     fn order(&self, first: Option<usize>) -> Vec<usize> {
         let mut v: Vec<usize> = first.into_iter().collect();
@@ -272,7 +198,7 @@ impl Inner {
     async fn first_found(&self, path: &str, head: bool) -> Result<(usize, reqwest::Response)> {
         let order = self.order(None);
         if order.is_empty() {
-            return Err(StoreError::backend(path, UpstreamError::AllSkipped));
+            return Err(UpstreamError::AllSkipped.into_store_error(path));
         }
         let mut last_err = None;
         for i in order {
@@ -297,107 +223,6 @@ impl Inner {
             .map_err(|e| StoreError::backend(format!("reading {what} from upstream"), e))?;
         String::from_utf8(bytes.to_vec())
             .map_err(|_| StoreError::Corrupt(format!("{what} from upstream is not UTF-8 text")))
-    }
-
-    /// The narinfo from upstream `i`, when it is there, trusted, and its NAR is there too.
-    async fn narinfo_from(
-        &self,
-        i: usize,
-        digest: &str,
-    ) -> std::result::Result<Option<NarInfo>, UpstreamError> {
-        let base = &self.upstreams[i].base;
-        let url = base
-            .join(&format!("{digest}.narinfo"))
-            .expect("digest is a valid path");
-        let resp = match self.ask(i, url.clone(), false, None).await? {
-            Answer::Found(r) => r,
-            Answer::Missing => return Ok(None),
-        };
-        let text = match Self::text(resp, &format!("{digest}.narinfo")).await {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!("{url}: {e}");
-                return Ok(None);
-            }
-        };
-        let info = match NarInfo::parse(&text) {
-            Ok(info) if info.store_path.digest() == digest => info,
-            Ok(info) => {
-                tracing::warn!(
-                    "{url} describes {}, another object; ignoring it",
-                    info.store_path
-                );
-                return Ok(None);
-            }
-            Err(e) => {
-                tracing::warn!("{url} does not parse ({e}); ignoring it");
-                return Ok(None);
-            }
-        };
-        let keys = &self.options.trusted_keys;
-        if !keys.is_empty() && info.verified_by(keys).is_empty() {
-            tracing::warn!(
-                "{url} is not signed by a trusted key (trusted: {}; signed by: {}); refusing it \
-                 (add the upstream's key with --trusted-public-key if it is trustworthy)",
-                keys.iter().map(|k| k.name()).collect::<Vec<_>>().join(", "),
-                info.sigs
-                    .iter()
-                    .map(|s| s.key_name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-            return Ok(None);
-        }
-        let nar_url = match base.join(&info.url) {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::warn!("{url}: URL {:?} is not usable ({e}); ignoring it", info.url);
-                return Ok(None);
-            }
-        };
-        let relative = Url::parse(&info.url).is_err() && check_key(&info.url).is_ok();
-        let served_url = if relative {
-            info.url.clone()
-        } else {
-            // An absolute (or odd) URL is served under a name of ours; the NAR still comes
-            // from where the upstream said.
-            match &info.file_hash {
-                Some(h) => format!("nar/{}.nar{}", h.to_nix32(), info.compression.extension()),
-                None => format!("nar/{digest}-upstream.nar{}", info.compression.extension()),
-            }
-        };
-        let cached = match &self.disk {
-            Some(d) => d.contains(&served_url).await,
-            None => false,
-        };
-        if !cached {
-            match self.ask(i, nar_url.clone(), true, None).await? {
-                Answer::Found(_) => {}
-                Answer::Missing => {
-                    tracing::warn!(
-                        "{url} names {nar_url}, which the upstream does not have; ignoring it"
-                    );
-                    return Ok(None);
-                }
-            }
-        }
-        self.sources
-            .insert(
-                served_url.clone(),
-                Arc::new(NarSource {
-                    upstream: i,
-                    url: nar_url,
-                    relative: relative.then(|| info.url.clone()),
-                    expected: Expected {
-                        size: info.file_size,
-                        hash: info.file_hash.clone(),
-                    },
-                }),
-            )
-            .await;
-        let mut info = info;
-        info.url = served_url;
-        Ok(Some(info))
     }
 
     /// Where to try a NAR from, in order.
@@ -432,7 +257,7 @@ impl Inner {
         range: Option<(u64, u64)>,
     ) -> Result<reqwest::Response> {
         if candidates.is_empty() {
-            return Err(StoreError::backend(url, UpstreamError::AllSkipped));
+            return Err(UpstreamError::AllSkipped.into_store_error(url));
         }
         let mut last_err = None;
         for (i, u) in candidates {
@@ -443,15 +268,6 @@ impl Inner {
             }
         }
         Err(not_found_or(url, last_err))
-    }
-}
-
-/// Not found when every upstream said so; the last failure otherwise (which the HTTP layer
-/// still answers as a 404, but logs).
-fn not_found_or(what: &str, err: Option<UpstreamError>) -> StoreError {
-    match err {
-        None => StoreError::NotFound(what.to_owned()),
-        Some(e) => StoreError::backend(format!("fetching {what} from upstreams"), e),
     }
 }
 
@@ -508,10 +324,7 @@ impl Store for UpstreamStore {
     async fn narinfo(&self, digest: &Digest) -> Result<NarInfo> {
         let order = self.inner.order(None);
         if order.is_empty() {
-            return Err(StoreError::backend(
-                format!("{digest}.narinfo"),
-                UpstreamError::AllSkipped,
-            ));
+            return Err(UpstreamError::AllSkipped.into_store_error(format!("{digest}.narinfo")));
         }
         let mut last_err = None;
         for i in order {
