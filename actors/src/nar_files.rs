@@ -112,11 +112,8 @@ impl NarFiles {
                 }
             })
             .await
-            .map_err(|e: Arc<StoreError>| match &*e {
-                StoreError::NotFound(m) => StoreError::NotFound(m.clone()),
-                StoreError::Invalid(m) => StoreError::Invalid(m.clone()),
-                other => StoreError::backend("reading the NAR's file tree", other.to_string()),
-            })
+            // Every waiter gets the same error, kind and all: a corrupt NAR stays Corrupt.
+            .map_err(|e: Arc<StoreError>| (*e).clone())
     }
 
     /// The bytes of the regular file at `path` (bytes, `/`-separated), or of `window` of it.

@@ -165,11 +165,7 @@ impl StoreError {
         context: impl Into<String>,
         source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
     ) -> Self {
-        StoreError::Backend {
-            context: context.into(),
-            source: Arc::from(source.into()),
-            transient: true,
-        }
+        Self::backend_with(context.into(), source.into(), true)
     }
 
     /// Wraps a backend error that retrying cannot fix (refused credentials, a missing bucket).
@@ -177,10 +173,18 @@ impl StoreError {
         context: impl Into<String>,
         source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
     ) -> Self {
+        Self::backend_with(context.into(), source.into(), false)
+    }
+
+    fn backend_with(
+        context: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+        transient: bool,
+    ) -> Self {
         StoreError::Backend {
-            context: context.into(),
-            source: Arc::from(source.into()),
-            transient: false,
+            context,
+            source: Arc::from(source),
+            transient,
         }
     }
 

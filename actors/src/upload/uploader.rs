@@ -43,10 +43,23 @@ pub struct UploadFailure {
 
 impl UploadFailure {
     fn from_store(what: &str, e: StoreError) -> UploadFailure {
-        // The store's own rule (`is_transient`) decides, as it does for upstream health:
-        // refused credentials or a missing bucket fail the path instead of retrying forever.
+        // Only a fault of the path itself is permanent. A destination that refuses for now
+        // (refused credentials, a bucket not created yet) is retried with backoff: the path
+        // stays journaled and fixing the destination resumes it, so nothing is given up on.
+        let permanent = matches!(
+            e,
+            StoreError::NotFound(_)
+                | StoreError::Corrupt(_)
+                | StoreError::Invalid(_)
+                | StoreError::Unsupported(_)
+        );
+        if !permanent && !e.is_transient() {
+            tracing::error!(
+                "{what}: {e}; this will not pass by itself: fix the destination, the path stays queued and is retried"
+            );
+        }
         UploadFailure {
-            permanent: !e.is_transient(),
+            permanent,
             message: format!("{what}: {e}"),
         }
     }
