@@ -236,7 +236,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             ui: crate::serve::ui_options(
                 c.client.clone(),
                 &c.trusted_public_keys,
-                Some(c.max_list_frequency),
+                c.max_list_frequency,
             )?,
         };
         if c.listen.is_empty() {
@@ -323,15 +323,16 @@ mod tests {
         let ui = crate::serve::ui_options(
             c.client.clone(),
             &c.trusted_public_keys,
-            Some(c.max_list_frequency),
+            c.max_list_frequency,
         )
         .unwrap();
         assert_eq!(ui.max_list_frequency, Duration::from_secs(300));
         assert_eq!(ui.trusted_keys.len(), 1);
         assert_eq!(ui.trusted_keys[0].name(), "cache.nixos.org-1");
-        let e = crate::serve::ui_options(None, &["nonsense".into()], None).unwrap_err();
+        let e = crate::serve::ui_options(None, &["nonsense".into()], Duration::ZERO).unwrap_err();
         assert!(format!("{e:#}").contains("NAME:BASE64"), "{e:#}");
-        let e = crate::serve::ui_options(Some(d.path().join("nope")), &[], None).unwrap_err();
+        let e =
+            crate::serve::ui_options(Some(d.path().join("nope")), &[], Duration::ZERO).unwrap_err();
         assert!(e.to_string().contains("templates/"), "{e}");
     }
 

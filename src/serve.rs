@@ -33,9 +33,8 @@ pub fn read_keys(files: &[PathBuf]) -> anyhow::Result<Vec<SecretKey>> {
 pub fn ui_options(
     client: Option<PathBuf>,
     trusted: &[String],
-    max_list_frequency: Option<std::time::Duration>,
+    max_list_frequency: std::time::Duration,
 ) -> anyhow::Result<UiOptions> {
-    let defaults = UiOptions::default();
     let trusted_keys = trusted
         .iter()
         .map(|k| {
@@ -55,8 +54,8 @@ pub fn ui_options(
     Ok(UiOptions {
         client,
         trusted_keys,
-        max_list_frequency: max_list_frequency.unwrap_or(defaults.max_list_frequency),
-        ..defaults
+        max_list_frequency,
+        ..UiOptions::default()
     })
 }
 
@@ -191,7 +190,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         ui: ui_options(
             args.client.clone(),
             &args.upstream.trusted_public_keys,
-            Some(args.max_list_frequency),
+            args.max_list_frequency,
         )?,
     };
     actix_web::rt::System::new().block_on(nixcached_actors::serve::run(opts))?;

@@ -452,17 +452,7 @@ fn a_full_queue_blocks_senders_until_their_timeout() {
     // The destination comes back: the stuck path is retried and lands.
     fs::remove_file(&dest).unwrap();
     fs::rename(&away, &dest).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !dest
-        .join(format!("{}.narinfo", digest(&paths[0])))
-        .is_file()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "upload did not resume after the outage"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_narinfos(&dest, &paths[..1], "resumed after the outage");
     up.signal("TERM");
     assert!(up.wait().success());
 }

@@ -331,11 +331,15 @@ fn learn(svc: &CacheService, served: &ServedNarInfo) {
 
 async fn narinfo(req: &HttpRequest, ing: &Ingress, digest: Digest, root: &str) -> HttpResponse {
     let svc = &*ing.service;
-    let what = format!("{digest}.narinfo");
-    let served = match ing.lookup.send(Lookup(digest)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return respond(svc, Mode::Protocol, &what, e.into()),
-        Err(e) => return respond(svc, Mode::Protocol, &what, Failure::Mailbox(e)),
+    // The name for the log is formatted only on failure: this is the hottest path.
+    let looked_up = match ing.lookup.send(Lookup(digest)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(Failure::from(e)),
+        Err(e) => Err(Failure::Mailbox(e)),
+    };
+    let served = match looked_up {
+        Ok(s) => s,
+        Err(f) => return respond(svc, Mode::Protocol, &format!("{digest}.narinfo"), f),
     };
     learn(svc, &served);
     if wants_html(req) && !req.query_string().contains("format=text") {

@@ -122,8 +122,9 @@ impl Blob {
 /// What can go wrong talking to a store, in terms a user can act on.
 ///
 /// Cloneable (the cause is shared), so one failed lookup can be handed to every caller that
-/// waited on it; [`StoreError::is_transient`] is the one rule for whether trying again can help,
-/// used by the upload scheduler's retries. Upstream failures get their flag from
+/// waited on it; [`StoreError::is_transient`] is the one rule for whether trying again can help:
+/// the explorer answers 503 or 502 by it, and the uploader says whether the destination needs
+/// fixing (it retries both, since a journaled path loses nothing by waiting). Upstream failures get their flag from
 /// [`upstream::UpstreamError::is_transient`], the same rule that counts them against an
 /// upstream's health, so the two cannot disagree.
 #[derive(Debug, Clone, Error)]
@@ -165,7 +166,7 @@ impl StoreError {
         context: impl Into<String>,
         source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
     ) -> Self {
-        Self::backend_with(context.into(), source.into(), true)
+        Self::backend_flagged(context, source, true)
     }
 
     /// Wraps a backend error that retrying cannot fix (refused credentials, a missing bucket).
@@ -173,17 +174,18 @@ impl StoreError {
         context: impl Into<String>,
         source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
     ) -> Self {
-        Self::backend_with(context.into(), source.into(), false)
+        Self::backend_flagged(context, source, false)
     }
 
-    fn backend_with(
-        context: String,
-        source: Box<dyn std::error::Error + Send + Sync>,
+    /// Wraps a backend error whose transience a backend's own classification decided.
+    pub fn backend_flagged(
+        context: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
         transient: bool,
     ) -> Self {
         StoreError::Backend {
-            context,
-            source: Arc::from(source),
+            context: context.into(),
+            source: Arc::from(source.into()),
             transient,
         }
     }

@@ -447,8 +447,8 @@ impl Handler<Enqueue> for Scheduler {
         let piece = self.settings.queue_bound.clamp(1, PIECE);
         let fut = async move {
             // Durable first: whatever was read is in the journal before anything waits.
-            let p = paths.clone();
-            tokio::task::spawn_blocking(move || journal.add(&p)).await??;
+            let paths =
+                tokio::task::spawn_blocking(move || journal.add(&paths).map(|()| paths)).await??;
             for chunk in paths.chunks(piece) {
                 me.send(Admit(chunk.to_vec())).await??;
             }
@@ -466,9 +466,9 @@ impl Handler<Admit> for Scheduler {
     type Result = ResponseActFuture<Self, Result<(), UploadError>>;
 
     fn handle(&mut self, msg: Admit, _: &mut Context<Self>) -> Self::Result {
+        // Not counted in `enqueues_in_progress`: the Enqueue that sent this piece still is.
         let paths = msg.0;
         let n = paths.len() as u32;
-        self.enqueues_in_progress += 1;
         let permits = self.permits.clone();
         let source = self.source.clone();
         let fut = async move {
@@ -487,12 +487,10 @@ impl Handler<Admit> for Scheduler {
             closures
         };
         Box::pin(fut.into_actor(self).map(|closures, act, ctx| {
-            act.enqueues_in_progress -= 1;
             for (root, c) in closures {
                 act.add_root(root, c);
             }
             act.dispatch(ctx);
-            act.answer_drains();
             Ok(())
         }))
     }

@@ -158,10 +158,18 @@ impl GcsBlobs {
         };
         // The same rule as the retries here: what they gave up on may work later (a 503, a
         // dropped connection), what they never retried will not (a 403, bad credentials).
-        if e.is_transient() {
-            StoreError::backend(context, e)
-        } else {
-            StoreError::backend_permanent(context, e)
+        let transient = e.is_transient();
+        StoreError::backend_flagged(context, e, transient)
+    }
+}
+
+#[cfg(test)]
+impl GcsError {
+    /// An error status as GCS answers it, for the tests of this folder.
+    pub(super) fn of_status(code: u16) -> GcsError {
+        GcsError::Status {
+            status: StatusCode::from_u16(code).unwrap(),
+            message: "no".into(),
         }
     }
 }
@@ -172,13 +180,6 @@ mod tests {
     use crate::store::blobs::Blobs;
     use crate::store::gcs::GcsOptions;
 
-    fn status(code: u16) -> GcsError {
-        GcsError::Status {
-            status: StatusCode::from_u16(code).unwrap(),
-            message: "no".into(),
-        }
-    }
-
     fn blobs() -> GcsBlobs {
         blobs_at("http://127.0.0.1:9".into())
     }
@@ -186,27 +187,33 @@ mod tests {
     #[test]
     fn errors_name_their_cause() {
         let b = blobs();
-        let e = b.classify("reading", "gs://b/k", status(401)).to_string();
+        let e = b
+            .classify("reading", "gs://b/k", GcsError::of_status(401))
+            .to_string();
         assert!(e.contains("GCS refused the credentials"), "{e}");
-        let e = b.classify("reading", "gs://b/k", status(403)).to_string();
+        let e = b
+            .classify("reading", "gs://b/k", GcsError::of_status(403))
+            .to_string();
         assert!(e.contains("GCS denied access"), "{e}");
-        let e = b.classify("reading", "gs://b/k", status(500)).to_string();
+        let e = b
+            .classify("reading", "gs://b/k", GcsError::of_status(500))
+            .to_string();
         assert!(e.starts_with("reading gs://b/k: GCS answered 500"), "{e}");
-        assert!(status(503).is_transient() && status(429).is_transient());
-        assert!(!status(404).is_transient());
+        assert!(GcsError::of_status(503).is_transient() && GcsError::of_status(429).is_transient());
+        assert!(!GcsError::of_status(404).is_transient());
     }
 
     #[test]
     fn mapped_errors_say_whether_trying_again_can_help() {
         let b = blobs();
         let map = |e| b.classify("reading", "gs://b/k", e);
-        assert!(map(status(503)).is_transient());
-        assert!(map(status(429)).is_transient());
-        assert!(map(status(408)).is_transient());
-        assert!(!map(status(403)).is_transient());
-        assert!(!map(status(401)).is_transient());
-        assert!(!map(status(400)).is_transient());
-        assert!(!b.no_bucket(status(404)).is_transient());
+        assert!(map(GcsError::of_status(503)).is_transient());
+        assert!(map(GcsError::of_status(429)).is_transient());
+        assert!(map(GcsError::of_status(408)).is_transient());
+        assert!(!map(GcsError::of_status(403)).is_transient());
+        assert!(!map(GcsError::of_status(401)).is_transient());
+        assert!(!map(GcsError::of_status(400)).is_transient());
+        assert!(!b.no_bucket(GcsError::of_status(404)).is_transient());
         let creds =
             GcsError::Credentials("GOOGLE_APPLICATION_CREDENTIALS=/nowhere: no such file".into());
         assert!(!map(creds).is_transient());

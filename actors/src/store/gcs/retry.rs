@@ -61,13 +61,6 @@ mod tests {
 
     use super::*;
 
-    fn status(code: u16) -> GcsError {
-        GcsError::Status {
-            status: StatusCode::from_u16(code).unwrap(),
-            message: "no".into(),
-        }
-    }
-
     /// An attempt that fails with `code` the first `fails` times, then answers its number.
     fn flaky(
         tries: &Cell<u32>,
@@ -77,7 +70,7 @@ mod tests {
         move || {
             tries.set(tries.get() + 1);
             std::future::ready(if tries.get() <= fails {
-                Err(status(code))
+                Err(GcsError::of_status(code))
             } else {
                 Ok(tries.get())
             })

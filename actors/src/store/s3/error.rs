@@ -144,11 +144,7 @@ impl Target {
             Some(why) => format!("{doing} {what}: {why}"),
             None => format!("{doing} {what}"),
         };
-        if cause.is_transient() {
-            StoreError::backend(context, e)
-        } else {
-            StoreError::backend_permanent(context, e)
-        }
+        StoreError::backend_flagged(context, e, cause.is_transient())
     }
 }
 

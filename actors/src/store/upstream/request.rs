@@ -65,11 +65,8 @@ impl UpstreamError {
     /// The [`StoreError`] this becomes for the request about `context`, transient exactly when
     /// [`UpstreamError::is_transient`] says so.
     pub fn into_store_error(self, context: impl Into<String>) -> StoreError {
-        if self.is_transient() {
-            StoreError::backend(context, self)
-        } else {
-            StoreError::backend_permanent(context, self)
-        }
+        let transient = self.is_transient();
+        StoreError::backend_flagged(context, self, transient)
     }
 }
 
