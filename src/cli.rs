@@ -197,6 +197,11 @@ pub struct UpstreamArgs {
     /// Size bound of the NAR folder in MiB (0: keep no NARs, stream them through).
     #[arg(long, default_value_t = defaults::NAR_CACHE_SIZE_MIB)]
     pub nar_cache_size_mib: u64,
+    /// Host (HOST or HOST:PORT; repeatable) besides the upstreams' own that NARs may be
+    /// fetched from, when an upstream's narinfos name absolute URLs there or it redirects
+    /// there (a CDN). No other host is ever contacted.
+    #[arg(long = "upstream-nar-host", value_name = "HOST")]
+    pub upstream_nar_hosts: Vec<String>,
 }
 
 /// `nixcached upload`, and a config file's `[[upload]]` (the same struct, so both take the

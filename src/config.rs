@@ -119,6 +119,8 @@ pub struct CacheSection {
     pub nar_cache_dir: Option<PathBuf>,
     /// Size bound of that folder in MiB (0 keeps none).
     pub nar_cache_size_mib: u64,
+    /// Hosts besides the upstreams' own that NARs may come from (`--upstream-nar-host`).
+    pub upstream_nar_hosts: Vec<String>,
 }
 
 impl Default for CacheSection {
@@ -141,6 +143,7 @@ impl Default for CacheSection {
             upstream_timeout: defaults::duration(defaults::UPSTREAM_TIMEOUT),
             nar_cache_dir: None,
             nar_cache_size_mib: defaults::NAR_CACHE_SIZE_MIB,
+            upstream_nar_hosts: Vec::new(),
         }
     }
 }
@@ -154,6 +157,7 @@ impl CacheSection {
             upstream_timeout: self.upstream_timeout,
             nar_cache_dir: self.nar_cache_dir.clone(),
             nar_cache_size_mib: self.nar_cache_size_mib,
+            upstream_nar_hosts: self.upstream_nar_hosts.clone(),
         }
     }
 }

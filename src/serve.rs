@@ -142,6 +142,7 @@ pub fn open_serve_store(url: Option<&str>, up: &UpstreamArgs) -> anyhow::Result<
     let mut options = UpstreamOptions::new(urls);
     options.trusted_keys = trusted_keys;
     options.timeout = up.upstream_timeout;
+    options.nar_hosts = up.upstream_nar_hosts.clone();
     if up.nar_cache_size_mib > 0 {
         options.nar_cache = Some((
             up.nar_cache_dir

@@ -419,7 +419,7 @@ async fn fetch_all(catalog: &Catalog, fetcher: &Addr<Fetcher>, digests: Vec<Dige
         .buffer_unordered(DISCOVERY_CONCURRENCY);
     while let Some((digest, r)) = results.next().await {
         match r {
-            Ok(Ok(info)) => catalog.learn(&info),
+            Ok(Ok(found)) => catalog.learn(&found.value),
             Ok(Err(StoreError::NotFound(_))) => {
                 catalog.lock().missing.insert(digest.to_string());
             }

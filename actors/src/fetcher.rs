@@ -11,11 +11,11 @@ use actix::{Actor, Context, Handler, Message, ResponseFuture};
 
 use crate::formats::{CacheInfo, Digest, NarInfo};
 use crate::metrics::Metrics;
-use crate::store::{Blob, ByteRange, Store, StoreError};
+use crate::store::{Blob, ByteRange, Store, StoreError, Vouched};
 
-/// Ask the store for a narinfo by store-path digest.
+/// Ask the store for a narinfo by store-path digest, and whether this server vouches for it.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<NarInfo, StoreError>")]
+#[rtype(result = "Result<Vouched<NarInfo>, StoreError>")]
 pub struct FetchNarInfo(pub Digest);
 
 /// Open the file a narinfo `URL:` names (or a range of it) as a byte stream.
@@ -106,7 +106,7 @@ impl Actor for Fetcher {
 }
 
 impl Handler<FetchNarInfo> for Fetcher {
-    type Result = ResponseFuture<Result<NarInfo, StoreError>>;
+    type Result = ResponseFuture<Result<Vouched<NarInfo>, StoreError>>;
 
     fn handle(&mut self, msg: FetchNarInfo, _: &mut Context<Self>) -> Self::Result {
         let metrics = self.metrics.clone();
@@ -114,7 +114,7 @@ impl Handler<FetchNarInfo> for Fetcher {
         let digest = msg.0;
         self.run(format!("fetching {digest}.narinfo"), move |s| async move {
             let started = Instant::now();
-            let r = s.narinfo(&digest).await;
+            let r = s.narinfo_vouched(&digest).await;
             Metrics::add(
                 &metrics.backend_narinfo_micros,
                 started.elapsed().as_micros() as u64,

@@ -15,7 +15,7 @@ use moka::future::Cache;
 use crate::fetcher::{FetchNarInfo, Fetcher};
 use crate::formats::{Digest, NarInfo, SecretKey};
 use crate::metrics::Metrics;
-use crate::store::StoreError;
+use crate::store::{StoreError, Vouched};
 
 /// A narinfo ready to serve: parsed, signed, rendered once.
 #[derive(Debug)]
@@ -142,8 +142,13 @@ impl LookupShared {
                     .await
                     .map_err(|e| StoreError::backend("the store's fetcher actor", e))?;
                 match fetched {
-                    Ok(mut info) => {
-                        info.sign_if_missing(&this.keys);
+                    Ok(Vouched {
+                        value: mut info,
+                        vouched,
+                    }) => {
+                        if vouched {
+                            info.sign_if_missing(&this.keys);
+                        }
                         Ok(Arc::new(ServedNarInfo::new(info)))
                     }
                     Err(e @ StoreError::NotFound(_)) => {

@@ -4,6 +4,7 @@
 
 pub mod conformance;
 pub mod peers;
+pub mod upstream_server;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

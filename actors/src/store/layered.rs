@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::{Blob, ByteRange, ByteStream, Result, Store, StoreError};
+use super::{Blob, ByteRange, ByteStream, Result, Store, StoreError, Vouched};
 use crate::formats::{CacheInfo, Digest, NarInfo, StoreDir};
 
 /// The primary store, falling back to another for what it lacks.
@@ -66,6 +66,13 @@ impl Store for LayeredStore {
     async fn narinfo(&self, digest: &Digest) -> Result<NarInfo> {
         self.either(&format!("{digest}.narinfo"), |s| async move {
             s.narinfo(digest).await
+        })
+        .await
+    }
+
+    async fn narinfo_vouched(&self, digest: &Digest) -> Result<Vouched<NarInfo>> {
+        self.either(&format!("{digest}.narinfo"), |s| async move {
+            s.narinfo_vouched(digest).await
         })
         .await
     }

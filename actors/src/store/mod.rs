@@ -208,6 +208,16 @@ impl StoreError {
     }
 }
 
+/// A value from a store, and whether this server vouches for it (see
+/// [`Store::narinfo_vouched`]).
+#[derive(Debug, Clone)]
+pub struct Vouched<T> {
+    /// The value.
+    pub value: T,
+    /// True when this server may sign it.
+    pub vouched: bool,
+}
+
 /// Result of store operations.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -225,6 +235,17 @@ pub trait Store: Send + Sync + 'static {
 
     /// The narinfo of the store object with this 32-character digest.
     async fn narinfo(&self, digest: &Digest) -> Result<NarInfo>;
+
+    /// The narinfo, and whether this server may add its own signature to it. A store this
+    /// server owns (a local store, a cache it uploads to) stands behind what it holds, which
+    /// is the default; an upstream cache vouches only for narinfos a trusted key verified,
+    /// so a man in the middle never gets this server's signature.
+    async fn narinfo_vouched(&self, digest: &Digest) -> Result<Vouched<NarInfo>> {
+        Ok(Vouched {
+            value: self.narinfo(digest).await?,
+            vouched: true,
+        })
+    }
 
     /// The file a narinfo's `URL:` names, or a slice of it.
     async fn nar(&self, url: &str, range: Option<ByteRange>) -> Result<Blob>;

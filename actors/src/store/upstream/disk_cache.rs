@@ -83,6 +83,8 @@ pub struct NarDiskCache {
     loaded: tokio::sync::OnceCell<()>,
     part_counter: AtomicU64,
     fetches: AtomicU64,
+    /// The size bound: also the most one download may write when nothing else bounds it.
+    max_bytes: u64,
 }
 
 impl std::fmt::Debug for NarDiskCache {
@@ -132,6 +134,7 @@ impl NarDiskCache {
             loaded: tokio::sync::OnceCell::new(),
             part_counter: AtomicU64::new(0),
             fetches: AtomicU64::new(0),
+            max_bytes,
         }))
     }
 
@@ -268,9 +271,17 @@ impl NarDiskCache {
                 p.started = true;
                 p.total = len.or(expected.size);
             });
+            // An upstream that sends more than it announced (or more than the folder holds)
+            // is cut off before it fills the disk.
+            let cap = expected.size.or(len).unwrap_or(self.max_bytes);
             let mut hasher = HashingCounter::new();
             while let Some(chunk) = body.next().await {
                 let chunk = chunk.map_err(|e| io_err(format!("downloading {key}"), e))?;
+                if hasher.len().saturating_add(chunk.len() as u64) > cap {
+                    return Err(StoreError::Corrupt(format!(
+                        "upstream sends more than {cap} bytes for {key}; expected no more"
+                    )));
+                }
                 file.write_all(&chunk)
                     .await
                     .map_err(|e| io_err(format!("writing {}", part.display()), e))?;
@@ -291,13 +302,20 @@ impl NarDiskCache {
                     )));
                 }
             }
-            if let Some(h) = expected.hash.as_ref().filter(|h| h.algo() == Algo::Sha256) {
-                if *h != sha {
+            // Only bytes checked against a hash are kept; callers proxy what has none.
+            match expected.hash.as_ref().filter(|h| h.algo() == Algo::Sha256) {
+                Some(h) if *h == sha => {}
+                Some(h) => {
                     return Err(StoreError::Corrupt(format!(
                         "{key} from upstream has sha256 {}, its narinfo says FileHash {}",
                         sha.to_nix32(),
                         h.to_nix32()
-                    )));
+                    )))
+                }
+                None => {
+                    return Err(StoreError::Corrupt(format!(
+                        "{key} from upstream has no SHA-256 FileHash to check; not keeping it"
+                    )))
                 }
             }
             tokio::fs::rename(&part, &dest)
@@ -445,15 +463,24 @@ mod tests {
 
     /// A download that sends `pieces` with a pause after each, and counts how often it ran.
     fn slow(pieces: Vec<&'static [u8]>, starts: Arc<AtomicU64>) -> impl FnOnce() -> StartDownload {
+        let len = pieces.iter().map(|p| p.len() as u64).sum();
+        slow_declaring(pieces, Some(len), starts)
+    }
+
+    /// Like [`slow`], announcing `len` as the download's length.
+    fn slow_declaring(
+        pieces: Vec<&'static [u8]>,
+        len: Option<u64>,
+        starts: Arc<AtomicU64>,
+    ) -> impl FnOnce() -> StartDownload {
         move || {
             starts.fetch_add(1, Ordering::SeqCst);
-            let len = pieces.iter().map(|p| p.len() as u64).sum();
             let stream = futures::stream::iter(pieces).then(|p| async move {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 Ok(Bytes::from_static(p))
             });
             let s: ByteStream = Box::pin(stream);
-            Box::pin(async move { Ok((s, Some(len))) })
+            Box::pin(async move { Ok((s, len)) })
         }
     }
 
@@ -539,6 +566,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_download_longer_than_promised_is_cut_off_and_unchecked_bytes_are_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = NarDiskCache::open(dir.path(), 1 << 20).unwrap();
+        let starts = Arc::new(AtomicU64::new(0));
+        // FileSize 3, no Content-Length, and the upstream goes on: cut off at the cap.
+        let blob = cache
+            .get(
+                "nar/z.nar",
+                None,
+                Expected {
+                    size: Some(3),
+                    hash: Some(Hash::sha256_of(b"abc")),
+                },
+                slow_declaring(vec![b"abc", b"def", b"ghi"], None, starts.clone()),
+            )
+            .await
+            .unwrap();
+        let err = read_all(blob).await.unwrap_err();
+        assert!(err.to_string().contains("more than 3 bytes"), "{err}");
+        assert!(!cache.contains("nar/z.nar").await);
+        // Nothing to check the bytes against: served to the reader, never kept.
+        let blob = cache
+            .get(
+                "nar/w.nar",
+                None,
+                Expected::default(),
+                slow(vec![b"abc"], starts.clone()),
+            )
+            .await
+            .unwrap();
+        assert!(read_all(blob).await.is_err());
+        assert!(!cache.contains("nar/w.nar").await);
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+        assert!(names.is_empty(), "no file left behind: {names:?}");
+    }
+
+    #[tokio::test]
     async fn eviction_deletes_files_past_the_bound() {
         let dir = tempfile::tempdir().unwrap();
         // Room for about two 1 KiB files.
@@ -550,7 +614,10 @@ mod tests {
                 .get(
                     &format!("nar/{i}.nar"),
                     None,
-                    Expected::default(),
+                    Expected {
+                        size: None,
+                        hash: Some(Hash::sha256_of(&KIB)),
+                    },
                     slow(vec![&KIB], starts.clone()),
                 )
                 .await

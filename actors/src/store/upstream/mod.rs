@@ -8,7 +8,14 @@
 //! request), so this store never hands out a narinfo whose NAR it cannot deliver
 //! (`narinfo.rs`). NARs go through a size-bounded folder ([`disk_cache`]) when one is
 //! configured, else they are proxied straight through.
+//!
+//! Requests go only to the upstreams' own hosts and to NAR hosts the operator listed
+//! ([`confine`]): client-supplied keys are shape-checked and resolved under an upstream's
+//! base, absolute narinfo URLs and redirects to other hosts are refused. A NAR download is
+//! capped at the size its narinfo gives, and enters the NAR folder only when its size and
+//! hash match.
 
+mod confine;
 pub mod disk_cache;
 pub mod health;
 mod narinfo;
@@ -25,13 +32,14 @@ use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE};
 use reqwest::StatusCode;
 use url::Url;
 
+use self::confine::{is_nar_key, under, Hosts};
 use self::disk_cache::{Expected, NarDiskCache, StartDownload};
 use self::health::Health;
 pub use self::request::UpstreamError;
 use self::request::{not_found_or, Answer};
 use super::blobs::check_key;
-use super::{Blob, ByteRange, ByteStream, Result, Store, StoreError};
-use crate::formats::{CacheInfo, Digest, NarInfo, PublicKey};
+use super::{Blob, ByteRange, ByteStream, Result, Store, StoreError, Vouched};
+use crate::formats::{Algo, CacheInfo, Digest, Hash, NarInfo, PublicKey};
 
 /// How to reach and trust the upstreams.
 #[derive(Debug, Clone)]
@@ -48,6 +56,10 @@ pub struct UpstreamOptions {
     pub skip_for: Duration,
     /// Folder and size bound (bytes) of the NAR cache; `None` proxies NARs without keeping them.
     pub nar_cache: Option<(PathBuf, u64)>,
+    /// Hosts besides the upstreams' own (`HOST` or `HOST:PORT`) that NARs may be fetched
+    /// from: where an upstream's narinfos point with absolute URLs, or its redirects lead
+    /// (a CDN in front of a bucket). Nothing else is ever contacted.
+    pub nar_hosts: Vec<String>,
 }
 
 impl UpstreamOptions {
@@ -61,6 +73,7 @@ impl UpstreamOptions {
             failures_before_skip: 3,
             skip_for: Duration::from_secs(30),
             nar_cache: None,
+            nar_hosts: Vec::new(),
         }
     }
 }
@@ -89,6 +102,8 @@ struct Inner {
     /// NAR URL served → where it comes from, filled by narinfo lookups.
     sources: Cache<String, Arc<NarSource>>,
     disk: Option<Arc<NarDiskCache>>,
+    /// Where NARs may come from.
+    hosts: Hosts,
 }
 
 /// A read-only store over an ordered list of upstream binary caches.
@@ -129,26 +144,25 @@ impl UpstreamStore {
                 )));
             }
         }
+        let upstream_bases: Vec<Url> = options.urls.iter().cloned().map(as_base).collect();
+        let hosts = Hosts::new(&upstream_bases, &options.nar_hosts);
         let http = reqwest::Client::builder()
             .user_agent(concat!("nixcached/", env!("CARGO_PKG_VERSION")))
+            .redirect(hosts.redirect_policy())
             .connect_timeout(options.timeout)
             // A large NAR takes as long as it takes; only a stalled transfer fails.
             .read_timeout(options.timeout.max(Duration::from_secs(30)))
             .build()
             .map_err(|e| StoreError::backend("setting up the HTTP client for upstreams", e))?;
-        let upstreams = options
-            .urls
-            .iter()
-            .map(|u| {
-                let base = as_base(u.clone());
-                Upstream {
-                    health: Health::new(
-                        base.to_string(),
-                        options.failures_before_skip,
-                        options.skip_for,
-                    ),
-                    base,
-                }
+        let upstreams = upstream_bases
+            .into_iter()
+            .map(|base| Upstream {
+                health: Health::new(
+                    base.to_string(),
+                    options.failures_before_skip,
+                    options.skip_for,
+                ),
+                base,
             })
             .collect();
         let disk = match &options.nar_cache {
@@ -158,7 +172,8 @@ impl UpstreamStore {
         if options.trusted_keys.is_empty() {
             tracing::warn!(
                 "no trusted public keys for upstreams {}: their narinfos are served unverified \
-                 (give --trusted-public-key NAME:KEY, for cache.nixos.org \
+                 and never signed by this server's keys (give --trusted-public-key NAME:KEY, \
+                 for cache.nixos.org \
                  cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=)",
                 options
                     .urls
@@ -175,6 +190,7 @@ impl UpstreamStore {
                 sources: Cache::builder().max_capacity(200_000).build(),
                 disk,
                 options,
+                hosts,
             }),
         })
     }
@@ -202,10 +218,11 @@ impl Inner {
         }
         let mut last_err = None;
         for i in order {
-            let url = self.upstreams[i]
-                .base
-                .join(path)
-                .map_err(|e| StoreError::Invalid(format!("{path}: {e}")))?;
+            let Some(url) = under(&self.upstreams[i].base, path) else {
+                return Err(StoreError::Invalid(format!(
+                    "{path:?} is not a name inside a binary cache"
+                )));
+            };
             match self.ask(i, url, head, None).await {
                 Ok(Answer::Found(r)) => return Ok((i, r)),
                 Ok(Answer::Missing) => {}
@@ -225,8 +242,11 @@ impl Inner {
             .map_err(|_| StoreError::Corrupt(format!("{what} from upstream is not UTF-8 text")))
     }
 
-    /// Where to try a NAR from, in order.
-    async fn nar_candidates(&self, url: &str) -> (Vec<(usize, Url)>, Expected) {
+    /// Where to try a NAR from, in order, and what it must match. A URL from a narinfo this
+    /// store served comes with that narinfo's promises; any other must have the shape of a
+    /// cache's NAR file ([`is_nar_key`]), and is then only checked against the hash its name
+    /// carries, when it carries one.
+    async fn nar_candidates(&self, url: &str) -> Result<(Vec<(usize, Url)>, Expected)> {
         let src = self.sources.get(url).await;
         let mut out = Vec::new();
         let (first, relative, expected) = match &src {
@@ -234,19 +254,25 @@ impl Inner {
                 out.push((s.upstream, s.url.clone()));
                 (Some(s.upstream), s.relative.clone(), s.expected.clone())
             }
-            None => (None, Some(url.to_owned()), Expected::default()),
+            None if is_nar_key(url) => (None, Some(url.to_owned()), expected_from_name(url)),
+            None => {
+                return Err(StoreError::NotFound(format!(
+                    "{url} (not a NAR file name of a binary cache, nor named by a narinfo \
+                     served here)"
+                )))
+            }
         };
         if let Some(rel) = relative {
             for i in 0..self.upstreams.len() {
                 if Some(i) != first {
-                    if let Ok(u) = self.upstreams[i].base.join(&rel) {
+                    if let Some(u) = under(&self.upstreams[i].base, &rel) {
                         out.push((i, u));
                     }
                 }
             }
         }
         out.retain(|(i, _)| self.upstreams[*i].health.available());
-        (out, expected)
+        Ok((out, expected))
     }
 
     /// Opens a NAR (or a range of it) from the first upstream that has it.
@@ -273,6 +299,38 @@ impl Inner {
 
 fn body(resp: reqwest::Response) -> ByteStream {
     Box::pin(resp.bytes_stream().map_err(std::io::Error::other))
+}
+
+/// What the name of a NAR file promises: Nix names NAR files by the nixbase32 SHA-256 of
+/// their bytes (`nar/<hash>.nar.xz`), so such a file must hash to its name.
+fn expected_from_name(key: &str) -> Expected {
+    let stem = key
+        .strip_prefix("nar/")
+        .and_then(|f| f.split_once(".nar"))
+        .map(|(name, _)| name);
+    Expected {
+        size: None,
+        hash: stem
+            .and_then(|s| Hash::from_digest_text(Algo::Sha256, s).ok())
+            .filter(|_| stem.is_some_and(|s| s.len() == 52)),
+    }
+}
+
+/// `stream`, failing once it has sent more than `cap` bytes: an upstream cannot make a NAR
+/// longer than its narinfo says.
+fn capped(stream: ByteStream, cap: u64, what: String) -> ByteStream {
+    use futures::StreamExt;
+    let mut sent = 0u64;
+    Box::pin(stream.map(move |chunk| {
+        let chunk = chunk?;
+        sent = sent.saturating_add(chunk.len() as u64);
+        if sent > cap {
+            return Err(std::io::Error::other(format!(
+                "{what}: the upstream sent more than the {cap} bytes its narinfo gives"
+            )));
+        }
+        Ok(chunk)
+    }))
 }
 
 /// The total size an answer declares: from `Content-Range` of a 206, else `Content-Length`.
@@ -337,10 +395,28 @@ impl Store for UpstreamStore {
         Err(not_found_or(&format!("{digest}.narinfo"), last_err))
     }
 
+    async fn narinfo_vouched(&self, digest: &Digest) -> Result<Vouched<NarInfo>> {
+        let info = self.narinfo(digest).await?;
+        // With trusted keys, every narinfo handed out carries a verified signature by one.
+        let vouched = !self.inner.options.trusted_keys.is_empty();
+        if !vouched {
+            tracing::info!(
+                "{digest}.narinfo from {} passes through unverified and unsigned by this \
+                 server (no --trusted-public-key to check it with)",
+                self.describe()
+            );
+        }
+        Ok(Vouched {
+            value: info,
+            vouched,
+        })
+    }
+
     async fn nar(&self, url: &str, range: Option<ByteRange>) -> Result<Blob> {
         check_key(url)?;
-        let (candidates, expected) = self.inner.nar_candidates(url).await;
-        if let Some(disk) = &self.inner.disk {
+        let (candidates, expected) = self.inner.nar_candidates(url).await?;
+        // Only a file with a hash to check is kept: the folder never holds unverified bytes.
+        if let Some(disk) = self.inner.disk.as_ref().filter(|_| expected.hash.is_some()) {
             let inner = self.inner.clone();
             let key = url.to_owned();
             let size = expected.size;
@@ -361,7 +437,15 @@ impl Store for UpstreamStore {
             _ => None,
         };
         let resp = self.inner.fetch_nar(url, candidates, wanted).await?;
-        let total = declared_total(&resp).or(expected.size).ok_or_else(|| {
+        let declared = declared_total(&resp);
+        if let (Some(d), Some(s)) = (declared, expected.size) {
+            if d != s {
+                return Err(StoreError::Corrupt(format!(
+                    "the upstream sends {d} bytes for {url}, its narinfo says FileSize {s}"
+                )));
+            }
+        }
+        let total = declared.or(expected.size).ok_or_else(|| {
             StoreError::backend(
                 format!("fetching {url}"),
                 "the upstream sent no Content-Length; configure a NAR cache (--nar-cache-dir)",
@@ -370,13 +454,17 @@ impl Store for UpstreamStore {
         if resp.status() == StatusCode::PARTIAL_CONTENT {
             let (s, e) = wanted.expect("a range was asked for");
             return Ok(Blob {
-                stream: body(resp),
+                stream: capped(body(resp), e - s, url.to_owned()),
                 span: (s, e),
                 total,
             });
         }
         let span = ByteRange::resolve_or_err(range, total)?;
-        Ok(Blob::of_span(body(resp), span, total))
+        Ok(Blob::of_span(
+            capped(body(resp), total, url.to_owned()),
+            span,
+            total,
+        ))
     }
 
     async fn listing(&self, digest: &Digest) -> Result<String> {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use url::Url;
 
+use super::confine::under;
 use super::disk_cache::Expected;
 use super::request::{Answer, UpstreamError};
 use super::{Inner, NarSource};
@@ -62,19 +63,34 @@ impl Inner {
             );
             return Ok(None);
         }
-        let nar_url = match base.join(&info.url) {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::warn!("{url}: URL {:?} is not usable ({e}); ignoring it", info.url);
+        // A relative URL stays inside this upstream; an absolute one may only lead to an
+        // upstream or a listed NAR host, never to a host the narinfo's author picked.
+        let (nar_url, relative) = match Url::parse(&info.url) {
+            Ok(abs) if self.hosts.allows(&abs) => (abs, false),
+            Ok(abs) => {
+                tracing::warn!(
+                    "{url} names its NAR at {abs}, a host that is not an upstream nor a listed \
+                     NAR host; ignoring it (add the host with --upstream-nar-host if it serves \
+                     this cache's files)"
+                );
                 return Ok(None);
             }
+            Err(_) => match under(base, &info.url).filter(|_| check_key(&info.url).is_ok()) {
+                Some(u) => (u, true),
+                None => {
+                    tracing::warn!(
+                        "{url}: URL {:?} does not name a file inside the cache; ignoring it",
+                        info.url
+                    );
+                    return Ok(None);
+                }
+            },
         };
-        let relative = Url::parse(&info.url).is_err() && check_key(&info.url).is_ok();
         let served_url = if relative {
             info.url.clone()
         } else {
-            // An absolute (or odd) URL is served under a name of ours; the NAR still comes
-            // from where the upstream said.
+            // An absolute URL is served under a name of ours; the NAR still comes from where
+            // the upstream said.
             match &info.file_hash {
                 Some(h) => format!("nar/{}.nar{}", h.to_nix32(), info.compression.extension()),
                 None => format!("nar/{digest}-upstream.nar{}", info.compression.extension()),
