@@ -3,14 +3,12 @@
 //! escaping of hostile names, the two ways into a NAR (ranged and streamed), and a NAR larger
 //! than 1 GiB browsed in bounded memory.
 
-#[path = "explorer/browser.rs"]
-mod browser;
 mod common;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 
-use browser::Browser;
+use common::browser::Browser;
 use common::{curl, curl_headers, Daemon, NixEnv};
 
 /// A name that is markup if anything forgets to escape it.

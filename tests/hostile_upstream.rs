@@ -63,14 +63,29 @@ fn raw_get(daemon: &Daemon, target: &str) -> u16 {
         .unwrap_or_else(|| panic!("no HTTP answer to {target:?}: {text:?}"))
 }
 
-/// The `URL:` line of a narinfo file in a cache folder.
-fn url_in(dir: &Path, path: &str) -> String {
+/// A field (`URL`, `FileSize`) of the narinfo of `path` in a cache folder.
+fn field_in(dir: &Path, path: &str, field: &str) -> String {
+    let prefix = format!("{field}: ");
     std::fs::read_to_string(dir.join(format!("{}.narinfo", digest(path))))
         .unwrap()
         .lines()
-        .find_map(|l| l.strip_prefix("URL: "))
-        .unwrap()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("no {field} in the narinfo of {path}"))
         .to_owned()
+}
+
+/// `serve --upstream UP --nar-cache-dir ENV/NARS EXTRA…`.
+fn serve_upstream(env: &NixEnv, up: &PyServer, nars: &str, extra: &[&str]) -> Daemon {
+    let nars = env.path(nars);
+    let mut args = vec![
+        "serve",
+        "--upstream",
+        &up.url,
+        "--nar-cache-dir",
+        nars.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    Daemon::start(env, &args)
 }
 
 #[test]
@@ -82,21 +97,13 @@ fn no_request_path_makes_the_daemon_connect_to_a_host_it_names() {
     let up = PyServer::start(&dir, 0.0);
     let canary = Canary::start();
     let p = canary.port;
-    let daemon = Daemon::start(
+    // A forged request that reached the canary would wait a second, and count against the
+    // real upstream's health (3 failures skip it).
+    let daemon = serve_upstream(
         &env,
-        &[
-            "serve",
-            "--upstream",
-            &up.url,
-            "--trusted-public-key",
-            &up_pk,
-            // A forged request that reached the canary would wait this long, and count against
-            // the real upstream's health (3 failures skip it).
-            "--upstream-timeout",
-            "1s",
-            "--nar-cache-dir",
-            env.path("nars").to_str().unwrap(),
-        ],
+        &up,
+        "nars",
+        &["--trusted-public-key", &up_pk, "--upstream-timeout", "1s"],
     );
     let targets = [
         format!("/https:127.0.0.1:{p}/nar/x.nar"),
@@ -149,19 +156,8 @@ fn no_request_path_makes_the_daemon_connect_to_a_host_it_names() {
     // name alone (no narinfo served first) is still fetched, checked against its name.
     let (code, _) = curl(&[&format!("{}/{}.narinfo", daemon.url, digest(&closure.dep))]);
     assert_eq!(code, 200, "{:?}", daemon.log());
-    let key = url_in(&dir, &closure.app);
-    let fresh = Daemon::start(
-        &env,
-        &[
-            "serve",
-            "--upstream",
-            &up.url,
-            "--trusted-public-key",
-            &up_pk,
-            "--nar-cache-dir",
-            env.path("nars2").to_str().unwrap(),
-        ],
-    );
+    let key = field_in(&dir, &closure.app, "URL");
+    let fresh = serve_upstream(&env, &up, "nars2", &["--trusted-public-key", &up_pk]);
     let (code, body) = curl(&[&format!("{}/{key}", fresh.url)]);
     assert_eq!(code, 200);
     assert_eq!(body, std::fs::read(dir.join(&key)).unwrap());
@@ -196,23 +192,8 @@ fn absolute_narinfo_urls_are_followed_only_to_listed_hosts() {
     let cdn = PyServer::start(&dir, 0.0);
     make_urls_absolute(&dir, &cdn.url);
     let up = PyServer::start(&dir, 0.0);
-    let serve = |extra: &[&str], nars: &str| {
-        let mut args = vec![
-            "serve",
-            "--upstream",
-            &up.url,
-            "--trusted-public-key",
-            &up_pk,
-            "--nar-cache-dir",
-        ];
-        let nars = env.path(nars);
-        let nars = nars.to_str().unwrap().to_owned();
-        args.push(&nars);
-        args.extend_from_slice(extra);
-        Daemon::start(&env, &args)
-    };
 
-    let strict = serve(&[], "nars-strict");
+    let strict = serve_upstream(&env, &up, "nars-strict", &["--trusted-public-key", &up_pk]);
     let (code, _) = curl(&[&format!("{}/{}.narinfo", strict.url, digest(&closure.app))]);
     assert_eq!(code, 404, "a narinfo whose NAR is on an unlisted host");
     assert!(
@@ -222,16 +203,12 @@ fn absolute_narinfo_urls_are_followed_only_to_listed_hosts() {
     );
     assert_eq!(cdn.count("HEAD /nar/") + cdn.count("GET /nar/"), 0);
 
-    let cdn_host = cdn.url.trim_start_matches("http://").to_owned();
-    let listed = serve(&["--upstream-nar-host", &cdn_host], "nars-listed");
+    let listed = substitute_with_cdn_listed(&env, &up, &up_pk, &cdn, &closure.app);
     let url = nar_url(&listed, &closure.app);
     assert!(
         url.starts_with("nar/"),
         "served under a name of ours: {url}"
     );
-    let fresh = env.path("fresh");
-    env.realise_from(fresh.to_str().unwrap(), &listed.url, &up_pk, &closure.app);
-    assert!(cdn.count("GET /nar/") >= 1, "{:?}", cdn.log());
 }
 
 #[test]
@@ -242,38 +219,41 @@ fn redirects_are_followed_only_to_listed_hosts() {
     let dir = nix_cache(&env, "up", &up_sk, "xz", &closure.app);
     let cdn = PyServer::start(&dir, 0.0);
     let up = PyServer::start_with(&dir, NarMode::RedirectTo(cdn.url.clone()));
-    let args = |nars: &str| {
-        vec![
-            "serve".to_owned(),
-            "--upstream".to_owned(),
-            up.url.clone(),
-            "--trusted-public-key".to_owned(),
-            up_pk.clone(),
-            "--nar-cache-dir".to_owned(),
-            env.path(nars).to_str().unwrap().to_owned(),
-        ]
-    };
-    let strict_args = args("nars-strict");
-    let strict = Daemon::start(
-        &env,
-        &strict_args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
+    let strict = serve_upstream(&env, &up, "nars-strict", &["--trusted-public-key", &up_pk]);
     let url = nar_url(&strict, &closure.app);
     let (code, _) = curl(&[&format!("{}/{url}", strict.url)]);
     assert_eq!(code, 404, "the NAR behind a redirect to an unlisted host");
     assert_eq!(cdn.count("GET /nar/"), 0, "{:?}", cdn.log());
     assert!(strict.logged("redirected to"), "{:?}", strict.log());
 
-    let cdn_host = cdn.url.trim_start_matches("http://").to_owned();
-    let mut listed_args = args("nars-listed");
-    listed_args.extend(["--upstream-nar-host".to_owned(), cdn_host]);
-    let listed = Daemon::start(
-        &env,
-        &listed_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    substitute_with_cdn_listed(&env, &up, &up_pk, &cdn, &closure.app);
+}
+
+/// With `cdn` listed as a NAR host, a real Nix substitutes `path` through the daemon, the
+/// NARs coming from `cdn`.
+fn substitute_with_cdn_listed(
+    env: &NixEnv,
+    up: &PyServer,
+    up_pk: &str,
+    cdn: &PyServer,
+    path: &str,
+) -> Daemon {
+    let cdn_host = cdn.url.trim_start_matches("http://");
+    let listed = serve_upstream(
+        env,
+        up,
+        "nars-listed",
+        &[
+            "--trusted-public-key",
+            up_pk,
+            "--upstream-nar-host",
+            cdn_host,
+        ],
     );
     let fresh = env.path("fresh");
-    env.realise_from(fresh.to_str().unwrap(), &listed.url, &up_pk, &closure.app);
+    env.realise_from(fresh.to_str().unwrap(), &listed.url, up_pk, path);
     assert!(cdn.count("GET /nar/") >= 1, "{:?}", cdn.log());
+    listed
 }
 
 /// Total size of the files in `dir` (the NAR cache folder, part files included).
@@ -288,40 +268,21 @@ fn folder_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// The `FileSize:` of a narinfo file in a cache folder.
-fn file_size_in(dir: &Path, path: &str) -> u64 {
-    std::fs::read_to_string(dir.join(format!("{}.narinfo", digest(path))))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("FileSize: "))
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 #[test]
 fn an_upstream_that_never_stops_sending_is_cut_off_at_the_narinfo_size() {
     let env = NixEnv::new();
     let closure = env.build_closure();
     let (up_sk, up_pk) = env.keypair("upstream-1");
     let dir = nix_cache(&env, "up", &up_sk, "xz", &closure.app);
-    let file_size = file_size_in(&dir, &closure.app);
+    let file_size: u64 = field_in(&dir, &closure.app, "FileSize").parse().unwrap();
     let up = PyServer::start_with(&dir, NarMode::Endless);
     let nars = env.path("nars");
     for (tag, keep) in [("disk cache", "1024"), ("proxy", "0")] {
-        let daemon = Daemon::start(
+        let daemon = serve_upstream(
             &env,
-            &[
-                "serve",
-                "--upstream",
-                &up.url,
-                "--trusted-public-key",
-                &up_pk,
-                "--nar-cache-dir",
-                nars.to_str().unwrap(),
-                "--nar-cache-size-mib",
-                keep,
-            ],
+            &up,
+            "nars",
+            &["--trusted-public-key", &up_pk, "--nar-cache-size-mib", keep],
         );
         let url = nar_url(&daemon, &closure.app);
         let before = up.log().len();
@@ -381,18 +342,8 @@ fn upstream_narinfos_get_our_signature_only_when_a_trusted_key_verified_them() {
             .map(|s| s.split(':').next().unwrap().to_owned())
             .collect()
     };
-    let unverified = Daemon::start(
-        &env,
-        &[
-            "serve",
-            "--upstream",
-            &up.url,
-            "--secret-key-file",
-            our_sk.to_str().unwrap(),
-            "--nar-cache-dir",
-            env.path("nars-a").to_str().unwrap(),
-        ],
-    );
+    let our_sk = our_sk.to_str().unwrap();
+    let unverified = serve_upstream(&env, &up, "nars-a", &["--secret-key-file", our_sk]);
     assert_eq!(
         sigs(&unverified),
         vec!["upstream-1"],
@@ -422,19 +373,11 @@ fn upstream_narinfos_get_our_signature_only_when_a_trusted_key_verified_them() {
     );
     assert!(!out.status.success(), "nothing signed by our key to trust");
 
-    let verified = Daemon::start(
+    let verified = serve_upstream(
         &env,
-        &[
-            "serve",
-            "--upstream",
-            &up.url,
-            "--trusted-public-key",
-            &up_pk,
-            "--secret-key-file",
-            our_sk.to_str().unwrap(),
-            "--nar-cache-dir",
-            env.path("nars-b").to_str().unwrap(),
-        ],
+        &up,
+        "nars-b",
+        &["--trusted-public-key", &up_pk, "--secret-key-file", our_sk],
     );
     let mut got = sigs(&verified);
     got.sort();

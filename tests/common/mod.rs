@@ -2,6 +2,7 @@
 //! store, own `XDG_CACHE_HOME`), trees to archive, and a small closure built by the real Nix.
 #![allow(dead_code)] // Each test binary uses a different part of the harness.
 
+pub mod browser;
 pub mod conformance;
 pub mod peers;
 pub mod upstream_server;

@@ -25,6 +25,37 @@ pub trait Blobs: Send + Sync + 'static {
 
     /// Every key directly under `prefix` (which is empty or ends in `/`), without descending.
     async fn list(&self, prefix: &str) -> Result<Vec<String>>;
+
+    /// Why `range` of `key` cannot be served, asked after the backend refused it or it has no
+    /// form there: 416 when the object exists and the range selects none of it, not found
+    /// when the object does not exist.
+    async fn unsatisfiable(&self, key: &str, range: ByteRange) -> StoreError {
+        match self.head(key).await {
+            Ok(Some(total)) if range.resolve(total).is_none() => {
+                StoreError::RangeNotSatisfiable { total }
+            }
+            Ok(Some(_)) => StoreError::Invalid(format!("byte range {range:?} of {key}")),
+            Ok(None) => StoreError::NotFound(key.into()),
+            Err(e) => e,
+        }
+    }
+}
+
+/// `range` of `key` in a backend's own form, made by `translate`; a range with no such form
+/// (it selects nothing whatever the object's size) is the error [`Blobs::unsatisfiable`] gives.
+pub async fn translate_range<B: Blobs + ?Sized, T>(
+    blobs: &B,
+    key: &str,
+    range: Option<ByteRange>,
+    translate: impl FnOnce(ByteRange) -> Option<T>,
+) -> Result<Option<T>> {
+    match range {
+        None => Ok(None),
+        Some(r) => match translate(r) {
+            Some(t) => Ok(Some(t)),
+            None => Err(blobs.unsatisfiable(key, r).await),
+        },
+    }
 }
 
 /// Refuses keys that could leave the bucket's root or confuse a file system.

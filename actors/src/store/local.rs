@@ -7,10 +7,11 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
+use super::nix_object::ObjectText;
 use super::{Blob, ByteRange, ByteStream, Result, Store, StoreError};
 use crate::formats::compression::Compression;
 use crate::formats::nar;
-use crate::formats::{CacheInfo, Digest, Hash, NarInfo, Signature, StoreDir, StorePath};
+use crate::formats::{CacheInfo, Digest, NarInfo, StoreDir, StorePath};
 
 /// Where a local store keeps its objects and its state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -195,55 +196,27 @@ impl LocalStore {
     }
 
     fn narinfo_from_row(&self, row: PathRow) -> Result<NarInfo> {
-        let corrupt = |what: String| {
-            StoreError::Corrupt(format!("Nix database row for {}: {what}", row.path))
-        };
-        let dir = &self.layout.store_dir;
-        let store_path = dir
-            .parse_path(&row.path)
-            .map_err(|e| corrupt(e.to_string()))?;
-        let nar_hash: Hash = row
-            .hash
-            .parse()
-            .map_err(|e: crate::formats::hash::HashError| corrupt(e.to_string()))?;
         let nar_size = row
             .nar_size
             .and_then(|n| u64::try_from(n).ok())
-            .ok_or_else(|| corrupt("no NAR size".into()))?;
-        let mut references: Vec<StorePath> = row
-            .refs
-            .iter()
-            .map(|r| dir.parse_path(r).map_err(|e| corrupt(e.to_string())))
-            .collect::<Result<_>>()?;
-        references.sort();
-        let deriver = row
-            .deriver
-            .as_deref()
-            .and_then(|d| dir.parse_path(d).ok())
-            .map(|p| p.to_string());
-        let sigs = row
-            .sigs
-            .as_deref()
-            .unwrap_or("")
-            .split_whitespace()
-            .filter_map(|s| s.parse::<Signature>().ok())
-            .collect();
-        Ok(NarInfo {
-            store_dir: dir.clone(),
-            url: super::nar_url_of(store_path.digest()),
-            store_path,
-            compression: Compression::None,
-            file_hash: Some(nar_hash.clone()),
-            file_size: Some(nar_size),
-            nar_hash,
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!("Nix database row for {}: no NAR size", row.path))
+            })?;
+        ObjectText {
+            path: &row.path,
+            nar_hash: &row.hash,
             nar_size,
-            references,
-            deriver,
-            system: None,
-            sigs,
-            ca: row.ca.filter(|c| !c.is_empty()),
-            extra: Vec::new(),
-        })
+            references: &row.refs,
+            deriver: row.deriver.as_deref(),
+            sigs: row
+                .sigs
+                .as_deref()
+                .unwrap_or("")
+                .split_whitespace()
+                .collect(),
+            ca: row.ca.as_deref(),
+        }
+        .to_narinfo(&self.layout.store_dir, "Nix database row")
     }
 
     async fn lookup(self: &Arc<Self>, digest: &str) -> Result<NarInfo> {
@@ -374,12 +347,7 @@ impl Store for Arc<LocalStore> {
     }
 
     async fn nar(&self, url: &str, range: Option<ByteRange>) -> Result<Blob> {
-        let digest =
-            super::digest_of_nar_url(url).ok_or_else(|| StoreError::NotFound(url.into()))?;
-        let info = match self.lookup(digest).await {
-            Err(StoreError::Invalid(_)) => return Err(StoreError::NotFound(url.into())),
-            other => other?,
-        };
+        let info = super::object_of_nar_url(url, |d| self.lookup(d)).await?;
         let total = info.nar_size;
         let (start, end) = ByteRange::resolve_or_err(range, total)?;
         let path = self.real_path(&info.store_path);

@@ -13,6 +13,7 @@ pub mod gcs;
 pub mod layered;
 pub mod local;
 pub mod memory;
+pub mod nix_object;
 pub mod s3;
 pub mod ssh;
 pub mod upstream;
@@ -312,6 +313,20 @@ pub fn nar_url_of(digest: &str) -> String {
 pub fn digest_of_nar_url(url: &str) -> Option<&str> {
     url.strip_prefix("nar/")
         .and_then(|u| u.strip_suffix(".nar"))
+}
+
+/// The object a [`nar_url_of`] URL names, found by `lookup` (given its digest). A URL of
+/// another shape, or a malformed digest, is a NAR this store does not have.
+pub async fn object_of_nar_url<'u, T, F, Fut>(url: &'u str, lookup: F) -> Result<T>
+where
+    F: FnOnce(&'u str) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let digest = digest_of_nar_url(url).ok_or_else(|| StoreError::NotFound(url.into()))?;
+    match lookup(digest).await {
+        Err(StoreError::Invalid(_)) => Err(StoreError::NotFound(url.into())),
+        other => other,
+    }
 }
 
 /// The digest a `<digest>.narinfo` or [`nar_url_of`] URL names (what `exists` is asked about).

@@ -28,7 +28,7 @@ use serde::Deserialize;
 
 pub use endpoint::{Endpoint, GcsOptions};
 
-use super::blobs::{check_key, Blobs};
+use super::blobs::{check_key, translate_range, Blobs};
 use super::{slice_stream, Blob, ByteRange, ByteStream, Result, StoreError};
 use auth::Auth;
 use error::GcsError;
@@ -135,18 +135,6 @@ impl GcsBlobs {
         }
     }
 
-    /// The error for a range that selects nothing, which needs the object's size.
-    async fn unsatisfiable(&self, key: &str, range: ByteRange) -> StoreError {
-        match self.head(key).await {
-            Ok(Some(total)) if range.resolve(total).is_none() => {
-                StoreError::RangeNotSatisfiable { total }
-            }
-            Ok(Some(_)) => StoreError::Invalid(format!("byte range {range:?} of {key}")),
-            Ok(None) => StoreError::NotFound(key.into()),
-            Err(e) => e,
-        }
-    }
-
     async fn simple_upload(
         &self,
         name: &str,
@@ -200,13 +188,7 @@ impl Blobs for GcsBlobs {
 
     async fn get(&self, key: &str, range: Option<ByteRange>) -> Result<Blob> {
         let name = self.name_of(key)?;
-        let header = match range {
-            None => None,
-            Some(r) => match range_header(r) {
-                Some(h) => Some(h),
-                None => return Err(self.unsatisfiable(key, r).await),
-            },
-        };
+        let header = translate_range(self, key, range, range_header).await?;
         let url = format!("{}?alt=media", self.object_url(&name));
         let resp = self
             .send(|| {

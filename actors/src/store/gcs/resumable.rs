@@ -17,6 +17,18 @@ use crate::store::{ByteStream, Result, StoreError};
 /// of this size (GCS wants multiples of 256 KiB). Memory per upload is about two chunks.
 pub(super) const CHUNK: usize = 8 * 1024 * 1024;
 
+/// Bytes `[offset, offset + body.len())` of a resumable upload.
+#[derive(Clone)]
+struct Chunk<'a> {
+    /// The upload session's URL.
+    session: &'a str,
+    body: Bytes,
+    offset: u64,
+    /// The object's size, given with the last chunk.
+    total: Option<u64>,
+    content_type: &'a str,
+}
+
 impl GcsBlobs {
     /// Starts a resumable upload; returns its session URL.
     async fn start_resumable(&self, name: &str, content_type: &str) -> Result<String, GcsError> {
@@ -38,16 +50,16 @@ impl GcsBlobs {
             .ok_or_else(|| GcsError::Protocol("resumable upload started without a Location".into()))
     }
 
-    /// Sends bytes `[offset, offset + len)` of an upload (`total` on the last chunk); returns
-    /// how many bytes GCS now holds, or `None` once the object is complete.
-    async fn send_chunk(
-        &self,
-        session: &str,
-        body: Bytes,
-        offset: u64,
-        total: Option<u64>,
-        content_type: &str,
-    ) -> Result<Option<u64>, GcsError> {
+    /// Sends one chunk of an upload; returns how many bytes GCS now holds, or `None` once the
+    /// object is complete.
+    async fn send_chunk(&self, chunk: &Chunk<'_>) -> Result<Option<u64>, GcsError> {
+        let Chunk {
+            session,
+            body,
+            offset,
+            total,
+            content_type,
+        } = chunk.clone();
         let total_s = total.map_or("*".to_owned(), |t| t.to_string());
         let range = if body.is_empty() {
             format!("bytes */{total_s}")
@@ -58,45 +70,39 @@ impl GcsBlobs {
             )
         };
         // fake-gcs-server takes the object's type from the last chunk; GCS ignores it.
-        let resp = self
-            .send_once(
-                self.http
-                    .put(session)
-                    .header(CONTENT_RANGE, range)
-                    .header(CONTENT_TYPE, content_type)
-                    .body(body),
-            )
-            .await?;
-        upload_progress(resp).await
+        self.put_to_session(session, range, Some(content_type), body)
+            .await
     }
 
     /// Asks how much of an upload GCS holds, after a chunk failed midway.
     async fn upload_status(&self, session: &str) -> Result<Option<u64>, GcsError> {
-        let resp = self
-            .send_once(
-                self.http
-                    .put(session)
-                    .header(CONTENT_RANGE, "bytes */*")
-                    .body(Bytes::new()),
-            )
-            .await?;
+        self.put_to_session(session, "bytes */*".into(), None, Bytes::new())
+            .await
+    }
+
+    /// One PUT to an upload session (`Content-Range: range`), read as upload progress.
+    async fn put_to_session(
+        &self,
+        session: &str,
+        range: String,
+        content_type: Option<&str>,
+        body: Bytes,
+    ) -> Result<Option<u64>, GcsError> {
+        let mut req = self.http.put(session).header(CONTENT_RANGE, range);
+        if let Some(t) = content_type {
+            req = req.header(CONTENT_TYPE, t);
+        }
+        let resp = self.send_once(req.body(body)).await?;
         upload_progress(resp).await
     }
 
     /// One chunk, retried through transient failures by asking GCS where it got to.
-    async fn send_chunk_retrying(
-        &self,
-        session: &str,
-        body: Bytes,
-        offset: u64,
-        total: Option<u64>,
-        content_type: &str,
-    ) -> Result<Option<u64>, GcsError> {
+    async fn send_chunk_retrying(&self, chunk: Chunk<'_>) -> Result<Option<u64>, GcsError> {
         retry_or_recover(
-            || self.send_chunk(session, body.clone(), offset, total, content_type),
+            || self.send_chunk(&chunk),
             || async {
-                match self.upload_status(session).await {
-                    Ok(Some(held)) if held > offset => Some(Some(held)),
+                match self.upload_status(chunk.session).await {
+                    Ok(Some(held)) if held > chunk.offset => Some(Some(held)),
                     Ok(None) => Some(None),
                     // Nothing new held, or no answer: send the chunk again.
                     _ => None,
@@ -149,7 +155,13 @@ impl GcsBlobs {
             let total = eof.then(|| offset + buf.len() as u64);
             let body = Bytes::copy_from_slice(&buf[..len]);
             match self
-                .send_chunk_retrying(&session, body, offset, total, content_type)
+                .send_chunk_retrying(Chunk {
+                    session: &session,
+                    body,
+                    offset,
+                    total,
+                    content_type,
+                })
                 .await
             {
                 Ok(None) if eof => return Ok(offset + buf.len() as u64),

@@ -30,7 +30,7 @@ use object_store::{
     PutMultipartOptions, PutOptions, PutPayloadMut, WriteMultipart,
 };
 
-use super::blobs::{check_key, Blobs};
+use super::blobs::{check_key, translate_range, Blobs};
 use super::{Blob, ByteRange, ByteStream, Result, StoreError};
 use error::{is_no_bucket, Target};
 pub use options::{Addressing, S3Options};
@@ -118,18 +118,6 @@ impl S3Blobs {
         }
         self.target.classify(doing, &self.url_of(key), e)
     }
-
-    /// The error for a range that selects nothing, which needs the object's size.
-    async fn unsatisfiable(&self, key: &str, range: ByteRange) -> StoreError {
-        match self.head(key).await {
-            Ok(Some(total)) if range.resolve(total).is_none() => {
-                StoreError::RangeNotSatisfiable { total }
-            }
-            Ok(Some(_)) => StoreError::Invalid(format!("byte range {range:?} of {key}")),
-            Ok(None) => StoreError::NotFound(key.into()),
-            Err(e) => e,
-        }
-    }
 }
 
 /// Maps a request range to S3's; `None` when it cannot select anything whatever the size.
@@ -153,13 +141,7 @@ impl Blobs for S3Blobs {
 
     async fn get(&self, key: &str, range: Option<ByteRange>) -> Result<Blob> {
         let path = self.path_of(key)?;
-        let range_s3 = match range {
-            None => None,
-            Some(r) => match get_range(r) {
-                Some(g) => Some(g),
-                None => return Err(self.unsatisfiable(key, r).await),
-            },
-        };
+        let range_s3 = translate_range(self, key, range, get_range).await?;
         let opts = GetOptions {
             range: range_s3,
             ..GetOptions::default()

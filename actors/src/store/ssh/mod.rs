@@ -60,10 +60,11 @@ use self::process::SshProcess;
 use self::spool::Spool;
 use self::target::SshTarget;
 use self::wire::PathInfo;
+use super::nix_object::ObjectText;
 use super::{Blob, ByteRange, ByteStream, Result, Store, StoreError};
 use crate::formats::hash::Algo;
 use crate::formats::{
-    nar, nixbase32, CacheInfo, Compression, Digest, Hash, NarInfo, StoreDir, StorePath,
+    nar, nixbase32, CacheInfo, Compression, Digest, NarInfo, StoreDir, StorePath,
 };
 
 /// Longest a listing of the remote store directory may take.
@@ -239,42 +240,16 @@ impl SshStore {
 
 /// The narinfo a binary-cache client gets for a remote path.
 fn narinfo_of(info: PathInfo, dir: &StoreDir) -> Result<NarInfo> {
-    let corrupt = |what: String| {
-        StoreError::Corrupt(format!("the remote store's data for {}: {what}", info.path))
-    };
-    let store_path = dir
-        .parse_path(&info.path)
-        .map_err(|e| corrupt(e.to_string()))?;
-    let nar_hash: Hash = info
-        .nar_hash
-        .parse()
-        .map_err(|e: crate::formats::hash::HashError| corrupt(e.to_string()))?;
-    let mut references = info
-        .references
-        .iter()
-        .map(|r| dir.parse_path(r).map_err(|e| corrupt(e.to_string())))
-        .collect::<Result<Vec<_>>>()?;
-    references.sort();
-    let deriver = (!info.deriver.is_empty())
-        .then(|| dir.parse_path(&info.deriver).ok())
-        .flatten()
-        .map(|p| p.to_string());
-    Ok(NarInfo {
-        store_dir: dir.clone(),
-        url: super::nar_url_of(store_path.digest()),
-        store_path,
-        compression: Compression::None,
-        file_hash: Some(nar_hash.clone()),
-        file_size: Some(info.nar_size),
-        nar_hash,
+    ObjectText {
+        path: &info.path,
+        nar_hash: &info.nar_hash,
         nar_size: info.nar_size,
-        references,
-        deriver,
-        system: None,
-        sigs: info.sigs.iter().filter_map(|s| s.parse().ok()).collect(),
-        ca: Some(info.ca).filter(|c| !c.is_empty()),
-        extra: Vec::new(),
-    })
+        references: &info.references,
+        deriver: Some(info.deriver.as_str()),
+        sigs: info.sigs.iter().map(String::as_str).collect(),
+        ca: Some(info.ca.as_str()),
+    }
+    .to_narinfo(dir, "the remote store's data")
 }
 
 /// The protocol's metadata for importing what a narinfo describes.
@@ -333,12 +308,7 @@ impl Store for SshStore {
     }
 
     async fn nar(&self, url: &str, range: Option<ByteRange>) -> Result<Blob> {
-        let digest =
-            super::digest_of_nar_url(url).ok_or_else(|| StoreError::NotFound(url.into()))?;
-        let info = match self.path_info(digest).await {
-            Err(StoreError::Invalid(_)) => return Err(StoreError::NotFound(url.into())),
-            other => other?,
-        };
+        let info = super::object_of_nar_url(url, |d| self.path_info(d)).await?;
         let total = info.nar_size;
         let (start, end) = ByteRange::resolve_or_err(range, total)?;
         let stream = self.nar_stream(&info).await?;
