@@ -86,8 +86,10 @@ impl FileBlobs {
 }
 
 /// Bytes read per blocking call: big enough that the hand-off to a blocking thread is rare,
-/// small enough to bound what one response holds in memory.
-const READ_CHUNK: u64 = 1 << 20;
+/// small enough that a client that stops reading holds little (the HTTP layer keeps about one
+/// chunk per response, in a buffer that grows by doubling: 600 stalled readers measured ~0.5
+/// MiB each at 256 KiB, ~1.2 MiB at 1 MiB).
+const READ_CHUNK: u64 = 128 << 10;
 
 impl FileBlobs {
     /// Opens `key` and reads the first chunk of `range`; blocking.
@@ -135,19 +137,25 @@ fn read_chunk(f: &mut std::fs::File, left: u64) -> std::io::Result<Bytes> {
     Ok(Bytes::from(buf))
 }
 
-/// The remaining `left` bytes of `f`, a chunk per blocking call.
+/// The remaining `left` bytes of `f`, a chunk per blocking call, the next chunk read while
+/// the last one is sent (so a stalled client holds at most one chunk read ahead).
 fn chunks(f: std::fs::File, left: u64) -> impl futures::Stream<Item = std::io::Result<Bytes>> {
-    futures::stream::try_unfold((f, left), |(mut f, left)| async move {
-        if left == 0 {
-            return Ok(None);
-        }
-        let (f, chunk) =
-            tokio::task::spawn_blocking(move || read_chunk(&mut f, left).map(|c| (f, c)))
-                .await
-                .map_err(std::io::Error::other)??;
-        let left = left - chunk.len() as u64;
-        Ok(Some((chunk, (f, left))))
-    })
+    type Read = tokio::task::JoinHandle<std::io::Result<(std::fs::File, Bytes)>>;
+    fn read_next(mut f: std::fs::File, left: u64) -> Read {
+        tokio::task::spawn_blocking(move || read_chunk(&mut f, left).map(|c| (f, c)))
+    }
+    futures::stream::try_unfold(
+        (Some(read_next(f, left)), left),
+        |(next, left)| async move {
+            let Some(reading) = next else {
+                return Ok(None);
+            };
+            let (f, chunk) = reading.await.map_err(std::io::Error::other)??;
+            let left = left - chunk.len() as u64;
+            let next = (left > 0).then(|| read_next(f, left));
+            Ok(Some((chunk, (next, left))))
+        },
+    )
 }
 
 fn io_err(what: &str, key: &str, e: std::io::Error) -> StoreError {

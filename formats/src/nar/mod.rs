@@ -4,12 +4,14 @@
 //! file contents are one such string. Directory entries are sorted by name, so the same
 //! tree always gives the same bytes, and that is what `NarHash` is taken over.
 
+mod dumper;
 mod listing;
 mod reader;
 #[cfg(feature = "tokio")]
 mod stream;
 mod writer;
 
+pub use dumper::Dumper;
 pub use listing::{Listing, Node};
 pub use reader::{read, NarError, NarVisitor};
 #[cfg(feature = "tokio")]

@@ -1,0 +1,207 @@
+//! `serve` under clients that ask for a large NAR and then stop reading: each stalled reader
+//! must cost little memory and no thread, other clients must still be answered, and every
+//! held-back byte must still arrive once the readers read again.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::{curl, nix32_sha256, Daemon, NixEnv};
+use nixcached_actors::formats::hash::HashingCounter;
+
+/// Stalled readers, as in the issue: 600 clients of a 20 MB NAR.
+const READERS: usize = 600;
+const NAR_MB: u64 = 20;
+
+fn digest(path: &str) -> &str {
+    &path["/nix/store/".len()..][..32]
+}
+
+/// Threads of the daemon process now.
+fn threads(daemon: &Daemon) -> u64 {
+    std::fs::read_to_string(format!("/proc/{}/status", daemon.pid()))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Opens a connection, asks for `target`, reads nothing.
+fn stalled_get(daemon: &Daemon, target: &str) -> TcpStream {
+    let addr = daemon.url.trim_start_matches("http://");
+    let mut conn = TcpStream::connect(addr).unwrap();
+    write!(
+        conn,
+        "GET {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    conn
+}
+
+/// Reads a whole HTTP/1.1 response with `Connection: close`, in pieces (600 readers of 20 MB
+/// must not hold 12 GB here); returns the body's nixbase32 SHA-256 and length.
+fn read_body(mut conn: TcpStream) -> (String, u64) {
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut head = Vec::new();
+    let mut hasher = HashingCounter::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut in_body = false;
+    loop {
+        let n = conn.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        if in_body {
+            hasher.update(&buf[..n]);
+            continue;
+        }
+        head.extend_from_slice(&buf[..n]);
+        if let Some(p) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            let text = String::from_utf8_lossy(&head[..p]).to_string();
+            assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+            hasher.update(&head[p + 4..]);
+            in_body = true;
+        }
+    }
+    assert!(
+        in_body,
+        "no HTTP answer: {:?}",
+        String::from_utf8_lossy(&head)
+    );
+    let (hash, len) = hasher.finish();
+    (hash.to_nix32(), len)
+}
+
+/// A store path holding one file of `NAR_MB` MB of varied bytes, and its NAR as Nix dumps it.
+fn big_path(env: &NixEnv) -> (String, Vec<u8>) {
+    let dir = env.path("big");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut data = Vec::with_capacity((NAR_MB << 20) as usize);
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    while data.len() < (NAR_MB << 20) as usize {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    std::fs::write(dir.join("data"), &data).unwrap();
+    let sp = env.add(&dir);
+    let nar = env.dump(&env.real(&sp));
+    (sp, nar)
+}
+
+/// Stalls `READERS` readers of `nar_target`, then checks memory, threads, that other clients
+/// are answered, and that every stalled reader gets the whole `want` once it reads.
+fn stalled_readers_cost_little(daemon: &Daemon, nar_target: &str, want: &[u8], other: &str) {
+    // Warm up: one full read, so the baseline includes what serving itself needs.
+    let (code, body) = curl(&[&format!("{}{nar_target}", daemon.url)]);
+    assert_eq!(code, 200);
+    assert_eq!(body.len(), want.len());
+    let base_rss = daemon.peak_rss_kib();
+    let base_threads = threads(daemon);
+
+    let conns: Vec<TcpStream> = (0..READERS)
+        .map(|_| stalled_get(daemon, nar_target))
+        .collect();
+    // Let every response fill what buffers it may.
+    std::thread::sleep(Duration::from_secs(3));
+    let rss = daemon.peak_rss_kib();
+    let grown_mib = rss.saturating_sub(base_rss) / 1024;
+    let stalled_threads = threads(daemon);
+    eprintln!(
+        "{READERS} stalled readers of {nar_target}: peak RSS {} -> {} MiB (+{grown_mib} MiB, \
+         {} KiB each), threads {base_threads} -> {stalled_threads}",
+        base_rss / 1024,
+        rss / 1024,
+        rss.saturating_sub(base_rss) / READERS as u64
+    );
+
+    // Others are still served while every reader stalls.
+    for target in [other, nar_target] {
+        let asked = Instant::now();
+        let (code, _) = curl(&["--max-time", "30", &format!("{}{target}", daemon.url)]);
+        assert_eq!(code, 200, "{target} while {READERS} readers stall");
+        eprintln!(
+            "{target} answered in {:?} with {READERS} readers stalled",
+            asked.elapsed()
+        );
+        assert!(
+            asked.elapsed() < Duration::from_secs(5),
+            "{target} took {:?} while {READERS} readers stall",
+            asked.elapsed()
+        );
+    }
+
+    assert!(
+        grown_mib <= 300,
+        "{READERS} stalled readers grew peak RSS by {grown_mib} MiB (at most 300 wanted)"
+    );
+    // The burst of requests may start blocking threads; none stays held by a stalled reader
+    // (tokio lets an idle blocking thread go after 10 s).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while threads(daemon) > base_threads + 16 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let held = threads(daemon);
+    eprintln!("threads once idle ones left: {held} (peak {stalled_threads})");
+    assert!(
+        held <= base_threads + 16,
+        "stalled readers hold threads: {base_threads} -> {held}"
+    );
+
+    // Everything held back gets through: every reader receives the whole NAR.
+    let want_hash = nix32_sha256(want);
+    let handles: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| (i, std::thread::spawn(move || read_body(c))))
+        .collect();
+    for (i, h) in handles {
+        let (hash, len) = h.join().unwrap();
+        assert_eq!(len, want.len() as u64, "reader {i} got a short NAR");
+        assert_eq!(hash, want_hash, "reader {i} got other bytes");
+    }
+}
+
+#[test]
+fn stalled_readers_of_a_local_store_nar() {
+    let env = NixEnv::new();
+    let (sp, nar) = big_path(&env);
+    let daemon = Daemon::start(&env, &["serve", &env.store_arg()]);
+    stalled_readers_cost_little(
+        &daemon,
+        &format!("/nar/{}.nar", digest(&sp)),
+        &nar,
+        &format!("/{}.narinfo", digest(&sp)),
+    );
+}
+
+#[test]
+fn stalled_readers_of_a_file_cache_nar() {
+    let env = NixEnv::new();
+    let (sp, nar) = big_path(&env);
+    let cache = env.path("cache");
+    env.copy_to(
+        &format!("file://{}?compression=none", cache.display()),
+        &[&sp],
+    );
+    let info = std::fs::read_to_string(cache.join(format!("{}.narinfo", digest(&sp)))).unwrap();
+    let url = info
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap()
+        .to_owned();
+    let daemon = Daemon::start(&env, &["serve", &format!("file://{}", cache.display())]);
+    stalled_readers_cost_little(
+        &daemon,
+        &format!("/{url}"),
+        &nar,
+        &format!("/{}.narinfo", digest(&sp)),
+    );
+}
