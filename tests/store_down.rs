@@ -114,6 +114,7 @@ fn serve_starts_with_s3_down_and_serves_once_it_is_up() {
         "says why: {health}"
     );
     assert!(d.logged("degraded"), "the log says the cache is degraded");
+    assert_eq!(d.metric("nixcached_store_up"), 0);
 
     let _moto = Moto::start(port);
     create_bucket(&endpoint, &bucket);
@@ -127,6 +128,7 @@ fn serve_starts_with_s3_down_and_serves_once_it_is_up() {
     assert_eq!(code, 200, "{health}");
     assert!(health.starts_with("ok"), "{health}");
     assert!(d.logged("serving again"), "the log says the cache is back");
+    assert_eq!(d.metric("nixcached_store_up"), 1);
     env.substitute_from(&d.url, &closure.app, &pk, "after-start");
 }
 

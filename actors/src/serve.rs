@@ -59,7 +59,8 @@ pub struct ServeOptions {
     pub priority: Option<u32>,
     /// Lookup cache sizing.
     pub cache: CacheSettings,
-    /// Longest a store operation may take before the client gets a 404.
+    /// Longest a store operation (or a probe of whether the store is up) may take before the
+    /// client gets a 404 (or the store counts as down).
     pub backend_timeout: Duration,
     /// How long in-flight responses may run after a stop signal.
     pub grace: Duration,

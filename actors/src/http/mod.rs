@@ -360,9 +360,16 @@ async fn handle(
             .insert_header((header::CACHE_CONTROL, NARINFO_MAX_AGE))
             .body(svc.cache_info_text()),
         Route::Health => health_report(&[(root.to_owned(), ing.service.clone())]),
-        Route::Metrics => HttpResponse::Ok()
-            .content_type("text/plain; version=0.0.4; charset=utf-8")
-            .body(svc.metrics.render()),
+        Route::Metrics => {
+            // The store's state is not a counter the metrics own; it is read when asked.
+            let up = u8::from(svc.health.down_reason().is_none());
+            HttpResponse::Ok()
+                .content_type("text/plain; version=0.0.4; charset=utf-8")
+                .body(format!(
+                    "{}# HELP nixcached_store_up Whether the store answers (0: degraded, see /healthz).\n# TYPE nixcached_store_up gauge\nnixcached_store_up {up}\n",
+                    svc.metrics.render()
+                ))
+        }
         Route::BadDigest => {
             tracing::debug!("refused {rel}: not a store-path digest");
             text(
