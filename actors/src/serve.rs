@@ -98,7 +98,7 @@ impl Default for UiOptions {
     }
 }
 
-/// Longest start-up waits for a store's first answer; a store silent by then starts out
+/// How long start-up waits at most for a store's first answer; a store silent by then starts out
 /// degraded (answering 404) and is served as soon as it answers.
 pub const FIRST_ANSWER_WAIT: Duration = Duration::from_secs(5);
 
