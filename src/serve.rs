@@ -9,6 +9,7 @@ use nixcached_actors::lookup::CacheSettings;
 use nixcached_actors::serve::{Listen, ServeOptions, UiOptions};
 use nixcached_actors::store::binary_cache::BinaryCache;
 use nixcached_actors::store::file::FileBlobs;
+use nixcached_actors::store::guarded::GuardedStore;
 use nixcached_actors::store::layered::LayeredStore;
 use nixcached_actors::store::upstream::{UpstreamOptions, UpstreamStore};
 use nixcached_actors::store::url::StoreUrl;
@@ -155,7 +156,10 @@ pub fn open_serve_store(url: Option<&str>, up: &UpstreamArgs) -> anyhow::Result<
         Arc::new(UpstreamStore::open(options).context("opening the upstream caches")?);
     match url {
         Some(u) if StoreUrl::parse(u).is_ok_and(|p| !matches!(p, StoreUrl::Http(_))) => {
-            Ok(Arc::new(LayeredStore::new(open_store(Some(u))?, upstream)))
+            // Only the front store is watched: while it is down, requests go straight to the
+            // upstreams instead of waiting on it first.
+            let primary: Arc<dyn Store> = Arc::new(GuardedStore::new(open_store(Some(u))?));
+            Ok(Arc::new(LayeredStore::new(primary, upstream)))
         }
         _ => Ok(upstream),
     }

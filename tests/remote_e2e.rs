@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::peers::{free_port, gcs_bucket, peer, s3_bucket, s3_bucket_at, ssh_url};
+use common::peers::{free_port, gcs_bucket, s3_bucket, s3_bucket_at, ssh_url, Moto};
 use common::{Daemon, NixEnv};
 
 const BIN: &str = env!("CARGO_BIN_EXE_nixcached");
@@ -205,35 +205,6 @@ fn serving_buckets_in_every_compression_to_real_nix() {
             );
             assert!(ls.contains("./bin/hi"), "{ls}");
         }
-    }
-}
-
-struct Moto {
-    child: Child,
-    port: u16,
-}
-
-impl Moto {
-    fn start(port: u16) -> Moto {
-        let child = Command::new(peer("NIXCACHED_TEST_MOTO_SERVER"))
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while common::curl(&[&format!("http://127.0.0.1:{port}/")]).0 != 200 {
-            assert!(Instant::now() < deadline, "private moto did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Moto { child, port }
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

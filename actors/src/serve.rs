@@ -10,10 +10,9 @@ use std::time::Duration;
 
 use actix::Actor;
 use actix_web::{App, HttpServer};
-use bytes::Bytes;
 
 use crate::catalog::{Catalog, Discovery};
-use crate::fetcher::{FetchCacheInfo, Fetcher};
+use crate::fetcher::Fetcher;
 use crate::formats::{PublicKey, SecretKey};
 use crate::http::templates::Templates;
 use crate::http::{self, CacheService, Ingress};
@@ -21,6 +20,7 @@ use crate::lookup::{CacheSettings, LookupShared};
 use crate::metrics::Metrics;
 use crate::nar_files::NarFiles;
 use crate::shutdown::StopSignals;
+use crate::store::guarded::GuardedStore;
 use crate::store::Store;
 
 /// Where to accept connections.
@@ -59,7 +59,8 @@ pub struct ServeOptions {
     pub priority: Option<u32>,
     /// Lookup cache sizing.
     pub cache: CacheSettings,
-    /// Longest a store operation may take before the client gets a 404.
+    /// Longest a store operation (or a probe of whether the store is up) may take before the
+    /// client gets a 404 (or the store counts as down).
     pub backend_timeout: Duration,
     /// How long in-flight responses may run after a stop signal.
     pub grace: Duration,
@@ -97,19 +98,32 @@ impl Default for UiOptions {
     }
 }
 
+/// How long start-up waits at most for a store's first answer; a store silent by then starts out
+/// degraded (answering 404) and is served as soon as it answers.
+pub const FIRST_ANSWER_WAIT: Duration = Duration::from_secs(5);
+
 /// A started cache service: what the HTTP layer needs, and its counters.
+///
+/// A store that does not answer does not stop it: the service starts degraded, answers 404
+/// to what Nix asks, says why on `/healthz` and in the log, and serves once the store
+/// answers ([`crate::store::guarded`]).
 pub async fn start_service(opts: &ServeOptions) -> io::Result<Arc<CacheService>> {
     let metrics = Arc::new(Metrics::default());
-    let fetcher = Fetcher::new(opts.store.clone(), opts.backend_timeout, metrics.clone()).start();
-    let mut info = fetcher
-        .send(FetchCacheInfo)
-        .await
-        .map_err(io::Error::other)?
-        .map_err(|e| io::Error::other(format!("reading the store's nix-cache-info: {e}")))?;
-    info.want_mass_query = true;
-    if opts.priority.is_some() {
-        info.priority = opts.priority;
-    }
+    // A store in front of upstreams comes guarded already (its front store is the one
+    // watched, so the upstreams still answer while it is down); any other is guarded here.
+    let (store, health) = match opts.store.health() {
+        Some(health) => (opts.store.clone(), health),
+        None => {
+            let guarded = GuardedStore::new(opts.store.clone());
+            let health = guarded.health().clone();
+            (Arc::new(guarded) as Arc<dyn Store>, health)
+        }
+    };
+    health.start(opts.backend_timeout);
+    health
+        .first_verdict(FIRST_ANSWER_WAIT.min(opts.backend_timeout))
+        .await;
+    let fetcher = Fetcher::new(store.clone(), opts.backend_timeout, metrics.clone()).start();
     let lookups = LookupShared::new(
         fetcher.clone(),
         &opts.cache,
@@ -128,16 +142,16 @@ pub async fn start_service(opts: &ServeOptions) -> io::Result<Arc<CacheService>>
         }
     }
     Ok(Arc::new(CacheService {
-        store: opts.store.clone(),
+        description: store.describe(),
+        store,
         backend_timeout: opts.backend_timeout,
         transparent_zstd: opts.transparent_zstd,
         nar_files: NarFiles::new(fetcher.clone(), opts.ui.tree_cache_bytes),
         lookups,
-        cache_info: Bytes::from(info.render()),
+        health,
+        priority: opts.priority,
         metrics,
         negative_ttl_secs: opts.cache.negative_ttl.as_secs(),
-        description: opts.store.describe(),
-        store_dir: info.store_dir.as_str().to_owned(),
         templates,
         catalog,
         discovery,
@@ -256,17 +270,24 @@ pub async fn run(opts: ServeOptions) -> io::Result<()> {
 /// Runs every group (each its own HTTP server) in this actix system until a stop signal.
 pub async fn run_groups(groups: Vec<ServerGroup>) -> io::Result<()> {
     let mut signals = StopSignals::install()?;
-    let mut servers = Vec::new();
-    for group in groups {
-        let mut services: Vec<(String, Arc<CacheService>)> = Vec::new();
-        for (prefix, opts) in &group.caches {
+    // Every cache at once: start-up then waits for the slowest store, not for their sum.
+    let started = futures::future::join_all(groups.iter().map(|group| {
+        futures::future::try_join_all(group.caches.iter().map(|(prefix, opts)| async move {
             let prefix = prefix.trim_end_matches('/').to_owned();
-            services.push((prefix, start_service(opts).await?));
-        }
+            Ok::<_, io::Error>((prefix, start_service(opts).await?))
+        }))
+    }))
+    .await;
+    let mut servers = Vec::new();
+    for (group, services) in groups.into_iter().zip(started) {
+        let services: Vec<(String, Arc<CacheService>)> = services?;
         let listeners = bind(&group.listen)?;
         let svcs = services.clone();
         let mut server = HttpServer::new(move || {
-            let mut app = App::new();
+            // `/healthz` at the root reports every cache of this listener; below a cache's
+            // prefix it reports that cache alone.
+            let everyone = svcs.clone();
+            let mut app = App::new().service(http::group_health(everyone));
             let mut root = None;
             for (prefix, svc) in &svcs {
                 // Each worker gets its own lookup actor per cache, on the worker's thread.

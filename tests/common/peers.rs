@@ -102,3 +102,43 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A private moto (S3) server on a port of its own, for tests that stop and restart S3
+/// without disturbing the shared one; killed when dropped. Being in-memory, it comes back
+/// empty after a restart.
+pub struct Moto {
+    child: std::process::Child,
+    /// The port it listens on (127.0.0.1).
+    pub port: u16,
+}
+
+impl Moto {
+    /// Starts moto on `port` and waits until it answers.
+    pub fn start(port: u16) -> Moto {
+        use std::time::{Duration, Instant};
+        let child = std::process::Command::new(peer("NIXCACHED_TEST_MOTO_SERVER"))
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while super::curl(&[&format!("http://127.0.0.1:{port}/")]).0 != 200 {
+            assert!(Instant::now() < deadline, "private moto did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Moto { child, port }
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

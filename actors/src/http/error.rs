@@ -8,6 +8,9 @@
 //!   requests are 400; ranges outside the object are 416. Bodies carry no internal detail.
 //! - [`Mode::Html`], for the explorer in a browser: an error page that says what to do, with
 //!   the status that fits (404, 400, 502, 503).
+//!
+//! A store known to be down ([`StoreError::Unavailable`]) is a 404 for Nix too, but one that
+//! must not be cached, and a 503 page in a browser.
 
 use actix::MailboxError;
 use actix_web::http::header;
@@ -72,6 +75,15 @@ pub(crate) fn not_found(svc: &CacheService) -> HttpResponse {
         .body("404 not found\n")
 }
 
+/// The protocol's 404 for a store that is down: not to be cached, since the object may well
+/// be there once the store is back.
+pub(crate) fn outage() -> HttpResponse {
+    HttpResponse::NotFound()
+        .content_type("text/plain; charset=utf-8")
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .body("404 not found (the store behind this cache is down; see /healthz)\n")
+}
+
 fn unsatisfiable(total: u64) -> HttpResponse {
     HttpResponse::RangeNotSatisfiable()
         .insert_header((header::CONTENT_RANGE, format!("bytes */{total}")))
@@ -98,6 +110,11 @@ pub fn respond(svc: &CacheService, mode: Mode<'_>, what: &str, failure: Failure)
     match (mode, e) {
         (_, StoreError::RangeNotSatisfiable { total }) => unsatisfiable(total),
         (Mode::Protocol, StoreError::NotFound(_)) => not_found(svc),
+        (Mode::Protocol, e @ StoreError::Unavailable(_)) => {
+            // The outage was logged when it began; one line per request would drown it.
+            tracing::debug!("{what}: {e}; answering 404");
+            outage()
+        }
         (Mode::Protocol, StoreError::Invalid(m)) => {
             tracing::debug!("refused {what}: {m}");
             text(StatusCode::BAD_REQUEST, "400 bad request\n")
@@ -120,6 +137,15 @@ pub fn respond(svc: &CacheService, mode: Mode<'_>, what: &str, failure: Failure)
                 root,
                 StatusCode::BAD_REQUEST,
                 "That address does not name anything this cache can hold: a store-path digest is 32 characters of Nix's base-32 alphabet, and paths inside a NAR have no '..', NUL or empty parts.",
+            )
+        }
+        (Mode::Html { root, .. }, e @ StoreError::Unavailable(_)) => {
+            tracing::debug!("{what}: {e}");
+            explorer::error_page(
+                svc,
+                root,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "This cache's store is down. It is checked every few seconds and served again as soon as it answers; /healthz says why it is down.",
             )
         }
         (Mode::Html { root, .. }, e @ StoreError::Backend { .. }) if e.is_transient() => {

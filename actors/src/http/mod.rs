@@ -31,7 +31,8 @@ use crate::formats::{Compression, Digest, PublicKey};
 use crate::lookup::{Lookup, LookupActor, LookupShared, ServedNarInfo};
 use crate::metrics::Metrics;
 use crate::nar_files::NarFiles;
-use crate::store::{Blob, Store};
+use crate::store::guarded::{Condition, StoreHealth};
+use crate::store::{Blob, Store, StoreError};
 use error::{respond, text, Failure, Mode};
 
 /// Everything one served cache needs, shared by all HTTP workers.
@@ -44,16 +45,16 @@ pub struct CacheService {
     pub transparent_zstd: bool,
     /// The shared narinfo caches.
     pub lookups: Arc<LookupShared>,
-    /// The `nix-cache-info` text served.
-    pub cache_info: Bytes,
+    /// The watch on the store: whether it is up, and its `nix-cache-info`.
+    pub health: Arc<StoreHealth>,
+    /// `Priority` advertised in `nix-cache-info` (the store's own when `None`).
+    pub priority: Option<u32>,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// Seconds clients and CDNs may cache a 404.
     pub negative_ttl_secs: u64,
     /// What is served, for logs.
     pub description: String,
-    /// The store directory the objects belong to (`/nix/store`).
-    pub store_dir: String,
     /// The explorer's templates and static files.
     pub templates: templates::Templates,
     /// What the explorer index knows about the store's objects.
@@ -64,6 +65,24 @@ pub struct CacheService {
     pub nar_files: NarFiles,
     /// Keys whose signatures the object page reports as verified.
     pub trusted_keys: Vec<PublicKey>,
+}
+
+impl CacheService {
+    /// The `nix-cache-info` served: the store's as last read (Nix's default while the store
+    /// has not answered), with `WantMassQuery` on and the configured priority.
+    pub fn cache_info_text(&self) -> String {
+        let mut info = self.health.cache_info();
+        info.want_mass_query = true;
+        if self.priority.is_some() {
+            info.priority = self.priority;
+        }
+        info.render()
+    }
+
+    /// The store directory the objects belong to (`/nix/store`).
+    pub fn store_dir(&self) -> String {
+        self.health.store_dir().as_str().to_owned()
+    }
 }
 
 /// Per-worker state: the shared service plus this worker's lookup and fetcher actors.
@@ -106,6 +125,61 @@ pub fn scope(prefix: &str, ingress: Ingress) -> actix_web::Scope {
     web::scope(prefix)
         .app_data(web::Data::new(ingress))
         .default_service(web::to(dispatch))
+}
+
+/// `/healthz` at the root of a listener: every cache served there.
+pub fn group_health(caches: Vec<(String, Arc<CacheService>)>) -> actix_web::Resource {
+    let caches = Arc::new(caches);
+    let report = move || {
+        let caches = caches.clone();
+        async move { health_report(&caches) }
+    };
+    web::resource("/healthz")
+        .route(web::get().to(report.clone()))
+        .route(web::head().to(report))
+}
+
+/// The health of `caches` (`(prefix, cache)`): `200` with `ok` on the first line when every
+/// store answers, else `503` with `degraded`; then one line per cache, `ok` or `degraded`,
+/// its prefix and store, and for a degraded one why, since when and when it is tried next.
+/// A degraded cache still serves (404s) and recovers by itself: the 503 is for alerting,
+/// not a reason to restart the process.
+fn health_report(caches: &[(String, Arc<CacheService>)]) -> HttpResponse {
+    use std::fmt::Write;
+    let mut lines = String::new();
+    let mut all_up = true;
+    for (prefix, svc) in caches {
+        match svc.health.condition() {
+            Condition::Unknown | Condition::Up => {
+                let _ = writeln!(lines, "ok {prefix}/ {}", svc.description);
+            }
+            Condition::Down {
+                reason,
+                since,
+                next_probe,
+            } => {
+                all_up = false;
+                let now = std::time::Instant::now();
+                let _ = writeln!(
+                    lines,
+                    "degraded {prefix}/ {}: {reason} (down for {}s, next check in {}s)",
+                    svc.description,
+                    now.duration_since(since).as_secs(),
+                    next_probe.saturating_duration_since(now).as_secs()
+                );
+            }
+        }
+    }
+    let (status, first) = if all_up {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "degraded")
+    };
+    HttpResponse::build(status)
+        .content_type("text/plain; charset=utf-8")
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+        .body(format!("{first}\n{lines}"))
 }
 
 const NARINFO_MAX_AGE: &str = "public, max-age=300";
@@ -284,11 +358,18 @@ async fn handle(
         Route::CacheInfo => HttpResponse::Ok()
             .content_type("text/x-nix-cache-info")
             .insert_header((header::CACHE_CONTROL, NARINFO_MAX_AGE))
-            .body(svc.cache_info.clone()),
-        Route::Health => text(StatusCode::OK, "ok\n"),
-        Route::Metrics => HttpResponse::Ok()
-            .content_type("text/plain; version=0.0.4; charset=utf-8")
-            .body(svc.metrics.render()),
+            .body(svc.cache_info_text()),
+        Route::Health => health_report(&[(root.to_owned(), ing.service.clone())]),
+        Route::Metrics => {
+            // The store's state is not a counter the metrics own; it is read when asked.
+            let up = u8::from(svc.health.down_reason().is_none());
+            HttpResponse::Ok()
+                .content_type("text/plain; version=0.0.4; charset=utf-8")
+                .body(format!(
+                    "{}# HELP nixcached_store_up Whether the store answers (0: degraded, see /healthz).\n# TYPE nixcached_store_up gauge\nnixcached_store_up {up}\n",
+                    svc.metrics.render()
+                ))
+        }
         Route::BadDigest => {
             tracing::debug!("refused {rel}: not a store-path digest");
             text(
@@ -331,6 +412,12 @@ fn learn(svc: &CacheService, served: &ServedNarInfo) {
 
 async fn narinfo(req: &HttpRequest, ing: &Ingress, digest: Digest, root: &str) -> HttpResponse {
     let svc = &*ing.service;
+    // What the lookup cache remembers is not handed out while the store is down: Nix would
+    // then ask for a NAR that cannot be fetched, and fail where a miss lets it build.
+    if let Some(reason) = svc.health.down_reason() {
+        let e = StoreError::Unavailable(format!("{} is down: {reason}", svc.description));
+        return respond(svc, Mode::Protocol, &format!("{digest}.narinfo"), e.into());
+    }
     // The name for the log is formatted only on failure: this is the hottest path.
     let looked_up = match ing.lookup.send(Lookup(digest)).await {
         Ok(Ok(s)) => Ok(s),

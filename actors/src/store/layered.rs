@@ -36,7 +36,8 @@ impl LayeredStore {
                 Err(e)
             }
             Err(e) => {
-                if !e.is_not_found() {
+                // A primary known to be down was said so once, when it went down.
+                if !e.is_not_found() && !matches!(e, StoreError::Unavailable(_)) {
                     tracing::warn!(
                         "{what} from {}: {e}; trying {}",
                         self.primary.describe(),
@@ -133,6 +134,10 @@ impl Store for LayeredStore {
 
     async fn prepare_for_upload(&self, store_dir: &StoreDir) -> Result<()> {
         self.primary.prepare_for_upload(store_dir).await
+    }
+
+    fn health(&self) -> Option<Arc<super::guarded::StoreHealth>> {
+        self.primary.health()
     }
 }
 

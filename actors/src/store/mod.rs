@@ -4,12 +4,14 @@
 //! ([`local::LocalStore`]), and binary caches ([`binary_cache::BinaryCache`]) over any
 //! [`blobs::Blobs`] backend such as a folder ([`file::FileBlobs`]), upstream HTTP caches
 //! ([`upstream::UpstreamStore`]), and one store in front of another ([`layered::LayeredStore`]).
+//! A served store sits behind [`guarded::GuardedStore`], which watches it for outages.
 //! [`url::StoreUrl`] turns the URLs users type into one of them.
 
 pub mod binary_cache;
 pub mod blobs;
 pub mod file;
 pub mod gcs;
+pub mod guarded;
 pub mod layered;
 pub mod local;
 pub mod memory;
@@ -148,6 +150,10 @@ pub enum StoreError {
     /// The store holds data that does not parse.
     #[error("corrupt data in the store: {0}")]
     Corrupt(String),
+    /// The store is known to be down (its last probe failed), so it was not asked; it is
+    /// probed in the background and asked again once it answers.
+    #[error("{0}; it is checked again every few seconds and used again once it answers")]
+    Unavailable(String),
     /// The backend failed (I/O, network, database).
     #[error("{context}: {source}")]
     Backend {
@@ -200,6 +206,7 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         match self {
             StoreError::Backend { transient, .. } => *transient,
+            StoreError::Unavailable(_) => true,
             StoreError::NotFound(_)
             | StoreError::Invalid(_)
             | StoreError::Unsupported(_)
@@ -279,6 +286,12 @@ pub trait Store: Send + Sync + 'static {
     /// writes its `nix-cache-info`, and refuses one made for another store directory).
     async fn prepare_for_upload(&self, _store_dir: &crate::formats::StoreDir) -> Result<()> {
         Ok(())
+    }
+
+    /// The watch on this store's availability when it is served behind a
+    /// [`guarded::GuardedStore`] (for a store in front of another, the front one's).
+    fn health(&self) -> Option<Arc<guarded::StoreHealth>> {
+        None
     }
 }
 

@@ -106,6 +106,7 @@ fn crumbs(root: &str, digest: &str, base: &str, path: &NarPath) -> Vec<Crumb> {
 /// `/<digest>/browse/<path>`: a directory's entries, or a file with its text inline.
 pub async fn browse(ing: &Ingress, root: &str, digest: &Digest, encoded: &str) -> HttpResponse {
     let svc = &*ing.service;
+    let store_dir = svc.store_dir();
     let (path, served, tree) = match object_tree(ing, root, digest, encoded).await {
         Ok(found) => found,
         Err(r) => return r,
@@ -152,14 +153,14 @@ pub async fn browse(ing: &Ingress, root: &str, digest: &Digest, encoded: &str) -
                     executable,
                     target_href: target
                         .as_deref()
-                        .and_then(|t| target_link(root, &svc.store_dir, digest, &path, t)),
+                        .and_then(|t| target_link(root, &store_dir, digest, &path, t)),
                     target: target.map(|t| String::from_utf8_lossy(&t).into_owned()),
                 });
             }
         }
         Node::Symlink { target } => {
             page.kind = "symlink";
-            page.target_href = target_link(root, &svc.store_dir, digest, &path.parent(), target);
+            page.target_href = target_link(root, &store_dir, digest, &path.parent(), target);
             page.target = Some(String::from_utf8_lossy(target).into_owned());
         }
         Node::Regular {

@@ -50,11 +50,12 @@ pub fn index(req: &HttpRequest, svc: &CacheService, root: &str) -> HttpResponse 
     let sort = SortBy::parse(&query_param(req, "sort").unwrap_or_default());
     let after = query_param(req, "after");
     let page = svc.catalog.page(&q, sort, after.as_deref(), PAGE_SIZE);
+    let (store_dir, cache_info) = (svc.store_dir(), svc.cache_info_text());
     let ctx = IndexPage {
         root,
         title: "Index",
-        store_dir: &svc.store_dir,
-        cache_info: std::str::from_utf8(&svc.cache_info).unwrap_or(""),
+        store_dir: &store_dir,
+        cache_info: &cache_info,
         next_href: page
             .next_after
             .as_deref()
