@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio::sync::Notify;
 
-use super::{Blob, ByteRange, ByteStream, Result, Store, StoreError};
+use super::{Blob, ByteRange, ByteStream, Result, Store, StoreError, Vouched};
 use crate::formats::{CacheInfo, Digest, NarInfo, StoreDir};
 
 /// Time between two probes of a store that answers.
@@ -321,6 +321,12 @@ impl Store for GuardedStore {
 
     async fn narinfo(&self, digest: &Digest) -> Result<NarInfo> {
         self.guard(self.inner.narinfo(digest)).await
+    }
+
+    async fn narinfo_vouched(&self, digest: &Digest) -> Result<Vouched<NarInfo>> {
+        // The wrapped store decides what this server vouches for (an upstream, or a layered
+        // store with one, vouches only for verified narinfos).
+        self.guard(self.inner.narinfo_vouched(digest)).await
     }
 
     async fn nar(&self, url: &str, range: Option<ByteRange>) -> Result<Blob> {

@@ -247,7 +247,8 @@ pub trait Store: Send + Sync + 'static {
     /// The narinfo, and whether this server may add its own signature to it. A store this
     /// server owns (a local store, a cache it uploads to) stands behind what it holds, which
     /// is the default; an upstream cache vouches only for narinfos a trusted key verified,
-    /// so a man in the middle never gets this server's signature.
+    /// so a man in the middle never gets this server's signature. A store that wraps
+    /// another must forward this, or it vouches for what the wrapped store would not.
     async fn narinfo_vouched(&self, digest: &Digest) -> Result<Vouched<NarInfo>> {
         Ok(Vouched {
             value: self.narinfo(digest).await?,
