@@ -156,7 +156,7 @@ fn get(d: &Daemon, rel: &str) -> (u16, String) {
 
 /// The daemon still answers, and browses a normal object.
 fn assert_alive(d: &Daemon, good: &str) {
-    let (code, body) = get(d, "health");
+    let (code, body) = get(d, "healthz");
     assert_eq!(code, 200, "the daemon died: {body}");
     let (code, body) = get(d, &format!("{good}/browse/"));
     assert_eq!(code, 200, "{body}");
@@ -298,15 +298,7 @@ fn oversized_narinfos_and_nar_bombs_are_errors_in_bounded_memory() {
     });
     let out = c.wait_with_output().unwrap();
     writer.join().unwrap();
-    let bomb = write_object(
-        &dir,
-        3,
-        "bomb",
-        &out.stdout,
-        &nix32_sha256(b""),
-        4096,
-        "",
-    );
+    let bomb = write_object(&dir, 3, "bomb", &out.stdout, &nix32_sha256(b""), 4096, "");
 
     let d = Daemon::start(&env, &["serve", &format!("file://{}", dir.display())]);
     let (code, _) = curl(&[&format!("{}/{big}.narinfo", d.url)]);
