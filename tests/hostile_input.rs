@@ -319,3 +319,55 @@ fn oversized_narinfos_and_nar_bombs_are_errors_in_bounded_memory() {
     let peak = d.peak_rss_kib();
     assert!(peak < 150 * 1024, "peak RSS {peak} KiB");
 }
+
+#[test]
+fn a_bzip2_build_log_of_600_mib_is_streamed_in_bounded_memory() {
+    let env = NixEnv::new();
+    // Any path initialises the chroot store and its log folder.
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), "x").unwrap();
+    env.add(&src);
+    let drv = format!("{}-bomb.drv", digest(7));
+    let dir = env
+        .store_root()
+        .join("nix/var/log/nix/drvs")
+        .join(&drv[..2]);
+    fs::create_dir_all(&dir).unwrap();
+    // A build that printed 600 MiB of zeros: Nix keeps it as a few KiB of bzip2.
+    const LOG: u64 = 600 << 20;
+    let out = fs::File::create(dir.join(format!("{}.bz2", &drv[2..]))).unwrap();
+    let mut c = Command::new("bzip2")
+        .args(["-c", "-1"])
+        .stdin(Stdio::piped())
+        .stdout(out)
+        .spawn()
+        .unwrap();
+    {
+        let mut stdin = c.stdin.take().unwrap();
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..LOG >> 20 {
+            stdin.write_all(&zeros).unwrap();
+        }
+    }
+    assert!(c.wait().unwrap().success());
+
+    let d = Daemon::start(&env, &["serve", &env.store_arg()]);
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_download}",
+        ])
+        .arg(format!("{}/log/{drv}", d.url))
+        .output()
+        .unwrap();
+    let got = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(got, format!("200 {LOG}"), "the whole log arrives");
+    let peak = d.peak_rss_kib();
+    assert!(peak < 150 * 1024, "peak RSS {peak} KiB");
+    let (code, _) = curl(&[&format!("{}/healthz", d.url)]);
+    assert_eq!(code, 200);
+}
