@@ -371,3 +371,43 @@ fn a_bzip2_build_log_of_600_mib_is_streamed_in_bounded_memory() {
     let (code, _) = curl(&[&format!("{}/healthz", d.url)]);
     assert_eq!(code, 200);
 }
+
+#[test]
+fn a_directory_of_50000_entries_is_listed_a_page_at_a_time() {
+    let env = NixEnv::new();
+    let dir = cache(&env);
+    let good = put(&dir, 1, "good", &hello_nar(), None);
+    let mut nar = Vec::new();
+    toks(&mut nar, &[b"nix-archive-1", b"(", b"type", b"directory"]);
+    for i in 0..50_000 {
+        let name = format!("f{i:06}");
+        toks(
+            &mut nar,
+            &[
+                b"entry",
+                b"(",
+                b"name",
+                name.as_bytes(),
+                b"node",
+                b"(",
+                b"type",
+                b"regular",
+                b"contents",
+                b"",
+                b")",
+                b")",
+            ],
+        );
+    }
+    tok(&mut nar, b")");
+    let wide = put(&dir, 2, "wide", &nar, None);
+    let d = Daemon::start(&env, &["serve", &format!("file://{}", dir.display())]);
+    let (code, body) = get(&d, &format!("{wide}/browse/"));
+    assert_eq!(code, 200);
+    assert!(body.contains("f009999"), "the first entries are listed");
+    assert!(!body.contains("f010000"), "the rest is not");
+    assert!(body.contains("40000 more entries"), "and the page says so");
+    let (code, body) = get(&d, &format!("{wide}/browse/f049999"));
+    assert_eq!(code, 200, "every entry can still be opened: {body}");
+    assert_alive(&d, &good);
+}
