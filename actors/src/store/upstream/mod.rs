@@ -387,7 +387,12 @@ impl Store for UpstreamStore {
             )
         })?;
         if resp.status() == StatusCode::PARTIAL_CONTENT {
-            let (s, e) = wanted.expect("a range was asked for");
+            // An upstream may answer 206 unasked; a panic here would take the worker down.
+            let Some((s, e)) = wanted else {
+                return Err(StoreError::Corrupt(format!(
+                    "{url}: the upstream answered 206 Partial Content to a request for the whole NAR"
+                )));
+            };
             return Ok(Blob {
                 stream: body(resp),
                 span: (s, e),
