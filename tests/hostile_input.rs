@@ -1,8 +1,9 @@
 //! Untrusted bytes from a cache cannot crash or exhaust the daemon: NARs nested far deeper
-//! than any store path, hostile `.ls` listings, oversized narinfos and NARs that decompress
-//! to more than their narinfo's `NarSize`. The cache is a `file://` folder written by hand,
-//! since no real Nix would write these; every check ends by asking for a normal object, which
-//! must still answer.
+//! than any store path, hostile `.ls` listings, oversized narinfos, NARs that decompress to
+//! more than their narinfo's `NarSize`, directories of tens of thousands of entries, and a
+//! bzip2 build log that decompresses to hundreds of MiB. The caches are `file://` folders
+//! written by hand, since no real Nix would write these; the checks end by asking for a
+//! normal object, which must still answer.
 
 mod common;
 
