@@ -61,16 +61,22 @@ fn mailbox(e: actix::MailboxError) -> StoreError {
     StoreError::backend("store actor", e.to_string())
 }
 
-/// Rough memory a tree takes, for the cache's bound.
-fn weight(node: &Node) -> u64 {
-    match node {
-        Node::Regular { .. } => 48,
-        Node::Symlink { target } => 48 + target.len() as u64,
-        Node::Directory { entries } => entries
-            .iter()
-            .map(|(k, v)| 48 + k.len() as u64 + weight(v))
-            .sum(),
+/// Rough memory a tree takes, for the cache's bound. Walks with its own stack, like every
+/// walk over a tree that came from a cache.
+fn weight(root: &Node) -> u64 {
+    let mut total = 0u64;
+    let mut todo = vec![root];
+    while let Some(node) = todo.pop() {
+        total = total.saturating_add(match node {
+            Node::Regular { .. } => 48,
+            Node::Symlink { target } => 48 + target.len() as u64,
+            Node::Directory { entries } => {
+                todo.extend(entries.values());
+                entries.keys().map(|k| 48 + k.len() as u64).sum()
+            }
+        });
     }
+    total
 }
 
 impl NarFiles {
@@ -93,22 +99,34 @@ impl NarFiles {
         let info = info.clone();
         self.trees
             .try_get_with(digest, async move {
-                match fetcher.send(FetchListing(digest)).await.map_err(mailbox)? {
-                    Ok(json) => {
-                        let listing = Listing::from_json(&json).map_err(|e| corrupt(&digest, e))?;
-                        // Offsets of 0 mean the listing lacks them (older writers).
-                        let ranged =
-                            info.compression == Compression::None && has_offsets(&listing.root);
+                let listing = match fetcher.send(FetchListing(digest)).await.map_err(mailbox)? {
+                    Ok(json) => Listing::from_json(&json).map_err(|e| {
+                        // The NAR is the truth; a broken or hostile listing only costs the
+                        // ranged reads.
+                        tracing::warn!("{digest}.ls: {e}; reading the NAR instead");
+                    }),
+                    Err(StoreError::NotFound(_)) => Err(()),
+                    Err(StoreError::Corrupt(e)) => {
+                        tracing::warn!("{digest}.ls: {e}; reading the NAR instead");
+                        Err(())
+                    }
+                    Err(e) => return Err(e),
+                };
+                match listing {
+                    Ok(listing) => {
+                        // Offsets of 0 mean the listing lacks them (older writers); offsets
+                        // past the NAR's end mean it does not describe this NAR.
+                        let ranged = info.compression == Compression::None
+                            && offsets_fit(&listing.root, info.nar_size);
                         Ok(Arc::new(ObjectTree { listing, ranged }))
                     }
-                    Err(StoreError::NotFound(_)) => {
+                    Err(()) => {
                         let listing = stream_listing(&fetcher, &info).await?;
                         Ok(Arc::new(ObjectTree {
                             listing,
                             ranged: false,
                         }))
                     }
-                    Err(e) => Err(e),
                 }
             })
             .await
@@ -141,13 +159,14 @@ impl NarFiles {
             });
         }
         if tree.ranged {
+            // `offsets_fit` checked the file lies inside the NAR, so these cannot overflow.
             let blob = self
                 .fetcher
                 .send(OpenNar {
                     url: info.url.clone(),
                     range: Some(ByteRange::span(
-                        nar_offset + span.0,
-                        Some(nar_offset + span.1),
+                        nar_offset.saturating_add(span.0),
+                        Some(nar_offset.saturating_add(span.1)),
                     )),
                 })
                 .await
@@ -175,12 +194,27 @@ pub fn lookup<'a>(root: &'a Node, path: &[u8]) -> Option<&'a Node> {
     Some(node)
 }
 
-fn has_offsets(node: &Node) -> bool {
-    match node {
-        Node::Regular { nar_offset, .. } => *nar_offset > 0,
-        Node::Symlink { .. } => true,
-        Node::Directory { entries } => entries.values().all(has_offsets),
+/// Whether every file of the tree has an offset and lies inside a NAR of `nar_size` bytes,
+/// so that ranged reads by the listing cannot run past the NAR or overflow.
+fn offsets_fit(root: &Node, nar_size: u64) -> bool {
+    let mut todo = vec![root];
+    while let Some(node) = todo.pop() {
+        match node {
+            Node::Regular {
+                nar_offset, size, ..
+            } => {
+                let inside = nar_offset
+                    .checked_add(*size)
+                    .is_some_and(|end| end <= nar_size);
+                if *nar_offset == 0 || !inside {
+                    return false;
+                }
+            }
+            Node::Symlink { .. } => {}
+            Node::Directory { entries } => todo.extend(entries.values()),
+        }
     }
+    true
 }
 
 /// The uncompressed NAR of `info` as a blocking reader, for the NAR reader on a blocking
@@ -207,7 +241,8 @@ async fn nar_reader(fetcher: &Addr<Fetcher>, info: &NarInfo) -> Result<BlockingN
 async fn stream_listing(fetcher: &Addr<Fetcher>, info: &NarInfo) -> Result<Listing, StoreError> {
     let reader = nar_reader(fetcher, info).await?;
     let what = info.store_path.to_string();
-    tokio::task::spawn_blocking(move || nar::read(reader, &mut ()))
+    let nar_size = info.nar_size;
+    tokio::task::spawn_blocking(move || nar::read_at_most(reader, &mut (), nar_size))
         .await
         .map_err(|e| StoreError::backend("NAR reader thread", e.to_string()))?
         .map_err(|e| corrupt(&what, e))
@@ -264,6 +299,7 @@ async fn stream_file(
     let reader = nar_reader(fetcher, info).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(IN_FLIGHT);
     let what = info.store_path.to_string();
+    let nar_size = info.nar_size;
     tokio::task::spawn_blocking(move || {
         let mut v = Extract {
             path,
@@ -271,7 +307,7 @@ async fn stream_file(
             tx: tx.clone(),
             done: false,
         };
-        let r = nar::read(reader, &mut v);
+        let r = nar::read_at_most(reader, &mut v, nar_size);
         if !v.done {
             let msg = match r {
                 Ok(_) => "the file was not in the NAR".to_owned(),

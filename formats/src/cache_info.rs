@@ -18,6 +18,9 @@ pub struct CacheInfo {
 /// Why a `nix-cache-info` was refused.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum CacheInfoError {
+    /// Longer than [`MAX_CACHE_INFO_BYTES`].
+    #[error("nix-cache-info is {0} bytes, more than the {MAX_CACHE_INFO_BYTES} a real one ever takes; check the cache's nix-cache-info file")]
+    TooLarge(usize),
     /// A line without `:`.
     #[error("nix-cache-info line {0} has no ':'; lines look like 'StoreDir: /nix/store'")]
     NoColon(usize),
@@ -29,9 +32,16 @@ pub enum CacheInfoError {
     BadStoreDir(#[from] StorePathError),
 }
 
+/// Longest `nix-cache-info` accepted, in bytes: real ones are three short lines.
+pub const MAX_CACHE_INFO_BYTES: usize = 64 << 10;
+
 impl CacheInfo {
-    /// Parses the file; unknown keys are ignored, as Nix does.
+    /// Parses the file (at most [`MAX_CACHE_INFO_BYTES`]); unknown keys are ignored, as Nix
+    /// does.
     pub fn parse(text: &str) -> Result<CacheInfo, CacheInfoError> {
+        if text.len() > MAX_CACHE_INFO_BYTES {
+            return Err(CacheInfoError::TooLarge(text.len()));
+        }
         let mut info = CacheInfo::default();
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
@@ -87,6 +97,14 @@ mod tests {
             "StoreDir: /nix/store\n"
         );
         assert!(CacheInfo::parse("garbage").is_err());
+        let huge = format!(
+            "StoreDir: /nix/store\n{}",
+            "\n".repeat(MAX_CACHE_INFO_BYTES)
+        );
+        assert!(matches!(
+            CacheInfo::parse(&huge),
+            Err(CacheInfoError::TooLarge(_))
+        ));
         assert!(CacheInfo::parse("Priority: x").is_err());
         assert!(CacheInfo::parse("StoreDir: relative").is_err());
     }

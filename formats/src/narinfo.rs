@@ -52,6 +52,9 @@ pub struct NarInfo {
 /// Why a narinfo was refused.
 #[derive(Debug, Error)]
 pub enum NarInfoError {
+    /// Longer than [`MAX_NARINFO_BYTES`].
+    #[error("narinfo is {0} bytes, more than the {MAX_NARINFO_BYTES} a real one ever takes; the cache holds a corrupt or hostile narinfo")]
+    TooLarge(usize),
     /// A line without `: `.
     #[error("narinfo line {0} is not 'Key: value'")]
     BadLine(usize),
@@ -96,9 +99,19 @@ pub enum NarInfoError {
     Inconsistent,
 }
 
+/// Longest narinfo accepted, in bytes.
+///
+/// A narinfo is a dozen short lines plus one line of references: even a path with thousands
+/// of references (a system closure's root) stays near 100 KiB, so 1 MiB is never reached by
+/// a real one and bounds what a hostile cache can make a reader hold.
+pub const MAX_NARINFO_BYTES: usize = 1 << 20;
+
 impl NarInfo {
-    /// Parses narinfo text.
+    /// Parses narinfo text (at most [`MAX_NARINFO_BYTES`]).
     pub fn parse(text: &str) -> Result<NarInfo, NarInfoError> {
+        if text.len() > MAX_NARINFO_BYTES {
+            return Err(NarInfoError::TooLarge(text.len()));
+        }
         let mut store: Option<(StoreDir, StorePath)> = None;
         let mut url = None;
         let mut compression = None;
@@ -338,6 +351,19 @@ CA: fixed:r:sha256:1vn8cv29b1lzdb1pfpx4klpf2xja1iq8jbrvfk82f2ms1gc0gz4y
         assert_eq!(n.compression, Compression::Bzip2);
         assert_eq!(n.extra, vec![("Foo".to_string(), "bar".to_string())]);
         assert!(n.render().contains("Foo: bar\n"));
+    }
+
+    #[test]
+    fn size_is_bounded() {
+        let pad = MAX_NARINFO_BYTES - NIX_WRITTEN.len() - "X: \n".len();
+        let at_bound = format!("{NIX_WRITTEN}X: {}\n", "a".repeat(pad));
+        assert_eq!(at_bound.len(), MAX_NARINFO_BYTES);
+        assert!(NarInfo::parse(&at_bound).is_ok());
+        let over = format!("{at_bound}Y: b\n");
+        assert!(matches!(
+            NarInfo::parse(&over),
+            Err(NarInfoError::TooLarge(_))
+        ));
     }
 
     #[test]

@@ -157,9 +157,18 @@ pub fn respond(svc: &CacheService, mode: Mode<'_>, what: &str, failure: Failure)
                 "The store did not answer in time. Try again in a moment; the server log has the cause.",
             )
         }
+        (Mode::Html { root, .. }, e @ StoreError::Corrupt(_)) => {
+            tracing::warn!("{what}: {e}");
+            explorer::error_page(
+                svc,
+                root,
+                StatusCode::BAD_GATEWAY,
+                "The store holds this object in a corrupt or malformed form (too large, too deep, or not what its narinfo says), so it cannot be shown. The server log says what is wrong; whoever runs the cache should replace the object.",
+            )
+        }
         (
             Mode::Html { root, .. },
-            e @ (StoreError::Unsupported(_) | StoreError::Corrupt(_) | StoreError::Backend { .. }),
+            e @ (StoreError::Unsupported(_) | StoreError::Backend { .. }),
         ) => {
             tracing::warn!("{what}: {e}");
             explorer::error_page(

@@ -8,7 +8,10 @@ use bytes::Bytes;
 
 use super::blobs::{check_key, Blobs};
 use super::{Blob, ByteRange, ByteStream, Result, Store, StoreError};
+use crate::formats::cache_info::MAX_CACHE_INFO_BYTES;
 use crate::formats::compression::Compression;
+use crate::formats::nar::MAX_LISTING_BYTES;
+use crate::formats::narinfo::MAX_NARINFO_BYTES;
 use crate::formats::{CacheInfo, Digest, NarInfo, StoreDir};
 
 /// The key of `nix-cache-info`.
@@ -47,14 +50,14 @@ impl BinaryCache {
         &self.blobs
     }
 
-    async fn small(&self, key: &str) -> Result<String> {
+    /// Reads a small text object whole, refusing one longer than `max` bytes.
+    async fn small(&self, key: &str, max: usize) -> Result<String> {
         let bytes = self
             .blobs
             .get(key, None)
             .await?
-            .into_bytes()
-            .await
-            .map_err(|e| StoreError::backend(format!("reading {key}"), e))?;
+            .into_bytes_capped(max, key)
+            .await?;
         String::from_utf8(bytes)
             .map_err(|_| StoreError::Corrupt(format!("{key} is not UTF-8 text")))
     }
@@ -62,7 +65,7 @@ impl BinaryCache {
     /// Writes `nix-cache-info` for `store_dir` when the cache has none; refuses a cache that
     /// belongs to another store directory, whose paths could never be substituted here.
     pub async fn ensure_cache_info(&self, store_dir: &StoreDir) -> Result<CacheInfo> {
-        match self.small(CACHE_INFO_KEY).await {
+        match self.small(CACHE_INFO_KEY, MAX_CACHE_INFO_BYTES).await {
             Ok(text) => {
                 let info =
                     CacheInfo::parse(&text).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -98,7 +101,7 @@ impl Store for BinaryCache {
     }
 
     async fn cache_info(&self) -> Result<CacheInfo> {
-        match self.small(CACHE_INFO_KEY).await {
+        match self.small(CACHE_INFO_KEY, MAX_CACHE_INFO_BYTES).await {
             Ok(text) => CacheInfo::parse(&text).map_err(|e| StoreError::Corrupt(e.to_string())),
             // A cache without the file is still usable; Nix assumes the default store.
             Err(StoreError::NotFound(_)) => Ok(CacheInfo::default()),
@@ -108,7 +111,7 @@ impl Store for BinaryCache {
 
     async fn narinfo(&self, digest: &Digest) -> Result<NarInfo> {
         let key = format!("{digest}.narinfo");
-        let text = self.small(&key).await?;
+        let text = self.small(&key, MAX_NARINFO_BYTES).await?;
         let info = NarInfo::parse(&text).map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))?;
         if info.store_path.digest() != digest {
             return Err(StoreError::Corrupt(format!(
@@ -125,7 +128,7 @@ impl Store for BinaryCache {
     }
 
     async fn listing(&self, digest: &Digest) -> Result<String> {
-        self.small(&format!("{digest}.ls")).await
+        self.small(&format!("{digest}.ls"), MAX_LISTING_BYTES).await
     }
 
     async fn log(&self, drv: &str) -> Result<Blob> {

@@ -305,16 +305,6 @@ impl LocalStore {
     }
 }
 
-/// Reads a whole small file into a one-chunk blob.
-fn file_blob(bytes: Vec<u8>) -> Blob {
-    let total = bytes.len() as u64;
-    Blob {
-        stream: Box::pin(futures::stream::once(async move { Ok(bytes.into()) })),
-        span: (0, total),
-        total,
-    }
-}
-
 /// A local store is used through `Arc` so that blocking database work can own a handle.
 #[async_trait]
 impl Store for Arc<LocalStore> {
@@ -380,21 +370,54 @@ impl Store for Arc<LocalStore> {
         let base = p.to_string();
         let dir = self.layout.log_dir.join("drvs").join(&base[..2]);
         let plain = dir.join(&base[2..]);
-        if let Ok(bytes) = tokio::fs::read(&plain).await {
-            return Ok(file_blob(bytes));
+        // Logs are streamed from disk, never read whole: a build can print gigabytes, and
+        // Nix compresses them to a few KiB of bzip2.
+        if let Ok(f) = tokio::fs::File::open(&plain).await {
+            let total = f
+                .metadata()
+                .await
+                .map_err(|e| StoreError::backend(format!("reading log/{drv}"), e))?
+                .len();
+            return Ok(Blob {
+                stream: Box::pin(tokio_util::io::ReaderStream::new(f)),
+                span: (0, total),
+                total,
+            });
         }
         let bz = dir.join(format!("{}.bz2", &base[2..]));
-        let compressed = tokio::fs::read(&bz)
+        let compressed = tokio::fs::File::open(&bz)
             .await
             .map_err(|_| StoreError::NotFound(format!("log/{drv}")))?;
-        let mut out = Vec::new();
-        use tokio::io::AsyncReadExt;
-        Compression::Bzip2
-            .decoder(&compressed[..])
-            .read_to_end(&mut out)
+        // The response needs its length first: decompress into an anonymous temporary file
+        // (gone when closed), at most MAX_LOG_BYTES of it.
+        let spool = tokio::task::spawn_blocking(tempfile::tempfile)
+            .await
+            .map_err(|e| StoreError::backend("log spool task", e))?
+            .map_err(|e| StoreError::backend(format!("spooling log/{drv}"), e))?;
+        let mut spool = tokio::fs::File::from_std(spool);
+        use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+        let mut decoder = Compression::Bzip2
+            .decoder(tokio::io::BufReader::new(compressed))
+            .take(super::MAX_LOG_BYTES + 1);
+        let total = tokio::io::copy(&mut decoder, &mut spool)
             .await
             .map_err(|e| StoreError::Corrupt(format!("log of {drv}: {e}")))?;
-        Ok(file_blob(out))
+        if total > super::MAX_LOG_BYTES {
+            return Err(StoreError::Corrupt(format!(
+                "log of {drv} decompresses to more than {} bytes; it is not served",
+                super::MAX_LOG_BYTES
+            )));
+        }
+        spool
+            .flush()
+            .await
+            .and(spool.rewind().await)
+            .map_err(|e| StoreError::backend(format!("spooling log/{drv}"), e))?;
+        Ok(Blob {
+            stream: Box::pin(tokio_util::io::ReaderStream::new(spool)),
+            span: (0, total),
+            total,
+        })
     }
 
     async fn list(&self) -> Result<Vec<Digest>> {

@@ -32,6 +32,14 @@ use thiserror::Error;
 
 use crate::formats::{CacheInfo, Digest, NarInfo};
 
+/// Largest build log served, in bytes (decompressed).
+///
+/// Logs are streamed or spooled to a temporary file, never held in memory, so this bounds
+/// the disk one request can take: a build can print without limit and Nix stores its log as
+/// bzip2, which shrinks gigabytes of repeated output to kilobytes. Real logs stay far below
+/// 1 GiB (the largest, of browser builds, are some hundreds of MiB).
+pub const MAX_LOG_BYTES: u64 = 1 << 30;
+
 /// Bytes that arrive in chunks; NARs of any size travel like this, never as one buffer.
 pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
 
@@ -112,7 +120,31 @@ impl Blob {
         }
     }
 
-    /// Reads the whole blob into memory; for small objects (narinfos, listings) only.
+    /// Reads a small object (narinfo, listing, nix-cache-info) whole, refusing one longer
+    /// than `max` bytes as [`StoreError::Corrupt`]: by its announced size before reading,
+    /// and as it arrives, so a hostile object costs at most `max` bytes of memory.
+    pub async fn into_bytes_capped(mut self, max: usize, what: &str) -> Result<Vec<u8>> {
+        let too_large = || {
+            StoreError::Corrupt(format!(
+                "{what} is larger than the {max} bytes a real one ever takes; the store holds a corrupt or hostile object, remove or replace it"
+            ))
+        };
+        if self.span.1.saturating_sub(self.span.0) > max as u64 {
+            return Err(too_large());
+        }
+        let mut out = Vec::new();
+        while let Some(chunk) = self.stream.next().await {
+            let chunk = chunk.map_err(|e| StoreError::backend(format!("reading {what}"), e))?;
+            if out.len() + chunk.len() > max {
+                return Err(too_large());
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out)
+    }
+
+    /// Reads the whole blob into memory, however large; for tests and objects already
+    /// known to be small.
     pub async fn into_bytes(mut self) -> io::Result<Vec<u8>> {
         let mut out = Vec::new();
         while let Some(chunk) = self.stream.next().await {

@@ -6,9 +6,10 @@ use std::io::{self, Read};
 use thiserror::Error;
 
 use super::listing::{Listing, Node};
-use super::{padding, MAGIC};
+use super::{bad_name, padding, MAGIC, MAX_DEPTH, MAX_NODES, MAX_TARGET};
 
-/// Longest token other than file contents that the reader accepts (names, link targets).
+/// Longest token other than file contents that the reader accepts: the longest symlink
+/// target ([`MAX_TARGET`]) with room to spare; names are checked against [`MAX_NAME`](super::MAX_NAME) after.
 const MAX_TOKEN: u64 = 4096;
 
 /// Why a byte stream is not a valid NAR.
@@ -27,7 +28,7 @@ pub enum NarError {
         /// What was there (lossy).
         found: String,
     },
-    /// A directory entry name that could escape or is out of order.
+    /// A directory entry name that could escape, is too long or is out of order.
     #[error("malformed NAR at byte {offset}: bad entry name {name:?} ({why})")]
     BadName {
         /// Byte offset.
@@ -40,6 +41,22 @@ pub enum NarError {
     /// Non-zero padding or an absurd length.
     #[error("malformed NAR at byte {0}: corrupt padding or length")]
     Corrupt(u64),
+    /// Directories nested deeper than [`MAX_DEPTH`].
+    #[error(
+        "refusing NAR: directories nested deeper than {MAX_DEPTH} levels at byte {0}; no real store path is that deep"
+    )]
+    TooDeep(u64),
+    /// More than [`MAX_NODES`] files, directories and symlinks.
+    #[error("refusing NAR: more than {MAX_NODES} entries at byte {0}")]
+    TooManyNodes(u64),
+    /// A symlink target longer than [`MAX_TARGET`].
+    #[error("malformed NAR at byte {0}: symlink target longer than {MAX_TARGET} bytes")]
+    TargetTooLong(u64),
+    /// The archive runs past the size its narinfo gives (`NarSize`).
+    #[error(
+        "NAR is longer than its NarSize of {0} bytes; the cache holds a corrupt or hostile NAR"
+    )]
+    TooLong(u64),
 }
 
 /// Receives the contents of a NAR as it is read.
@@ -71,24 +88,40 @@ impl NarVisitor for () {}
 struct Tokens<R> {
     r: R,
     offset: u64,
+    /// The most bytes the archive may take (its `NarSize`).
+    max: u64,
 }
 
 impl<R: Read> Tokens<R> {
+    /// Accounts for `n` more bytes, before they are read: a length that would run past the
+    /// end the narinfo gives is refused without reading (or decompressing) a byte of it.
+    fn advance(&mut self, n: u64) -> Result<(), NarError> {
+        match self.offset.checked_add(n) {
+            Some(end) if end <= self.max => {
+                self.offset = end;
+                Ok(())
+            }
+            Some(_) => Err(NarError::TooLong(self.max)),
+            None => Err(NarError::Corrupt(self.offset)),
+        }
+    }
+
     fn u64(&mut self) -> Result<u64, NarError> {
         let mut b = [0u8; 8];
+        self.advance(8)?;
         self.r.read_exact(&mut b)?;
-        self.offset += 8;
         Ok(u64::from_le_bytes(b))
     }
 
     fn skip_padding(&mut self, n: u64) -> Result<(), NarError> {
-        let p = padding(n) as usize;
+        let p = padding(n);
+        let at = self.offset;
+        self.advance(p)?;
         let mut b = [0u8; 8];
-        self.r.read_exact(&mut b[..p])?;
-        if b[..p].iter().any(|&x| x != 0) {
-            return Err(NarError::Corrupt(self.offset));
+        self.r.read_exact(&mut b[..p as usize])?;
+        if b[..p as usize].iter().any(|&x| x != 0) {
+            return Err(NarError::Corrupt(at));
         }
-        self.offset += p as u64;
         Ok(())
     }
 
@@ -98,9 +131,9 @@ impl<R: Read> Tokens<R> {
         if n > MAX_TOKEN {
             return Err(NarError::Corrupt(at));
         }
+        self.advance(n)?;
         let mut v = vec![0u8; n as usize];
         self.r.read_exact(&mut v)?;
-        self.offset += n;
         self.skip_padding(n)?;
         Ok(v)
     }
@@ -120,19 +153,144 @@ impl<R: Read> Tokens<R> {
 }
 
 /// Reads and validates a whole NAR, handing its contents to `visitor`; returns the listing.
+///
+/// Bounded whatever the input: directories nest at most [`MAX_DEPTH`] deep, at most
+/// [`MAX_NODES`] nodes, names and targets as Nix allows them. The reader keeps its own stack,
+/// so no input can overflow the thread's.
 pub fn read<R: Read, V: NarVisitor + ?Sized>(r: R, visitor: &mut V) -> Result<Listing, NarError> {
-    let mut t = Tokens { r, offset: 0 };
-    t.expect(MAGIC)?;
-    let mut path = Vec::new();
-    let root = node(&mut t, visitor, &mut path)?;
-    Ok(Listing { root })
+    read_at_most(r, visitor, u64::MAX)
 }
 
-fn node<R: Read, V: NarVisitor + ?Sized>(
+/// [`read`], refusing an archive longer than `nar_size` bytes (the narinfo's `NarSize`) as
+/// soon as a length in it says so: a small compressed NAR cannot make the reader decompress
+/// gigabytes its narinfo never announced.
+pub fn read_at_most<R: Read, V: NarVisitor + ?Sized>(
+    r: R,
+    visitor: &mut V,
+    nar_size: u64,
+) -> Result<Listing, NarError> {
+    read_limited(r, visitor, nar_size, MAX_NODES)
+}
+
+/// The reader, with the node bound a parameter so that tests can reach it cheaply.
+fn read_limited<R: Read, V: NarVisitor + ?Sized>(
+    r: R,
+    visitor: &mut V,
+    nar_size: u64,
+    max_nodes: u64,
+) -> Result<Listing, NarError> {
+    let mut t = Tokens {
+        r,
+        offset: 0,
+        max: nar_size,
+    };
+    t.expect(MAGIC)?;
+    let mut path = Vec::new();
+    let mut open: Vec<OpenDir> = Vec::new();
+    let mut nodes = 0u64;
+    loop {
+        // At the start of a node (the root, or the one after an entry's "node").
+        nodes += 1;
+        if nodes > max_nodes {
+            return Err(NarError::TooManyNodes(t.offset));
+        }
+        let mut done = match start_node(&mut t, visitor, &path)? {
+            Started::Leaf(node) => Some(node),
+            Started::Directory => {
+                if open.len() >= MAX_DEPTH {
+                    return Err(NarError::TooDeep(t.offset));
+                }
+                open.push(OpenDir {
+                    entries: BTreeMap::new(),
+                    name: Vec::new(),
+                    path_len: path.len(),
+                });
+                None
+            }
+        };
+        // Finish nodes and directories until an entry opens the next node.
+        loop {
+            if let Some(node) = done.take() {
+                let Some(dir) = open.last_mut() else {
+                    return Ok(Listing { root: node });
+                };
+                t.expect(")")?;
+                path.truncate(dir.path_len);
+                let name = std::mem::take(&mut dir.name);
+                dir.entries.insert(name, node);
+            }
+            let dir = open.last_mut().expect("an open directory");
+            let at = t.offset;
+            let tag = t.bytes()?;
+            match &tag[..] {
+                b")" => {
+                    let dir = open.pop().expect("an open directory");
+                    done = Some(Node::Directory {
+                        entries: dir.entries,
+                    });
+                }
+                b"entry" => {
+                    t.expect("(")?;
+                    t.expect("name")?;
+                    let at = t.offset;
+                    let name = t.bytes()?;
+                    let bad = |why| NarError::BadName {
+                        offset: at,
+                        name: String::from_utf8_lossy(&name).into(),
+                        why,
+                    };
+                    if let Some(why) = bad_name(&name) {
+                        return Err(bad(why));
+                    }
+                    if dir
+                        .entries
+                        .last_key_value()
+                        .is_some_and(|(l, _)| *l >= name)
+                    {
+                        return Err(bad("entries not sorted or duplicated"));
+                    }
+                    t.expect("node")?;
+                    if !path.is_empty() {
+                        path.push(b'/');
+                    }
+                    path.extend_from_slice(&name);
+                    dir.name = name;
+                    break;
+                }
+                _ => {
+                    return Err(NarError::Unexpected {
+                        offset: at,
+                        expected: "entry or )",
+                        found: String::from_utf8_lossy(&tag).into(),
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// A directory whose entries are still being read.
+struct OpenDir {
+    entries: BTreeMap<Vec<u8>, Node>,
+    /// The name of the entry being read.
+    name: Vec<u8>,
+    /// The length of the directory's own path, to cut back to after each entry.
+    path_len: usize,
+}
+
+enum Started {
+    /// A file or symlink, read to its closing `)`.
+    Leaf(Node),
+    /// A directory, whose entries follow.
+    Directory,
+}
+
+/// Reads a node's header; a file or symlink whole, a directory up to its first entry.
+fn start_node<R: Read, V: NarVisitor + ?Sized>(
     t: &mut Tokens<R>,
     v: &mut V,
-    path: &mut Vec<u8>,
-) -> Result<Node, NarError> {
+    path: &[u8],
+) -> Result<Started, NarError> {
     t.expect("(")?;
     t.expect("type")?;
     let at = t.offset;
@@ -140,7 +298,11 @@ fn node<R: Read, V: NarVisitor + ?Sized>(
     let node = match &ty[..] {
         b"symlink" => {
             t.expect("target")?;
+            let at = t.offset;
             let target = t.bytes()?;
+            if target.len() > MAX_TARGET {
+                return Err(NarError::TargetTooLong(at));
+            }
             v.symlink(path, &target)?;
             Node::Symlink { target }
         }
@@ -162,13 +324,13 @@ fn node<R: Read, V: NarVisitor + ?Sized>(
             }
             let size = t.u64()?;
             let nar_offset = t.offset;
+            t.advance(size)?;
             let mut contents = (&mut t.r).take(size);
             v.file(path, executable, size, &mut contents)?;
             io::copy(&mut contents, &mut io::sink())?;
             if contents.limit() != 0 {
                 return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
             }
-            t.offset += size;
             t.skip_padding(size)?;
             Node::Regular {
                 size,
@@ -178,52 +340,7 @@ fn node<R: Read, V: NarVisitor + ?Sized>(
         }
         b"directory" => {
             v.directory(path)?;
-            let mut entries = BTreeMap::new();
-            let mut last: Option<Vec<u8>> = None;
-            loop {
-                let at = t.offset;
-                let tag = t.bytes()?;
-                match &tag[..] {
-                    b")" => return Ok(Node::Directory { entries }),
-                    b"entry" => {}
-                    _ => {
-                        return Err(NarError::Unexpected {
-                            offset: at,
-                            expected: "entry or )",
-                            found: String::from_utf8_lossy(&tag).into(),
-                        })
-                    }
-                }
-                t.expect("(")?;
-                t.expect("name")?;
-                let at = t.offset;
-                let name = t.bytes()?;
-                let bad = |why| NarError::BadName {
-                    offset: at,
-                    name: String::from_utf8_lossy(&name).into(),
-                    why,
-                };
-                if name.is_empty() || name == b"." || name == b".." {
-                    return Err(bad("reserved name"));
-                }
-                if name.contains(&b'/') || name.contains(&0) {
-                    return Err(bad("contains '/' or NUL"));
-                }
-                if last.as_ref().is_some_and(|l| *l >= name) {
-                    return Err(bad("entries not sorted or duplicated"));
-                }
-                t.expect("node")?;
-                let len = path.len();
-                if !path.is_empty() {
-                    path.push(b'/');
-                }
-                path.extend_from_slice(&name);
-                let child = node(t, v, path)?;
-                path.truncate(len);
-                t.expect(")")?;
-                last = Some(name.clone());
-                entries.insert(name, child);
-            }
+            return Ok(Started::Directory);
         }
         _ => {
             return Err(NarError::Unexpected {
@@ -234,12 +351,12 @@ fn node<R: Read, V: NarVisitor + ?Sized>(
         }
     };
     t.expect(")")?;
-    Ok(node)
+    Ok(Started::Leaf(node))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::dump;
+    use super::super::{dump, MAX_NAME};
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
@@ -300,17 +417,216 @@ mod tests {
         assert!(read(&bad[..], &mut ()).is_err());
     }
 
+    fn s(out: &mut Vec<u8>, b: &[u8]) {
+        out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+        out.extend_from_slice(b);
+        out.extend(std::iter::repeat_n(
+            0,
+            super::super::padding(b.len() as u64) as usize,
+        ));
+    }
+
+    fn toks(out: &mut Vec<u8>, all: &[&[u8]]) {
+        for t in all {
+            s(out, t);
+        }
+    }
+
+    /// `depth` directories, each holding the next as `d`, built without recursion.
+    fn deep(depth: usize) -> Vec<u8> {
+        let mut n = Vec::new();
+        s(&mut n, b"nix-archive-1");
+        for _ in 0..depth - 1 {
+            toks(
+                &mut n,
+                &[
+                    b"(",
+                    b"type",
+                    b"directory",
+                    b"entry",
+                    b"(",
+                    b"name",
+                    b"d",
+                    b"node",
+                ],
+            );
+        }
+        toks(&mut n, &[b"(", b"type", b"directory", b")"]);
+        for _ in 0..depth - 1 {
+            toks(&mut n, &[b")", b")"]);
+        }
+        n
+    }
+
+    /// A directory of `n` empty files.
+    fn wide(n: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        toks(&mut out, &[b"nix-archive-1", b"(", b"type", b"directory"]);
+        for i in 0..n {
+            let name = format!("{i:08}");
+            toks(
+                &mut out,
+                &[
+                    b"entry",
+                    b"(",
+                    b"name",
+                    name.as_bytes(),
+                    b"node",
+                    b"(",
+                    b"type",
+                    b"regular",
+                    b"contents",
+                    b"",
+                    b")",
+                    b")",
+                ],
+            );
+        }
+        s(&mut out, b")");
+        out
+    }
+
+    /// A root symlink to `target`.
+    fn link(target: &[u8]) -> Vec<u8> {
+        let mut n = Vec::new();
+        toks(
+            &mut n,
+            &[
+                b"nix-archive-1",
+                b"(",
+                b"type",
+                b"symlink",
+                b"target",
+                target,
+                b")",
+            ],
+        );
+        n
+    }
+
+    /// A root file announcing `size` bytes followed by `body`.
+    fn file_of(size: u64, body: &[u8]) -> Vec<u8> {
+        let mut n = Vec::new();
+        toks(
+            &mut n,
+            &[b"nix-archive-1", b"(", b"type", b"regular", b"contents"],
+        );
+        n.extend_from_slice(&size.to_le_bytes());
+        n.extend_from_slice(body);
+        n
+    }
+
+    #[test]
+    fn depth_is_bounded_without_recursion() {
+        let l = read(&deep(MAX_DEPTH)[..], &mut ()).unwrap();
+        let path = vec!["d"; MAX_DEPTH - 1].join("/");
+        assert!(l.root.lookup(&path).is_some());
+        // The deepest accepted listing renders, parses, compares and drops within half a
+        // thread's default stack.
+        std::thread::Builder::new()
+            .stack_size(1024 * 1024)
+            .spawn(move || {
+                let json = l.to_json();
+                assert_eq!(Listing::from_json(&json).unwrap(), l);
+                drop(l);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert!(matches!(
+            read(&deep(MAX_DEPTH + 1)[..], &mut ()),
+            Err(NarError::TooDeep(_))
+        ));
+        // Far deeper than any stack could recurse: refused, on a small stack too.
+        std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(|| {
+                let e = read(&deep(100_000)[..], &mut ()).unwrap_err();
+                assert!(matches!(e, NarError::TooDeep(_)), "{e}");
+                assert!(e.to_string().contains("deeper than 256"), "{e}");
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    #[test]
+    fn names_targets_and_node_counts_are_bounded() {
+        for (len, ok) in [(MAX_NAME, true), (MAX_NAME + 1, false)] {
+            let name = vec![b'n'; len];
+            let mut n = Vec::new();
+            toks(
+                &mut n,
+                &[
+                    b"nix-archive-1",
+                    b"(",
+                    b"type",
+                    b"directory",
+                    b"entry",
+                    b"(",
+                    b"name",
+                    &name,
+                    b"node",
+                    b"(",
+                    b"type",
+                    b"directory",
+                    b")",
+                    b")",
+                    b")",
+                ],
+            );
+            let r = read(&n[..], &mut ());
+            assert_eq!(r.is_ok(), ok, "name of {len} bytes: {r:?}");
+            if !ok {
+                assert!(matches!(r, Err(NarError::BadName { .. })));
+            }
+        }
+        assert!(read(&link(&vec![b'x'; MAX_TARGET])[..], &mut ()).is_ok());
+        assert!(matches!(
+            read(&link(&vec![b'x'; MAX_TARGET + 1])[..], &mut ()),
+            Err(NarError::TargetTooLong(_))
+        ));
+        // The root directory and 99 files are 100 nodes.
+        assert!(read_limited(&wide(99)[..], &mut (), u64::MAX, 100).is_ok());
+        assert!(matches!(
+            read_limited(&wide(100)[..], &mut (), u64::MAX, 100),
+            Err(NarError::TooManyNodes(_))
+        ));
+    }
+
+    #[test]
+    fn sizes_are_checked_before_reading() {
+        // A file announcing more than the narinfo's NarSize is refused at its header.
+        let e = read_at_most(&file_of(1 << 40, b"")[..], &mut (), 4096).unwrap_err();
+        assert!(matches!(e, NarError::TooLong(4096)), "{e}");
+        assert!(e.to_string().contains("NarSize"), "{e}");
+        // A size near u64::MAX overflows the offset: refused, no panic.
+        for size in [u64::MAX, u64::MAX - 7, u64::MAX - 100] {
+            assert!(read(&file_of(size, b"abc")[..], &mut ()).is_err());
+        }
+        // Truncated contents.
+        assert!(matches!(
+            read(&file_of(100, b"abc")[..], &mut ()),
+            Err(NarError::Io(_))
+        ));
+        // A token length beyond any name or target.
+        let mut n = Vec::new();
+        s(&mut n, b"nix-archive-1");
+        n.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(read(&n[..], &mut ()), Err(NarError::Corrupt(_))));
+        // The exact size passes; a byte less does not.
+        let whole = link(b"x");
+        let len = whole.len() as u64;
+        assert!(read_at_most(&whole[..], &mut (), len).is_ok());
+        assert!(matches!(
+            read_at_most(&whole[..], &mut (), len - 1),
+            Err(NarError::TooLong(_))
+        ));
+    }
+
     #[test]
     fn reader_rejects_traversal_names() {
-        fn s(out: &mut Vec<u8>, b: &[u8]) {
-            out.extend_from_slice(&(b.len() as u64).to_le_bytes());
-            out.extend_from_slice(b);
-            out.extend(std::iter::repeat_n(
-                0,
-                super::super::padding(b.len() as u64) as usize,
-            ));
-        }
-        for name in [&b".."[..], b"a/b", b"", b"."] {
+        for name in [&b".."[..], b"a/b", b"", b".", b"a\0b"] {
             let mut n = Vec::new();
             for tok in [
                 &b"nix-archive-1"[..],

@@ -13,6 +13,12 @@ use crate::http::Ingress;
 use crate::nar_files::read_prefix;
 use crate::store::StoreError;
 
+/// Most entries listed on one directory page. Real directories stay below this (the biggest,
+/// such as icon themes or man page sections, hold a few thousand); a hostile NAR may hold
+/// up to a million entries in one directory, and a page with a row for each would take
+/// hundreds of MiB to render.
+const MAX_ROWS: usize = 10_000;
+
 /// One step of the path from the object to the entry shown.
 #[derive(Clone, Serialize)]
 pub(super) struct Crumb {
@@ -55,6 +61,8 @@ pub(super) struct BrowsePage<'a> {
     pub(super) crumbs: Vec<Crumb>,
     pub(super) kind: &'static str,
     pub(super) entries: Vec<EntryRow>,
+    /// Says how many entries of a huge directory are left out, if any.
+    pub(super) more: Option<String>,
     pub(super) file: Option<FileView>,
     pub(super) target: Option<String>,
     pub(super) target_href: Option<String>,
@@ -129,13 +137,20 @@ pub async fn browse(ing: &Ingress, root: &str, digest: &Digest, encoded: &str) -
         base,
         kind: "directory",
         entries: Vec::new(),
+        more: None,
         file: None,
         target: None,
         target_href: None,
     };
     match node {
         Node::Directory { entries } => {
-            for (name, child) in entries {
+            if entries.len() > MAX_ROWS {
+                page.more = Some(format!(
+                    "{} more entries are not shown: a page lists the first {MAX_ROWS}. Download the NAR from the object page to see them all.",
+                    entries.len() - MAX_ROWS
+                ));
+            }
+            for (name, child) in entries.iter().take(MAX_ROWS) {
                 let p = path.join(name);
                 let href = format!("{root}/{digest}/browse/{}", p.encoded());
                 let (kind, size, executable, target) = match child {
@@ -167,10 +182,12 @@ pub async fn browse(ing: &Ingress, root: &str, digest: &Digest, encoded: &str) -
             size, executable, ..
         } => {
             page.kind = "file";
-            let window = crate::store::ByteRange::span(0, Some(INLINE_LIMIT as u64));
+            // No window for an empty file: any range of it is unsatisfiable (416).
+            let window =
+                (*size > 0).then(|| crate::store::ByteRange::span(0, Some(INLINE_LIMIT as u64)));
             let prefix = match svc
                 .nar_files
-                .open(info, &tree, &path.as_bytes(), Some(window))
+                .open(info, &tree, &path.as_bytes(), window)
                 .await
             {
                 Ok(f) => read_prefix(f.stream, INLINE_LIMIT).await,

@@ -110,11 +110,13 @@ pub fn samples() -> Vec<(&'static str, serde_json::Value)> {
         }],
         kind: "directory",
         entries: vec![entry("directory"), entry("file"), entry("symlink")],
+        more: Some(evil.into()),
         file: None,
         target: None,
         target_href: None,
     };
     let file = BrowsePage {
+        more: None,
         kind: "file",
         entries: vec![],
         file: Some(FileView {

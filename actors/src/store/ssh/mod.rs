@@ -48,7 +48,7 @@ use std::time::Duration;
 
 use actix::{Addr, MailboxError, Message};
 use async_trait::async_trait;
-use tokio::io::{AsyncBufReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::runtime::Handle;
 use tokio_util::io::{ReaderStream, StreamReader, SyncIoBridge};
 
@@ -318,10 +318,14 @@ impl Store for SshStore {
     async fn listing(&self, digest: &Digest) -> Result<String> {
         let info = self.path_info(digest).await?;
         let reader = SyncIoBridge::new(StreamReader::new(self.nar_stream(&info).await?));
-        tokio::task::spawn_blocking(move || nar::read(reader, &mut ()).map(|l| l.to_json()))
-            .await
-            .map_err(|e| StoreError::backend("listing task", e))?
-            .map_err(|e| StoreError::backend(self.context(format!("listing {digest}")), e))
+        // The peer's NAR is held to the size its path info gives, like any NAR from afar.
+        let nar_size = info.nar_size;
+        tokio::task::spawn_blocking(move || {
+            nar::read_at_most(reader, &mut (), nar_size).map(|l| l.to_json())
+        })
+        .await
+        .map_err(|e| StoreError::backend("listing task", e))?
+        .map_err(|e| StoreError::backend(self.context(format!("listing {digest}")), e))
     }
 
     async fn log(&self, drv: &str) -> Result<Blob> {
@@ -342,9 +346,18 @@ impl Store for SshStore {
             .map_err(|e| StoreError::backend("log spool task", e))?
             .map_err(|e| StoreError::backend(context(), e))?;
         let mut file = tokio::fs::File::from_std(file);
+        // At most one byte past the cap, to tell a log at the cap from one beyond it.
+        let mut capped = (&mut proc.stdout).take(super::MAX_LOG_BYTES + 1);
         let copied =
-            tokio::time::timeout(LOG_TIMEOUT, tokio::io::copy(&mut proc.stdout, &mut file)).await;
+            tokio::time::timeout(LOG_TIMEOUT, tokio::io::copy(&mut capped, &mut file)).await;
         let total = match copied {
+            Ok(Ok(n)) if n > super::MAX_LOG_BYTES => {
+                return Err(StoreError::Corrupt(format!(
+                    "{}: the log is larger than {} bytes; it is not served",
+                    context(),
+                    super::MAX_LOG_BYTES
+                )))
+            }
             Ok(Ok(n)) => n,
             Ok(Err(e)) => return Err(proc.failure(Some(&e)).await.into_store_error(context())),
             Err(_) => {

@@ -39,6 +39,8 @@ pub use self::request::UpstreamError;
 use self::request::{not_found_or, Answer};
 use super::blobs::check_key;
 use super::{Blob, ByteRange, ByteStream, Result, Store, StoreError, Vouched};
+use crate::formats::cache_info::MAX_CACHE_INFO_BYTES;
+use crate::formats::nar::MAX_LISTING_BYTES;
 use crate::formats::{Algo, CacheInfo, Digest, Hash, NarInfo, PublicKey};
 
 /// How to reach and trust the upstreams.
@@ -232,13 +234,30 @@ impl Inner {
         Err(not_found_or(path, last_err))
     }
 
-    /// Reads a small text answer (narinfo, listing, nix-cache-info).
-    async fn text(resp: reqwest::Response, what: &str) -> Result<String> {
-        let bytes = resp
-            .bytes()
+    /// Reads a small text answer (narinfo, listing, nix-cache-info), refusing one longer
+    /// than `max` bytes by its `Content-Length` or as it arrives: an upstream cannot make the
+    /// daemon hold more than `max` bytes for it.
+    async fn text(mut resp: reqwest::Response, what: &str, max: usize) -> Result<String> {
+        let too_large = || {
+            StoreError::Corrupt(format!(
+                "{what} from upstream is larger than the {max} bytes a real one ever takes; the upstream serves a corrupt or hostile object"
+            ))
+        };
+        if resp.content_length().is_some_and(|n| n > max as u64) {
+            return Err(too_large());
+        }
+        let mut bytes = Vec::new();
+        while let Some(chunk) = resp
+            .chunk()
             .await
-            .map_err(|e| StoreError::backend(format!("reading {what} from upstream"), e))?;
-        String::from_utf8(bytes.to_vec())
+            .map_err(|e| StoreError::backend(format!("reading {what} from upstream"), e))?
+        {
+            if bytes.len() + chunk.len() > max {
+                return Err(too_large());
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        String::from_utf8(bytes)
             .map_err(|_| StoreError::Corrupt(format!("{what} from upstream is not UTF-8 text")))
     }
 
@@ -368,7 +387,7 @@ impl Store for UpstreamStore {
     async fn cache_info(&self) -> Result<CacheInfo> {
         match self.inner.first_found("nix-cache-info", false).await {
             Ok((_, resp)) => {
-                let text = Inner::text(resp, "nix-cache-info").await?;
+                let text = Inner::text(resp, "nix-cache-info", MAX_CACHE_INFO_BYTES).await?;
                 CacheInfo::parse(&text).map_err(|e| StoreError::Corrupt(e.to_string()))
             }
             Err(e) => {
@@ -452,7 +471,12 @@ impl Store for UpstreamStore {
             )
         })?;
         if resp.status() == StatusCode::PARTIAL_CONTENT {
-            let (s, e) = wanted.expect("a range was asked for");
+            // An upstream may answer 206 unasked; a panic here would take the worker down.
+            let Some((s, e)) = wanted else {
+                return Err(StoreError::Corrupt(format!(
+                    "{url}: the upstream answered 206 Partial Content to a request for the whole NAR"
+                )));
+            };
             return Ok(Blob {
                 stream: capped(body(resp), e - s, url.to_owned()),
                 span: (s, e),
@@ -470,7 +494,7 @@ impl Store for UpstreamStore {
     async fn listing(&self, digest: &Digest) -> Result<String> {
         let what = format!("{digest}.ls");
         let (_, resp) = self.inner.first_found(&what, false).await?;
-        let text = Inner::text(resp, &what).await?;
+        let text = Inner::text(resp, &what, MAX_LISTING_BYTES).await?;
         // Some caches store listings compressed; only plain JSON is passed on.
         if serde_json::from_str::<serde_json::Value>(&text).is_err() {
             return Err(StoreError::NotFound(what));

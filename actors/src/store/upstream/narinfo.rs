@@ -28,7 +28,13 @@ impl Inner {
             Answer::Found(r) => r,
             Answer::Missing => return Ok(None),
         };
-        let text = match Self::text(resp, &format!("{digest}.narinfo")).await {
+        let text = match Self::text(
+            resp,
+            &format!("{digest}.narinfo"),
+            crate::formats::narinfo::MAX_NARINFO_BYTES,
+        )
+        .await
+        {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!("{url}: {e}");
