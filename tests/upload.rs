@@ -482,3 +482,37 @@ fn send_errors_are_clear() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+/// A line far past the input bound (or one that is not text) is skipped with a warning; the
+/// pipeline keeps reading, so paths written after it are still uploaded.
+#[test]
+fn an_oversized_or_binary_input_line_is_skipped_and_reading_goes_on() {
+    use std::io::Write;
+    let env = NixEnv::new();
+    let paths = many_paths(&env, 2);
+    let fifo = env.path("f");
+    mkfifo(&fifo);
+    let dest = env.path("cache");
+    let mut up = Upload::start(
+        &env,
+        &fifo,
+        &format!("file://{}", dest.display()),
+        &["--jobs", "1"],
+    );
+    {
+        // Written straight into the FIFO, as any writer besides `send` may.
+        let mut w = fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+        let mut input = format!("{}\n", paths[0]).into_bytes();
+        input.extend(std::iter::repeat_n(b'x', 3 << 20));
+        input.extend_from_slice(b"\n\xff\xfe/nix/store/\x00\x01\n");
+        input.extend_from_slice(format!("{}\n", paths[1]).as_bytes());
+        w.write_all(&input).unwrap();
+    }
+    wait_for_narinfos(&dest, &paths, "paths around a 3 MiB line");
+    assert!(
+        up.child.try_wait().unwrap().is_none(),
+        "upload stopped reading its input"
+    );
+    up.signal("HUP");
+    assert!(up.wait().success());
+}

@@ -42,7 +42,4 @@ pub enum UploadError {
         /// The cause.
         source: std::io::Error,
     },
-    /// A line longer than the framing allows.
-    #[error(transparent)]
-    Framing(#[from] super::input::InputError),
 }

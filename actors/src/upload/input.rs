@@ -3,7 +3,8 @@
 
 use crate::formats::{StoreDir, StorePath};
 
-/// Longest line accepted; longer input is an error, not a silent truncation.
+/// Longest line accepted. A longer one is skipped whole (never truncated into a path) and
+/// reported; the lines after it are read as usual.
 pub const MAX_LINE: usize = 64 * 1024;
 
 /// What a chunk of input contained.
@@ -13,14 +14,13 @@ pub enum Token {
     Line(Vec<u8>),
     /// The finish marker: nothing after it is read.
     Finish,
-}
-
-/// Why input was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum InputError {
-    /// A line longer than [`MAX_LINE`].
-    #[error("input line longer than {MAX_LINE} bytes; paths are one per line")]
-    TooLong,
+    /// A line longer than [`MAX_LINE`], skipped: its first bytes, and its whole length.
+    Oversized {
+        /// The line's first 64 bytes, to say in the log which line it was.
+        start: Vec<u8>,
+        /// Its length in bytes (without the terminator).
+        len: u64,
+    },
 }
 
 /// Splits a byte stream into lines, across reads of any size.
@@ -29,6 +29,8 @@ pub struct LineSplitter {
     buf: Vec<u8>,
     allow_finish: bool,
     finished: bool,
+    /// Inside an oversized line: its start and the bytes dropped so far, until its newline.
+    skipping: Option<(Vec<u8>, u64)>,
 }
 
 impl LineSplitter {
@@ -38,6 +40,7 @@ impl LineSplitter {
             buf: Vec::new(),
             allow_finish,
             finished: false,
+            skipping: None,
         }
     }
 
@@ -46,11 +49,29 @@ impl LineSplitter {
         self.finished
     }
 
-    /// Feeds bytes; returns the complete tokens they finish.
-    pub fn push(&mut self, data: &[u8]) -> Result<Vec<Token>, InputError> {
+    /// Feeds bytes; returns the complete tokens they finish. Memory stays within about
+    /// [`MAX_LINE`] plus `data`, whatever the input.
+    pub fn push(&mut self, mut data: &[u8]) -> Vec<Token> {
         let mut out = Vec::new();
         if self.finished {
-            return Ok(out);
+            return out;
+        }
+        if let Some((start, dropped)) = &mut self.skipping {
+            match data.iter().position(|&b| b == b'\n') {
+                None => {
+                    *dropped += data.len() as u64;
+                    return out;
+                }
+                Some(nl) => {
+                    let len = *dropped + nl as u64 - u64::from(nl > 0 && data[nl - 1] == b'\r');
+                    out.push(Token::Oversized {
+                        start: std::mem::take(start),
+                        len,
+                    });
+                    self.skipping = None;
+                    data = &data[nl + 1..];
+                }
+            }
         }
         self.buf.extend_from_slice(data);
         while let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
@@ -63,18 +84,23 @@ impl LineSplitter {
                 self.finished = true;
                 self.buf.clear();
                 out.push(Token::Finish);
-                return Ok(out);
+                return out;
             }
             out.push(Token::Line(line));
         }
         if self.buf.len() > MAX_LINE {
-            return Err(InputError::TooLong);
+            let dropped = self.buf.len() as u64;
+            self.buf.truncate(64);
+            self.skipping = Some((std::mem::take(&mut self.buf), dropped));
         }
-        Ok(out)
+        out
     }
 
     /// End of input: a last line without terminator is still a line.
     pub fn finish(&mut self) -> Vec<Token> {
+        if let Some((start, len)) = self.skipping.take() {
+            return vec![Token::Oversized { start, len }];
+        }
         if self.finished || self.buf.is_empty() {
             return Vec::new();
         }
@@ -128,10 +154,11 @@ mod tests {
     fn lines(input: &[u8], allow_finish: bool) -> Vec<Vec<u8>> {
         let mut s = LineSplitter::new(allow_finish);
         let mut out = Vec::new();
-        for t in s.push(input).unwrap().into_iter().chain(s.finish()) {
+        for t in s.push(input).into_iter().chain(s.finish()) {
             match t {
                 Token::Line(l) => out.push(l),
                 Token::Finish => break,
+                Token::Oversized { .. } => out.push(b"<oversized>".to_vec()),
             }
         }
         out
@@ -159,12 +186,38 @@ mod tests {
     #[test]
     fn lines_split_across_reads_and_bounded() {
         let mut s = LineSplitter::new(false);
-        assert!(s.push(b"/nix/st").unwrap().is_empty());
+        assert!(s.push(b"/nix/st").is_empty());
         assert_eq!(
-            s.push(b"ore/x\n").unwrap(),
+            s.push(b"ore/x\n"),
             vec![Token::Line(b"/nix/store/x".to_vec())]
         );
-        assert_eq!(s.push(&vec![b'a'; MAX_LINE + 1]), Err(InputError::TooLong));
+        // A line past the bound is skipped whole, however it is split, and reading goes on.
+        assert!(s.push(&vec![b'a'; MAX_LINE + 1]).is_empty());
+        assert!(s.push(&vec![b'a'; 3 * MAX_LINE]).is_empty());
+        assert!(s.buf.capacity() <= 2 * MAX_LINE + 2, "memory stays bounded");
+        assert_eq!(
+            s.push(b"aa\r\n/nix/store/y\n"),
+            vec![
+                Token::Oversized {
+                    start: vec![b'a'; 64],
+                    len: 4 * MAX_LINE as u64 + 3,
+                },
+                Token::Line(b"/nix/store/y".to_vec()),
+            ]
+        );
+        // An oversized last line without a terminator is reported at the end too.
+        assert!(s.push(&vec![b'b'; MAX_LINE + 10]).is_empty());
+        assert_eq!(
+            s.finish(),
+            vec![Token::Oversized {
+                start: vec![b'b'; 64],
+                len: MAX_LINE as u64 + 10,
+            }]
+        );
+        assert_eq!(
+            lines(b"x\n\nz", false),
+            vec![b"x".to_vec(), vec![], b"z".to_vec()]
+        );
     }
 
     #[test]

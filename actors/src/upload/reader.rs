@@ -11,7 +11,7 @@ use actix::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::error::UploadError;
-use super::input::{parse_line, LineSplitter, Parsed, Token};
+use super::input::{parse_line, LineSplitter, Parsed, Token, MAX_LINE};
 use super::journal::read_spool;
 use super::scheduler::{Enqueue, Scheduler};
 use crate::formats::StoreDir;
@@ -131,6 +131,11 @@ fn paths_of(spec: &InputSpec, tokens: Vec<Token>) -> (Vec<String>, bool) {
                 Parsed::Blank => {}
                 Parsed::Skip(why) => tracing::warn!("{why}"),
             },
+            Token::Oversized { start, len } => tracing::warn!(
+                "skipping an input line of {len} bytes (at most {MAX_LINE}; store paths go \
+                 one per line) starting {:?}",
+                String::from_utf8_lossy(&start)
+            ),
         }
     }
     (paths, finish)
@@ -189,10 +194,7 @@ async fn read_loop(spec: InputSpec, scheduler: Addr<Scheduler>) -> InputEnd {
                     source,
                 })
             }
-            Some(Ok(bytes)) => match splitter.push(&bytes) {
-                Ok(t) => t,
-                Err(e) => return InputEnd::Error(e.into()),
-            },
+            Some(Ok(bytes)) => splitter.push(&bytes),
         };
         let (paths, finish) = paths_of(&spec, tokens);
         // The spool holds what `send` wrote durably; take it before acknowledging more.
