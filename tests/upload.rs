@@ -540,16 +540,24 @@ fn a_full_queue_blocks_senders_until_their_timeout() {
     let started = Instant::now();
     let out = send(&fifo, &refs, &["--timeout", "2s"]);
     assert!(!out.status.success(), "send must block and time out");
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("timed out"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        stderr.contains("timed out") && stderr.contains("spooled"),
+        "{stderr}"
     );
     assert!(started.elapsed() >= Duration::from_secs(2));
     // The destination comes back: the stuck path is retried and lands.
     fs::remove_file(&dest).unwrap();
     fs::rename(&away, &dest).unwrap();
     wait_for_narinfos(&dest, &paths[..1], "resumed after the outage");
+    // What the timed-out send spooled is taken too, once there is room again.
+    let spool = PathBuf::from(format!("{}.spool", fifo.display()));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fs::read_dir(&spool).map(|rd| rd.count()).unwrap_or(0) > 0 {
+        assert!(Instant::now() < deadline, "the spool was never emptied");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_spool_empty(&fifo);
     up.signal("TERM");
     assert!(up.wait().success());
 }
