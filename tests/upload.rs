@@ -371,6 +371,16 @@ fn resumed_counts(log: &str) -> Vec<usize> {
         .collect()
 }
 
+/// Paths an uploader's log says it started uploading ("uploading <hash>-<name>") that have
+/// no narinfo in `dest` yet.
+fn unfinished_uploads(log: &str, dest: &Path) -> Vec<String> {
+    log.lines()
+        .filter_map(|l| l.split("uploading ").nth(1).map(str::trim))
+        .map(|base| format!("/nix/store/{base}"))
+        .filter(|p| !dest.join(format!("{}.narinfo", digest(p))).is_file())
+        .collect()
+}
+
 #[test]
 fn sigkill_at_any_moment_loses_no_sent_path_and_the_cache_stays_consistent() {
     let env = NixEnv::new();
@@ -419,22 +429,22 @@ fn sigkill_at_any_moment_loses_no_sent_path_and_the_cache_stays_consistent() {
                 sent.extend(chunk.iter().cloned());
             }
         }
-        // Kill at a different moment each round, mid-upload or not.
-        std::thread::sleep(Duration::from_millis(round * 37 % 120));
+        // Kill at a different moment each round: in even rounds as soon as an upload has
+        // started and not finished (so some kill surely lands mid-upload), else blindly.
+        if round % 2 == 0 {
+            let deadline = Instant::now() + Duration::from_millis(500);
+            while unfinished_uploads(&up.log_text(), &dest).is_empty() && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(round * 37 % 120));
+        }
         up.signal("KILL");
         let log = up.log_text();
         up.wait();
         resumed.extend(resumed_counts(&log));
-        for line in log.lines() {
-            // "uploading <hash>-<name>"
-            let Some(base) = line.split("uploading ").nth(1).map(str::trim) else {
-                continue;
-            };
-            let p = format!("/nix/store/{base}");
-            if !dest.join(format!("{}.narinfo", digest(&p))).is_file() {
-                cut_short.insert(p);
-            }
-        }
+        cut_short.extend(unfinished_uploads(&log, &dest));
     }
     // Whatever is left, sent while no uploader runs: it must wait in the spool.
     let rest: Vec<&str> = chunks.flatten().map(String::as_str).collect();
@@ -470,6 +480,7 @@ fn sigkill_at_any_moment_loses_no_sent_path_and_the_cache_stays_consistent() {
         resumed.iter().any(|&n| n > 0),
         "no restart found unfinished work: {resumed:?}"
     );
+    assert!(!cut_short.is_empty(), "no kill landed mid-upload");
 
     for p in &sent {
         assert!(
