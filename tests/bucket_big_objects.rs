@@ -138,6 +138,17 @@ fn one_gib_through_s3_and_gcs_in_bounded_memory() {
         ),
     ] {
         let (growth, put_s, get_s) = round_trip(&url);
+        if url.starts_with("s3://") {
+            // A multipart object's ETag ends in its part count: 1 GiB in 8 MiB parts.
+            let (_, headers) = common::curl_headers(&[&delete]);
+            let etag = headers
+                .iter()
+                .find(|(k, _)| k == "etag")
+                .map(|(_, v)| v.trim_matches('"').to_owned());
+            if etag.as_deref().is_none_or(|e| !e.ends_with("-128")) {
+                failures.push(format!("{url}: ETag {etag:?}, not a 128-part upload"));
+            }
+        }
         // Both emulators keep objects in memory for the rest of the scripts/test run.
         common::curl(&["-X", "DELETE", &delete]);
         eprintln!(

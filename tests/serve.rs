@@ -59,7 +59,10 @@ fn nix_copies_substitutes_and_lists_from_the_local_store() {
             &closure.app,
         ],
     );
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "copy without trusted key must fail");
+    // Refused for the signature, not for any failure to reach the daemon.
+    assert!(stderr.contains("lacks a valid signature"), "{stderr}");
 
     // nix store ls lists files through the daemon.
     let ls = env.run(
@@ -389,4 +392,60 @@ fn transparent_zstd_only_for_clients_that_ask_and_never_for_ranges() {
         "NAR responses zstd-encoded after nix copy: {}",
         d.metric("nixcached_nar_zstd_encoded_total")
     );
+}
+
+/// `<digest>.ls` served from the local store, from a cache `nixcached upload` wrote and from
+/// a cache Nix wrote is, parsed, the listing the real Nix writes with `write-nar-listing`.
+#[test]
+fn nar_listings_are_the_ones_nix_writes() {
+    let env = NixEnv::new();
+    let closure = env.build_closure();
+    let by_nix = env.path("nix-cache");
+    env.copy_to(
+        &format!("file://{}?write-nar-listing=true", by_nix.display()),
+        &[&closure.app],
+    );
+    let paths = env.path("paths");
+    fs::write(&paths, closure.paths.join("\n") + "\n").unwrap();
+    let ours = env.path("our-cache");
+    let out = env
+        .cmd(env!("CARGO_BIN_EXE_nixcached"))
+        .args(["upload", "--input", paths.to_str().unwrap(), "--state-dir"])
+        .arg(env.path("state"))
+        .args(["--from", &format!("local?root={}", env.store_arg())])
+        .arg(format!("file://{}", ours.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let parse = |what: &str, bytes: &[u8]| -> serde_json::Value {
+        serde_json::from_slice(bytes)
+            .unwrap_or_else(|e| panic!("{what}: {e}: {}", String::from_utf8_lossy(bytes)))
+    };
+    let servers = [
+        ("local store", env.store_arg()),
+        (
+            "cache by nixcached upload",
+            format!("file://{}", ours.display()),
+        ),
+        ("cache by Nix", format!("file://{}", by_nix.display())),
+    ];
+    for (what, store) in servers {
+        let d = Daemon::start(&env, &["serve", &store]);
+        for p in &closure.paths {
+            let want_file = by_nix.join(format!("{}.ls", digest(p)));
+            let want = parse(
+                &format!("Nix's {}", want_file.display()),
+                &fs::read(&want_file).unwrap(),
+            );
+            let (code, body) = curl(&[&format!("{}/{}.ls", d.url, digest(p))]);
+            assert_eq!(code, 200, "{what}: {p}.ls");
+            let got = parse(&format!("{what}: {p}.ls"), &body);
+            assert_eq!(got, want, "{what}: listing of {p}");
+        }
+    }
 }

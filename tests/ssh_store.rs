@@ -412,6 +412,9 @@ fn imports_refuse_bad_nars_and_missing_references() {
                 .await
                 .unwrap_err();
             eprintln!("missing references (legacy={legacy}): {err}");
+            // The remote Nix names the reference it lacks.
+            let lib = format!("path '{}' is not valid", fx.closure.lib);
+            assert!(err.to_string().contains(&lib), "{err}");
             assert!(invalid(&fx.closure.app));
 
             // A NAR that does not match its narinfo is refused, and nothing is added.
@@ -432,6 +435,16 @@ fn imports_refuse_bad_nars_and_missing_references() {
             ni.compression = Compression::None;
             let err = store.put_narinfo(&ni).await.unwrap_err();
             eprintln!("bad NAR (legacy={legacy}): {err}");
+            if legacy {
+                // The ImportPaths server cannot check the NAR's hash, so the uploader does.
+                assert!(
+                    matches!(&err, StoreError::Corrupt(m) if m.contains("but its narinfo says")),
+                    "{err:?}"
+                );
+            } else {
+                // AddToStoreNar: the remote Nix parses what it is given.
+                assert!(err.to_string().contains("bad archive"), "{err}");
+            }
             assert!(invalid(&fx.closure.paths[0]));
             // The store is still usable after the refusals.
             assert!(store.narinfo(dep).await.unwrap_err().is_not_found());
@@ -558,22 +571,50 @@ fn large_nars_stream_both_ways_in_bounded_memory() {
     );
     assert!(peak < 100 * 1024, "peak RSS {peak} KiB");
 
-    // Published into another remote store (spooled on disk, then imported).
-    let local = LocalStore::open(LocalStoreLayout::chroot(&env.store_root())).unwrap();
+    // Published into another remote store (spooled on disk, then imported) by `nixcached
+    // upload`, whose peak RSS is read while it still runs, once the path is valid there.
     let remote = env.path("remote");
-    let store = open(&peer.url(&remote));
-    block_on(async {
-        let started = Instant::now();
-        let opts = PublishOptions {
-            compression: Compression::Zstd,
-            write_listing: false,
-            ..PublishOptions::default()
-        };
-        publish(&local, &store, &digest, &opts).await.unwrap();
-        eprintln!("256 MiB NAR published over ssh in {:?}", started.elapsed());
-    });
-    env.run(
-        "nix-store",
-        &["--store", remote.to_str().unwrap(), "--verify-path", &sp],
+    let remote_arg = remote.display().to_string();
+    let started = Instant::now();
+    let mut up = env
+        .cmd(env!("CARGO_BIN_EXE_nixcached"))
+        .args(["upload", "--state-dir"])
+        .arg(env.path("state"))
+        .args(["--from", &format!("local?root={}", env.store_arg())])
+        .arg(peer.url(&remote))
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = up.stdin.take().unwrap();
+    std::io::Write::write_all(&mut input, format!("{sp}\n").as_bytes()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !env
+        .output(
+            "nix-store",
+            &["--store", &remote_arg, "--check-validity", &sp],
+        )
+        .status
+        .success()
+    {
+        assert!(up.try_wait().unwrap().is_none(), "upload exited early");
+        assert!(Instant::now() < deadline, "not published in 300 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", up.id())).unwrap();
+    let peak: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    // End of input: the uploader finishes and exits.
+    drop(input);
+    assert!(up.wait().unwrap().success());
+    eprintln!(
+        "256 MiB NAR published over ssh by nixcached upload in {:?}, peak RSS {} MiB",
+        started.elapsed(),
+        peak / 1024
     );
+    assert!(peak < 100 * 1024, "upload peak RSS {peak} KiB");
+    env.run("nix-store", &["--store", &remote_arg, "--verify-path", &sp]);
 }

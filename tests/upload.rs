@@ -18,11 +18,18 @@ fn mkfifo(p: &Path) {
 
 struct Upload {
     child: Child,
+    /// Where its stderr (the log, at `info`) goes.
+    log: PathBuf,
 }
+
+/// Numbers the uploaders of one test process, so each keeps its own log file.
+static UPLOADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 impl Upload {
     fn start(env: &NixEnv, fifo: &Path, dest: &str, extra: &[&str]) -> Upload {
         let state = env.path("state");
+        let n = UPLOADS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let log = env.path(&format!("upload-{n}.log"));
         let child = env
             .cmd(BIN)
             .args([
@@ -43,6 +50,7 @@ impl Upload {
             .arg(dest)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
         // The spool folder appears once the uploader has started and owns the FIFO.
@@ -52,7 +60,12 @@ impl Upload {
             assert!(Instant::now() < deadline, "upload did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Upload { child }
+        Upload { child, log }
+    }
+
+    /// What it logged so far.
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     fn signal(&self, sig: &str) {
@@ -96,9 +109,25 @@ fn digest(p: &str) -> &str {
     &p["/nix/store/".len()..][..32]
 }
 
-/// Every narinfo in a folder cache points at an existing NAR and its references' narinfos
-/// exist: the invariant a watcher must see at every instant.
+/// Asserts that `send`'s spool next to `fifo` holds nothing: every path in it was taken.
+fn assert_spool_empty(fifo: &Path) {
+    let spool = PathBuf::from(format!("{}.spool", fifo.display()));
+    let left: Vec<_> = fs::read_dir(&spool)
+        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{} still holds {left:?}", spool.display());
+}
+
+/// Every narinfo in a folder cache points at a complete NAR (its `FileSize`), and its
+/// listing and its references' narinfos exist: the invariant a watcher must see at every
+/// instant.
 fn check_consistent(dir: &Path) -> usize {
+    check_consistent_hashing(dir, &mut BTreeSet::new())
+}
+
+/// [`check_consistent`], also hashing each NAR once (the names in `hashed` are done) and
+/// comparing with the narinfo's `FileHash`.
+fn check_consistent_hashing(dir: &Path, hashed: &mut BTreeSet<String>) -> usize {
     let mut n = 0;
     let Ok(rd) = fs::read_dir(dir) else { return 0 };
     for e in rd.flatten() {
@@ -110,11 +139,20 @@ fn check_consistent(dir: &Path) -> usize {
             continue;
         };
         let info = nixcached_actors::formats::NarInfo::parse(&text).unwrap();
-        assert!(
-            dir.join(&info.url).is_file(),
-            "{name} points at missing {}",
+        let nar = dir.join(&info.url);
+        let size = fs::metadata(&nar).map(|m| m.len()).ok();
+        assert_eq!(
+            size, info.file_size,
+            "{name} points at {} of {size:?} bytes",
             info.url
         );
+        if hashed.insert(name.clone()) {
+            let want = info.file_hash.as_ref().expect("FileHash").to_nix32();
+            let got = common::nix32_sha256(&fs::read(&nar).unwrap());
+            assert_eq!(got, want, "{name}: {} has other bytes", info.url);
+        }
+        let ls = name.replace(".narinfo", ".ls");
+        assert!(dir.join(&ls).is_file(), "{name} appeared before {ls}");
         for r in &info.references {
             assert!(
                 dir.join(format!("{}.narinfo", r.digest())).is_file(),
@@ -268,6 +306,7 @@ fn one_send_larger_than_the_queue_is_uploaded_whole() {
         up.signal("HUP");
         assert!(up.wait().success(), "SIGHUP after the work is done exits 0");
         assert_eq!(check_consistent(&dest), n);
+        assert_spool_empty(&fifo);
         for p in &paths {
             env.verify(&dest_url, None, p);
         }
@@ -324,12 +363,32 @@ fn a_restart_resumes_more_pending_paths_than_the_queue_holds() {
     }
 }
 
+/// The number in each "resuming N paths" line of an uploader's log.
+fn resumed_counts(log: &str) -> Vec<usize> {
+    log.lines()
+        .filter_map(|l| l.split("resuming ").nth(1))
+        .filter_map(|rest| rest.split(' ').next()?.parse().ok())
+        .collect()
+}
+
+/// Paths an uploader's log says it started uploading ("uploading <hash>-<name>") that have
+/// no narinfo in `dest` yet.
+fn unfinished_uploads(log: &str, dest: &Path) -> Vec<String> {
+    log.lines()
+        .filter_map(|l| l.split("uploading ").nth(1).map(str::trim))
+        .map(|base| format!("/nix/store/{base}"))
+        .filter(|p| !dest.join(format!("{}.narinfo", digest(p))).is_file())
+        .collect()
+}
+
 #[test]
 fn sigkill_at_any_moment_loses_no_sent_path_and_the_cache_stays_consistent() {
     let env = NixEnv::new();
     let closure = env.build_closure();
     let mut all: Vec<String> = many_paths(&env, 30);
     all.push(closure.app.clone());
+    let (sk, pk) = env.keypair("sigkill-1");
+    let args = ["--jobs", "2", "--secret-key-file", sk.to_str().unwrap()];
     let fifo = env.path("f");
     mkfifo(&fifo);
     let dest = env.path("cache");
@@ -341,8 +400,9 @@ fn sigkill_at_any_moment_loses_no_sent_path_and_the_cache_stays_consistent() {
         let (dest, stop) = (dest.clone(), stop.clone());
         std::thread::spawn(move || {
             let mut checks = 0;
+            let mut hashed = BTreeSet::new();
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                check_consistent(&dest);
+                check_consistent_hashing(&dest, &mut hashed);
                 checks += 1;
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -352,8 +412,11 @@ fn sigkill_at_any_moment_loses_no_sent_path_and_the_cache_stays_consistent() {
 
     let mut sent = BTreeSet::new();
     let mut chunks = all.chunks(3);
+    let mut resumed = Vec::new();
+    // Paths an uploader had started on ("uploading …" logged) and not finished when killed.
+    let mut cut_short = BTreeSet::new();
     for round in 0..5u64 {
-        let up = Upload::start(&env, &fifo, &dest_url, &["--jobs", "2"]);
+        let up = Upload::start(&env, &fifo, &dest_url, &args);
         for _ in 0..2 {
             if let Some(chunk) = chunks.next() {
                 let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
@@ -366,10 +429,22 @@ fn sigkill_at_any_moment_loses_no_sent_path_and_the_cache_stays_consistent() {
                 sent.extend(chunk.iter().cloned());
             }
         }
-        // Kill at a different moment each round, mid-upload or not.
-        std::thread::sleep(Duration::from_millis(round * 37 % 120));
+        // Kill at a different moment each round: in even rounds as soon as an upload has
+        // started and not finished (so some kill surely lands mid-upload), else blindly.
+        if round % 2 == 0 {
+            let deadline = Instant::now() + Duration::from_millis(500);
+            while unfinished_uploads(&up.log_text(), &dest).is_empty() && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(round * 37 % 120));
+        }
         up.signal("KILL");
+        let log = up.log_text();
         up.wait();
+        resumed.extend(resumed_counts(&log));
+        cut_short.extend(unfinished_uploads(&log, &dest));
     }
     // Whatever is left, sent while no uploader runs: it must wait in the spool.
     let rest: Vec<&str> = chunks.flatten().map(String::as_str).collect();
@@ -386,14 +461,26 @@ fn sigkill_at_any_moment_loses_no_sent_path_and_the_cache_stays_consistent() {
         );
         sent.extend(rest.iter().map(|s| s.to_string()));
     }
-    let up = Upload::start(&env, &fifo, &dest_url, &["--jobs", "2"]);
+    let up = Upload::start(&env, &fifo, &dest_url, &args);
     // Let it pick up the journal and the spool, then drain.
     std::thread::sleep(Duration::from_millis(1500));
     up.signal("HUP");
+    let log = up.log.clone();
     assert!(up.wait().success());
+    resumed.extend(resumed_counts(&fs::read_to_string(log).unwrap()));
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let checks = watcher.join().unwrap();
     assert!(checks > 10, "the watcher ran {checks} times");
+    eprintln!(
+        "restarts resumed {resumed:?} paths; {} uploads were cut short by a kill: {cut_short:?}",
+        cut_short.len()
+    );
+    // Kills that only ever hit an idle uploader would prove nothing.
+    assert!(
+        resumed.iter().any(|&n| n > 0),
+        "no restart found unfinished work: {resumed:?}"
+    );
+    assert!(!cut_short.is_empty(), "no kill landed mid-upload");
 
     for p in &sent {
         assert!(
@@ -407,8 +494,29 @@ fn sigkill_at_any_moment_loses_no_sent_path_and_the_cache_stays_consistent() {
             "closure member {p} missing"
         );
     }
-    check_consistent(&dest);
-    env.verify(&dest_url, None, &closure.app);
+    assert_eq!(
+        check_consistent(&dest),
+        sent.len() + closure.paths.len() - 1
+    );
+    assert_spool_empty(&fifo);
+    // Every path, through the real Nix: contents against NarHash and signatures checked on
+    // the way into a fresh store, then verified there.
+    let fresh = env.path("fresh");
+    let fresh = fresh.to_str().unwrap();
+    let mut every: Vec<&str> = sent.iter().map(String::as_str).collect();
+    every.extend(closure.paths.iter().map(String::as_str));
+    let mut copy = vec!["copy", "--from", &dest_url, "--to", fresh];
+    copy.extend(["--trusted-public-keys", &pk]);
+    copy.extend(&every);
+    env.run("nix", &copy);
+    let mut verify = vec!["store", "verify", "--store", fresh];
+    verify.extend(["--trusted-public-keys", &pk]);
+    verify.extend(&every);
+    env.run("nix", &verify);
+    let mut verify = vec!["store", "verify", "--store", &dest_url];
+    verify.extend(["--trusted-public-keys", &pk]);
+    verify.extend(&every);
+    env.run("nix", &verify);
 }
 
 #[test]
@@ -443,16 +551,24 @@ fn a_full_queue_blocks_senders_until_their_timeout() {
     let started = Instant::now();
     let out = send(&fifo, &refs, &["--timeout", "2s"]);
     assert!(!out.status.success(), "send must block and time out");
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("timed out"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        stderr.contains("timed out") && stderr.contains("spooled"),
+        "{stderr}"
     );
     assert!(started.elapsed() >= Duration::from_secs(2));
     // The destination comes back: the stuck path is retried and lands.
     fs::remove_file(&dest).unwrap();
     fs::rename(&away, &dest).unwrap();
     wait_for_narinfos(&dest, &paths[..1], "resumed after the outage");
+    // What the timed-out send spooled is taken too, once there is room again.
+    let spool = PathBuf::from(format!("{}.spool", fifo.display()));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fs::read_dir(&spool).map(|rd| rd.count()).unwrap_or(0) > 0 {
+        assert!(Instant::now() < deadline, "the spool was never emptied");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_spool_empty(&fifo);
     up.signal("TERM");
     assert!(up.wait().success());
 }
@@ -476,11 +592,18 @@ fn send_errors_are_clear() {
     mkfifo(&fifo);
     let out = send(&fifo, &[], &[]);
     assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("requires at least 1 arg"), "{stderr}");
     let out = Command::new(BIN)
         .args(["upload", "--jobs", "0", "file:///tmp/x"])
         .output()
         .unwrap();
     assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--jobs") && stderr.contains("0 is not in 1.."),
+        "{stderr}"
+    );
 }
 
 /// A line far past the input bound (or one that is not text) is skipped with a warning; the

@@ -134,6 +134,31 @@ impl PyServer {
         self.count(request)
     }
 
+    /// Waits until the access log holds every request answered before this call: sends a
+    /// marker request (a `HEAD`, which no `GET` count matches) and waits for its line, which
+    /// the server logs after theirs. A count of zero means nothing only after this.
+    pub fn settle(&self) {
+        static MARKERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = MARKERS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let marker = format!("/settle-marker-{n}");
+        curl(&["-I", &format!("{}{marker}", self.url)]);
+        let needle = format!("\"HEAD {marker} ");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.log.lock().unwrap().iter().any(|l| l.contains(&needle)) {
+            assert!(
+                Instant::now() < deadline,
+                "the marker request {marker} never reached the access log"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// [`PyServer::count`] once the log has caught up ([`PyServer::settle`]).
+    pub fn settled_count(&self, request: &str) -> usize {
+        self.settle();
+        self.count(request)
+    }
+
     /// Every line the server logged so far.
     pub fn log(&self) -> Vec<String> {
         self.log.lock().unwrap().clone()

@@ -70,7 +70,14 @@ impl S3Options {
     /// Prepares a client for the bucket, with the AWS files and profile choice `env` gives;
     /// nothing is sent until the first request.
     pub(super) fn client_in(&self, env: &profile::Env) -> Result<Client> {
-        let mut builder = AmazonS3Builder::from_env().with_bucket_name(&self.bucket);
+        // The settings object_store's `from_env` would read, but from `env`.
+        let mut builder = AmazonS3Builder::new();
+        for (key, value) in &env.vars {
+            if let Ok(config_key) = key.to_ascii_lowercase().parse::<AmazonS3ConfigKey>() {
+                builder = builder.with_config(config_key, value);
+            }
+        }
+        let mut builder = builder.with_bucket_name(&self.bucket);
 
         let profile_name = self.profile.clone().or_else(|| env.profile.clone());
         let loaded = match &profile_name {
@@ -260,17 +267,30 @@ mod tests {
         }
     }
 
-    fn files(credentials: &str, config: &str) -> (tempfile::TempDir, profile::Env) {
+    /// AWS files with this content, and an environment that points at them plus `vars`.
+    fn files_with(
+        credentials: &str,
+        config: &str,
+        vars: &[(&str, &str)],
+    ) -> (tempfile::TempDir, profile::Env) {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("credentials"), credentials).unwrap();
         std::fs::write(dir.path().join("config"), config).unwrap();
-        let env = profile::Env {
-            profile: None,
-            has_static_keys: false,
-            credentials_file: dir.path().join("credentials"),
-            config_file: dir.path().join("config"),
-        };
+        let path = |f: &str| dir.path().join(f).display().to_string();
+        let mut all = vec![
+            (
+                "AWS_SHARED_CREDENTIALS_FILE".to_owned(),
+                path("credentials"),
+            ),
+            ("AWS_CONFIG_FILE".to_owned(), path("config")),
+        ];
+        all.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let env = profile::Env::from_vars(all);
         (dir, env)
+    }
+
+    fn files(credentials: &str, config: &str) -> (tempfile::TempDir, profile::Env) {
+        files_with(credentials, config, &[])
     }
 
     #[test]
@@ -297,32 +317,50 @@ mod tests {
         assert!(e.contains("AWS_PROFILE"), "{e}");
     }
 
+    /// The region a client made from `options` in `env` signs for.
+    fn region(options: &S3Options, env: &profile::Env) -> String {
+        options.client_in(env).unwrap().target.region
+    }
+
     #[test]
-    fn regions_come_from_the_url_then_the_profile() {
-        let (_dir, env) = files(
-            "",
-            "[default]\nregion = eu-west-3\naws_access_key_id = A\naws_secret_access_key = S\n",
-        );
-        // The process environment may set a region (scripts/test does); the URL beats it.
-        let b = local("b").client_in(&env).unwrap().target;
-        assert_eq!(b.region, "us-east-1");
-        let b = S3Options {
+    fn regions_come_from_the_url_then_the_environment_then_the_profile() {
+        let profile_region =
+            "[default]\nregion = eu-west-3\naws_access_key_id = A\naws_secret_access_key = S\n";
+        let no_region = S3Options {
             region: None,
             endpoint: None,
             ..local("b")
+        };
+        for vars in [
+            &[("AWS_REGION", "ap-south-1")][..],
+            &[("AWS_DEFAULT_REGION", "ap-south-1")],
+            &[
+                ("AWS_REGION", "ap-south-1"),
+                ("AWS_DEFAULT_REGION", "sa-east-1"),
+            ],
+        ] {
+            let (_dir, env) = files_with("", profile_region, vars);
+            assert_eq!(
+                region(&local("b"), &env),
+                "us-east-1",
+                "the URL wins: {vars:?}"
+            );
+            assert_eq!(
+                region(&no_region, &env),
+                "ap-south-1",
+                "then the environment: {vars:?}"
+            );
         }
-        .client_in(&env)
-        .unwrap()
-        .target;
-        if std::env::var_os("AWS_REGION").is_none()
-            && std::env::var_os("AWS_DEFAULT_REGION").is_none()
-        {
-            assert_eq!(b.region, "eu-west-3");
-        }
-        assert_eq!(
-            b.endpoint,
-            format!("https://b.s3.{}.amazonaws.com", b.region)
+        let (_dir, env) = files("", profile_region);
+        assert_eq!(region(&no_region, &env), "eu-west-3", "then the profile");
+        let b = no_region.client_in(&env).unwrap().target;
+        assert_eq!(b.endpoint, "https://b.s3.eu-west-3.amazonaws.com");
+        let (_dir, env) = files(
+            "[default]\naws_access_key_id = A\naws_secret_access_key = S\n",
+            "",
         );
+        assert_eq!(region(&no_region, &env), "us-east-1", "then the default");
+
         let dotted = S3Options {
             endpoint: None,
             ..local("my.bucket")
@@ -333,6 +371,113 @@ mod tests {
         assert_eq!(
             dotted.endpoint, "https://s3.us-east-1.amazonaws.com",
             "path-style"
+        );
+    }
+
+    /// The access key id a client made from `options` in `env` signs its requests with,
+    /// seen by a one-shot HTTP server that answers 404.
+    fn signing_key_id(options: &S3Options, env: &profile::Env) -> String {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let options = S3Options {
+            endpoint: Some(format!("http://{}", listener.local_addr().unwrap())),
+            region: Some("us-east-1".into()),
+            addressing: Addressing::Path,
+            ..options.clone()
+        };
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = conn.read(&mut buf).unwrap();
+                assert!(n > 0, "the request ended early");
+                head.extend_from_slice(&buf[..n]);
+            }
+            conn.write_all(
+                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            )
+            .unwrap();
+            String::from_utf8(head).unwrap()
+        });
+        let client = options.client_in(env).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let res = rt.block_on(async {
+            use object_store::ObjectStoreExt;
+            client
+                .store
+                .head(&object_store::path::Path::from("probe"))
+                .await
+        });
+        assert!(
+            matches!(res, Err(object_store::Error::NotFound { .. })),
+            "{res:?}"
+        );
+        let head = server.join().unwrap();
+        let auth = head
+            .lines()
+            .find_map(|l| {
+                l.split_once(':')
+                    .filter(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+            })
+            .unwrap_or_else(|| panic!("unsigned request:\n{head}"))
+            .1;
+        auth.split("Credential=")
+            .nth(1)
+            .and_then(|c| c.split('/').next())
+            .unwrap_or_else(|| panic!("no Credential= in {auth:?}"))
+            .to_owned()
+    }
+
+    #[test]
+    fn environment_keys_beat_an_implicit_profile_and_lose_to_a_named_one() {
+        let creds = "[default]\naws_access_key_id = DEFAULTKEY\naws_secret_access_key = S\n\
+                     [work]\naws_access_key_id = WORKKEY\naws_secret_access_key = S\n";
+        let keys = [
+            ("AWS_ACCESS_KEY_ID", "ENVKEY"),
+            ("AWS_SECRET_ACCESS_KEY", "ENVSECRET"),
+        ];
+        let named = |p: &str| S3Options {
+            profile: Some(p.into()),
+            ..local("b")
+        };
+
+        let (_dir, env) = files(creds, "");
+        assert_eq!(signing_key_id(&local("b"), &env), "DEFAULTKEY");
+
+        let (_dir, env) = files_with(creds, "", &keys);
+        assert_eq!(
+            signing_key_id(&local("b"), &env),
+            "ENVKEY",
+            "over [default]"
+        );
+        assert_eq!(
+            signing_key_id(&named("work"), &env),
+            "WORKKEY",
+            "?profile=work"
+        );
+        assert_eq!(
+            signing_key_id(&named("default"), &env),
+            "DEFAULTKEY",
+            "?profile=default"
+        );
+
+        let mut with_profile = keys.to_vec();
+        with_profile.push(("AWS_PROFILE", "work"));
+        let (_dir, env) = files_with(creds, "", &with_profile);
+        assert_eq!(
+            signing_key_id(&local("b"), &env),
+            "ENVKEY",
+            "over AWS_PROFILE"
+        );
+        let (_dir, env) = files_with(creds, "", &[("AWS_PROFILE", "work")]);
+        assert_eq!(
+            signing_key_id(&local("b"), &env),
+            "WORKKEY",
+            "AWS_PROFILE alone"
         );
     }
 

@@ -16,13 +16,38 @@ pub struct Env {
     pub credentials_file: PathBuf,
     /// `AWS_CONFIG_FILE` or `~/.aws/config`.
     pub config_file: PathBuf,
+    /// Every `AWS_*` variable (keys, region, endpoint…), handed to the S3 client as its
+    /// settings: kept here rather than read by the client itself, so that tests can give
+    /// a whole environment and the process's own cannot leak into them.
+    pub vars: BTreeMap<String, String>,
 }
 
 impl Env {
     /// Reads the environment of this process.
     pub fn from_process() -> Env {
-        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let home = var("HOME").map(PathBuf::from).unwrap_or_default();
+        Env::from_vars(
+            std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
+        )
+    }
+
+    /// Reads an environment given as (name, value) pairs; names that are not `AWS_*` or
+    /// `HOME` are ignored.
+    pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Env {
+        let mut aws = BTreeMap::new();
+        let mut home = None;
+        for (k, v) in vars {
+            if k == "HOME" {
+                home = Some(v);
+            } else if k.starts_with("AWS_") {
+                aws.insert(k, v);
+            }
+        }
+        let var = |k: &str| aws.get(k).filter(|v| !v.is_empty()).cloned();
+        let home = home
+            .filter(|h| !h.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_default();
         Env {
             profile: var("AWS_PROFILE").or_else(|| var("AWS_DEFAULT_PROFILE")),
             has_static_keys: var("AWS_ACCESS_KEY_ID").is_some()
@@ -33,6 +58,7 @@ impl Env {
             config_file: var("AWS_CONFIG_FILE")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| home.join(".aws/config")),
+            vars: aws,
         }
     }
 }
