@@ -216,9 +216,14 @@ fn post_build_hook_uploads_a_closure_that_nix_then_substitutes() {
 
 /// Store paths with no references, made quickly.
 fn many_paths(env: &NixEnv, n: usize) -> Vec<String> {
+    many_paths_named(env, n, "src")
+}
+
+/// Like [`many_paths`], with sources under `ENV/<prefix><i>` (so one test can make two sets).
+fn many_paths_named(env: &NixEnv, n: usize, prefix: &str) -> Vec<String> {
     (0..n)
         .map(|i| {
-            let d = env.path(&format!("src{i}"));
+            let d = env.path(&format!("{prefix}{i}"));
             fs::create_dir_all(&d).unwrap();
             fs::write(d.join("data"), format!("object {i}\n").repeat(1000 + i)).unwrap();
             env.add(&d)
@@ -543,9 +548,12 @@ fn a_full_queue_blocks_senders_until_their_timeout() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // Thousands of lines: more than the queue, the reader's buffer and the pipe hold.
+    // Thousands of lines of real paths: more than the queue, the reader's buffer and the
+    // pipe hold (~270 KB), and every one must be uploaded once there is room again. The last
+    // paths appear only past what the pipe takes, so only the spool can bring them.
+    let held_back = many_paths_named(&env, 12, "held");
     let filler: Vec<String> = (0..4000)
-        .map(|i| format!("/nix/store/{:0>32}-filler{i}", i % 10))
+        .map(|i: usize| held_back[i.saturating_sub(3988)].clone())
         .collect();
     let refs: Vec<&str> = filler.iter().map(String::as_str).collect();
     let started = Instant::now();
@@ -569,6 +577,12 @@ fn a_full_queue_blocks_senders_until_their_timeout() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_spool_empty(&fifo);
+    // Everything held back gets through: every path of the timed-out send is in the cache,
+    // whole (the real Nix checks each NAR against its narinfo's hash).
+    wait_for_narinfos(&dest, &held_back, "held back by the full queue");
+    for p in &held_back {
+        env.verify(&format!("file://{}", dest.display()), None, p);
+    }
     up.signal("TERM");
     assert!(up.wait().success());
 }
