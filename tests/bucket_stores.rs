@@ -209,11 +209,7 @@ fn nix_substitutes_through_serve_from_a_bucket_nix_wrote() {
         .arg(&dir)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_succeeded(&out);
     let copied: usize = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
     // nix-cache-info, then a narinfo, a listing and a NAR per path.
     assert_eq!(copied, 1 + 3 * closure.paths.len());

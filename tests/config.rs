@@ -200,11 +200,7 @@ allow-finish = true
             ])
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::assert_succeeded(&out);
     }
     let narinfo = format!("{}.narinfo", &closure.app["/nix/store/".len()..][..32]);
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -8,16 +8,13 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use common::upstream_server::digest;
 use common::{curl, nix32_sha256, Daemon, NixEnv};
 use nixcached_actors::formats::hash::HashingCounter;
 
 /// Stalled readers, as in the issue: 600 clients of a 20 MB NAR.
 const READERS: usize = 600;
 const NAR_MB: u64 = 20;
-
-fn digest(path: &str) -> &str {
-    &path["/nix/store/".len()..][..32]
-}
 
 /// Threads of the daemon process now.
 fn threads(daemon: &Daemon) -> u64 {

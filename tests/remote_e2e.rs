@@ -137,11 +137,7 @@ fn post_build_hook_uploads_everywhere_and_nix_substitutes_from_each() {
             .args(["send", "-o", fifo.to_str().unwrap(), "--finish"])
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::assert_succeeded(&out);
         wait_exit(child, &format!("upload to {name}"));
     }
 
@@ -192,11 +188,7 @@ fn serving_buckets_in_every_compression_to_real_nix() {
                 .args(["--from", &format!("local?root={}", env.store_arg()), &url])
                 .output()
                 .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            common::assert_succeeded(&out);
             let d = Daemon::start(&env, &["serve", &url]);
             env.substitute_from(&d.url, &closure.app, &pk, &format!("{kind}-{comp}"));
             let ls = env.run(
@@ -247,11 +239,7 @@ fn s3_outage_mid_run_loses_nothing() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_succeeded(&out);
     std::thread::sleep(Duration::from_secs(3));
     let moto = Moto::start(port);
     let (code, _) = common::curl(&["-X", "PUT", &format!("{endpoint}/{bucket}")]);

@@ -416,11 +416,7 @@ fn nar_listings_are_the_ones_nix_writes() {
         .arg(format!("file://{}", ours.display()))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_succeeded(&out);
 
     let parse = |what: &str, bytes: &[u8]| -> serde_json::Value {
         serde_json::from_slice(bytes)

@@ -199,11 +199,7 @@ fn post_build_hook_uploads_a_closure_that_nix_then_substitutes() {
     let closure = env.build_closure();
     std::env::remove_var("NIX_CONFIG");
     let out = send(&fifo, &[], &["--finish"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_succeeded(&out);
     assert!(up.wait().success());
 
     let url = format!("file://{}", dest.display());
@@ -246,11 +242,7 @@ fn sighup_with_paths_queued_uploads_them_all_and_exits_zero() {
     );
     let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
     let out = send(&fifo, &refs, &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_succeeded(&out);
     up.signal("HUP");
     assert!(up.wait().success());
     for p in &paths {
@@ -302,11 +294,7 @@ fn one_send_larger_than_the_queue_is_uploaded_whole() {
         );
         let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
         let out = send(&fifo, &refs, &["--timeout", "60s"]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::assert_succeeded(&out);
         wait_for_narinfos(&dest, &paths, &format!("{n} paths, queue {k}"));
         up.signal("HUP");
         assert!(up.wait().success(), "SIGHUP after the work is done exits 0");
@@ -426,11 +414,7 @@ fn sigkill_at_any_moment_loses_no_sent_path_and_the_cache_stays_consistent() {
             if let Some(chunk) = chunks.next() {
                 let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
                 let out = send(&fifo, &refs, &["--timeout", "10s"]);
-                assert!(
-                    out.status.success(),
-                    "{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                common::assert_succeeded(&out);
                 sent.extend(chunk.iter().cloned());
             }
         }
@@ -543,11 +527,7 @@ fn a_full_queue_blocks_senders_until_their_timeout() {
     fs::rename(&dest, &away).unwrap();
     fs::write(&dest, "not a folder").unwrap();
     let out = send(&fifo, &[&paths[0]], &["--timeout", "20s"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_succeeded(&out);
     // Thousands of lines of real paths: more than the queue, the reader's buffer and the
     // pipe hold (~270 KB), and every one must be uploaded once there is room again. The last
     // paths appear only past what the pipe takes, so only the spool can bring them.

@@ -264,6 +264,15 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
+/// Fails the test with the command's stderr unless it succeeded.
+pub fn assert_succeeded(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// SHA-256 of bytes in `sha256:<nixbase32>` form.
 pub fn nix32_sha256(data: &[u8]) -> String {
     nixcached_actors::formats::Hash::sha256_of(data).to_nix32()

@@ -323,16 +323,14 @@ fn body(resp: reqwest::Response) -> ByteStream {
 /// What the name of a NAR file promises: Nix names NAR files by the nixbase32 SHA-256 of
 /// their bytes (`nar/<hash>.nar.xz`), so such a file must hash to its name.
 fn expected_from_name(key: &str) -> Expected {
-    let stem = key
+    let hash = key
         .strip_prefix("nar/")
         .and_then(|f| f.split_once(".nar"))
-        .map(|(name, _)| name);
-    Expected {
-        size: None,
-        hash: stem
-            .and_then(|s| Hash::from_digest_text(Algo::Sha256, s).ok())
-            .filter(|_| stem.is_some_and(|s| s.len() == 52)),
-    }
+        .map(|(name, _)| name)
+        // 52 characters is the nixbase32 form; a name in another encoding is not a hash.
+        .filter(|name| name.len() == 52)
+        .and_then(|name| Hash::from_digest_text(Algo::Sha256, name).ok());
+    Expected { size: None, hash }
 }
 
 /// `stream`, failing once it has sent more than `cap` bytes: an upstream cannot make a NAR
@@ -457,13 +455,7 @@ impl Store for UpstreamStore {
         };
         let resp = self.inner.fetch_nar(url, candidates, wanted).await?;
         let declared = declared_total(&resp);
-        if let (Some(d), Some(s)) = (declared, expected.size) {
-            if d != s {
-                return Err(StoreError::Corrupt(format!(
-                    "the upstream sends {d} bytes for {url}, its narinfo says FileSize {s}"
-                )));
-            }
-        }
+        expected.check_announced(declared, url)?;
         let total = declared.or(expected.size).ok_or_else(|| {
             StoreError::backend(
                 format!("fetching {url}"),

@@ -50,6 +50,18 @@ pub struct Expected {
     pub hash: Option<Hash>,
 }
 
+impl Expected {
+    /// Refuses a download of `key` whose announced length is not the narinfo's `FileSize`.
+    pub fn check_announced(&self, announced: Option<u64>, key: &str) -> Result<()> {
+        match (announced, self.size) {
+            (Some(l), Some(s)) if l != s => Err(StoreError::Corrupt(format!(
+                "the upstream sends {l} bytes for {key}, its narinfo says FileSize {s}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// The start of an upstream download: the body, and its length when the upstream said it.
 pub type Download = (ByteStream, Option<u64>);
 
@@ -257,13 +269,7 @@ impl NarDiskCache {
         let dest = self.path_of(&key);
         let r = async {
             let (mut body, len) = start.await?;
-            if let (Some(l), Some(s)) = (len, expected.size) {
-                if l != s {
-                    return Err(StoreError::Corrupt(format!(
-                        "upstream sends {l} bytes for {key}, its narinfo says FileSize {s}"
-                    )));
-                }
-            }
+            expected.check_announced(len, &key)?;
             let mut file = tokio::fs::File::create(&part)
                 .await
                 .map_err(|e| io_err(format!("creating {}", part.display()), e))?;
