@@ -27,6 +27,17 @@ static UPLOADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize:
 
 impl Upload {
     fn start(env: &NixEnv, fifo: &Path, dest: &str, extra: &[&str]) -> Upload {
+        Upload::start_logging(env, fifo, dest, extra, "info")
+    }
+
+    /// Like [`Upload::start`], logging at `rust_log` (a `RUST_LOG` value).
+    fn start_logging(
+        env: &NixEnv,
+        fifo: &Path,
+        dest: &str,
+        extra: &[&str],
+        rust_log: &str,
+    ) -> Upload {
         let state = env.path("state");
         let n = UPLOADS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let log = env.path(&format!("upload-{n}.log"));
@@ -48,7 +59,7 @@ impl Upload {
             ])
             .args(extra)
             .arg(dest)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", rust_log)
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).unwrap())
             .spawn()
@@ -249,6 +260,96 @@ fn sighup_with_paths_queued_uploads_them_all_and_exits_zero() {
         assert!(
             dest.join(format!("{}.narinfo", digest(p))).is_file(),
             "{p} missing after SIGHUP drain"
+        );
+    }
+}
+
+/// Lines another writer put into the FIFO and the reader has not taken yet when SIGHUP
+/// comes (in the pipe, or read ahead and not yet accepted) are uploaded by the drain too:
+/// they vanish with the process otherwise. The destination (a private moto) is frozen, so
+/// the queue of one stays full and the reader is held back while the later lines are written;
+/// SIGHUP comes before the destination thaws.
+#[test]
+fn sighup_drain_takes_the_lines_still_in_the_pipe() {
+    use std::io::Write;
+    let env = NixEnv::new();
+    let paths = many_paths(&env, 9);
+    let moto = common::peers::Moto::start(common::peers::free_port());
+    let bucket = common::peers::fresh_name("sighup-pipe");
+    let (code, _) = common::curl(&["-X", "PUT", &format!("{}/{bucket}", moto.endpoint())]);
+    assert_eq!(code, 200);
+    let dest = format!(
+        "s3://{bucket}?endpoint={}&region=us-east-1",
+        moto.endpoint()
+    );
+    let fifo = env.path("f");
+    mkfifo(&fifo);
+    let up = Upload::start_logging(
+        &env,
+        &fifo,
+        &dest,
+        &["--jobs", "1", "--queue-size", "1"],
+        "info,nixcached_actors::upload::reader=debug",
+    );
+    // Objects are private; the listing is not.
+    let has = |key: &str| {
+        let url = format!("{}/{bucket}?list-type=2&prefix={key}", moto.endpoint());
+        let (code, body) = common::curl(&[&url]);
+        code == 200 && String::from_utf8_lossy(&body).contains(&format!("<Key>{key}</Key>"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !has("nix-cache-info") {
+        assert!(
+            Instant::now() < deadline,
+            "upload never prepared the bucket:\n{}",
+            up.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    moto.pause();
+    let mut w = fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    let mut write = |ps: &[String]| {
+        let text: String = ps.iter().map(|p| format!("{p}\n")).collect();
+        w.write_all(text.as_bytes()).unwrap();
+    };
+    let wait_logged = |needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !up.log_text().contains(needle) {
+            assert!(Instant::now() < deadline, "never logged {needle:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // The first path takes the queue's only place and hangs on the frozen destination.
+    write(&paths[..1]);
+    wait_logged("accepting 1 paths");
+    // The next two are accepted (journaled) and wait for room: the reader is held there.
+    write(&paths[1..3]);
+    wait_logged("accepting 2 paths");
+    // Read ahead into the reader's hand-over slot, held by the reading thread, left in the
+    // pipe: none of these is accepted before the signal.
+    for piece in [&paths[3..5], &paths[5..7], &paths[7..]] {
+        std::thread::sleep(Duration::from_millis(300));
+        write(piece);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        up.log_text().matches("accepting ").count(),
+        2,
+        "the reader was not held back:\n{}",
+        up.log_text()
+    );
+    up.signal("HUP");
+    std::thread::sleep(Duration::from_millis(300));
+    moto.resume();
+    let log = up.log.clone();
+    let status = up.wait();
+    let log = fs::read_to_string(log).unwrap();
+    assert!(status.success(), "{status}\n{log}");
+    drop(w);
+    for p in &paths {
+        assert!(
+            has(&format!("{}.narinfo", digest(p))),
+            "{p} missing after the SIGHUP drain\n{log}"
         );
     }
 }

@@ -130,6 +130,26 @@ impl Moto {
         Moto { child, port }
     }
 
+    /// Freezes the server (SIGSTOP): connections are accepted by the kernel and never
+    /// answered, as with a destination that hangs.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Thaws a [`Moto::pause`]d server (SIGCONT); the requests it held are answered.
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} moto");
+    }
+
     /// `http://127.0.0.1:PORT`
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)

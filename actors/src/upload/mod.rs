@@ -171,20 +171,37 @@ pub async fn run(cfg: UploadConfig) -> Result<Outcome, UploadError> {
         scheduler, journal, ..
     } = start_pipeline(&cfg.pipeline).await?;
 
-    let (ended_tx, ended_rx) = oneshot::channel();
+    let (ended_tx, mut ended_rx) = oneshot::channel();
     let reader = FifoReader::new(cfg.input.clone(), scheduler.clone(), ended_tx).start();
-    let (reason, drain, input_error) = tokio::select! {
-        end = ended_rx => match end.unwrap_or(InputEnd::Eof) {
-            InputEnd::Eof => ("end of input".to_owned(), true, None),
-            InputEnd::Finish => ("finish marker".to_owned(), true, None),
-            InputEnd::Error(e) => (format!("input error: {e}"), true, Some(std::sync::Arc::new(e))),
-        },
-        sig = signals.recv() => {
-            let drain = sig == Signal::Hup;
-            (sig.to_string(), drain, None)
-        }
+    let ended = |end: Result<InputEnd, _>| match end.unwrap_or(InputEnd::Eof) {
+        InputEnd::Eof => ("end of input".to_owned(), None),
+        InputEnd::Finish => ("finish marker".to_owned(), None),
+        InputEnd::Stopped => ("stopped".to_owned(), None),
+        InputEnd::Error(e) => (format!("input error: {e}"), Some(Arc::new(e))),
     };
-    reader.do_send(StopReading);
+    let (reason, drain, input_error) = tokio::select! {
+        end = &mut ended_rx => {
+            let (reason, error) = ended(end);
+            (reason, true, error)
+        }
+        sig = signals.recv() => (sig.to_string(), sig == Signal::Hup, None)
+    };
+    let mut input_error = input_error;
+    if drain && !ended_rx.is_terminated() {
+        // SIGHUP: lines writers already put in the pipe or the spool are accepted too (a
+        // `send` that returned must not lose its paths to a drain that raced it).
+        reader.do_send(StopReading { drain: true });
+        tokio::select! {
+            end = &mut ended_rx => input_error = ended(end).1,
+            sig = signals.recv() => {
+                tracing::info!("{sig}: stopping without finishing; unfinished paths stay queued");
+                reader.do_send(StopReading { drain: false });
+                return Ok(Outcome { summary: Summary::default(), reason: sig.to_string(), drained: false, input_error });
+            }
+        }
+    } else {
+        reader.do_send(StopReading { drain: false });
+    }
     if !drain {
         tracing::info!(
             "{reason}: stopping now; unfinished paths stay queued in {}",
