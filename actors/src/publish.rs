@@ -129,14 +129,8 @@ pub async fn publish(
     let (compressed, file_tally): (ByteStream, Tally) = if opts.compression == Compression::None {
         (nar, nar_tally.clone())
     } else {
-        let reader = tokio::io::BufReader::with_capacity(256 * 1024, StreamReader::new(nar));
-        hashing(
-            Box::pin(ReaderStream::with_capacity(
-                opts.compression.compress_reader(reader, opts.level),
-                256 * 1024,
-            )),
-            None,
-        )
+        // Flushed only at the end, so the file (and FileHash) is the same every run.
+        hashing(opts.compression.compress_stream(nar, opts.level), None)
     };
     // Keyed by the NAR hash (known before compressing), so the NAR streams straight into
     // the destination with no temporary copy; the narinfo's URL is opaque to clients.
