@@ -24,3 +24,39 @@ pub fn run(cli: cli::Cli) -> anyhow::Result<()> {
         (Some(cli::Command::Send(args)), None) => send::run(args),
     }
 }
+
+/// An error as one line for the user: the message and each cause in turn, leaving out a
+/// cause whose text the line already holds (many errors print their source in their own
+/// message, and the plain chain would say it twice).
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_line;
+
+    #[test]
+    fn an_error_line_names_each_cause_once() {
+        let io = std::io::Error::other("No space left on device");
+        let said_twice = nixcached_actors::send::SendError::Io {
+            context: "writing /spool/x".into(),
+            source: io,
+        };
+        let e = anyhow::Error::new(said_twice).context("sending");
+        assert_eq!(
+            error_line(&e),
+            "sending: writing /spool/x: No space left on device"
+        );
+        let plain = anyhow::anyhow!("outer").context("top");
+        assert_eq!(error_line(&plain), "top: outer");
+    }
+}

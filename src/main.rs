@@ -22,7 +22,7 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // One line a user can act on, with the chain of causes; no backtrace.
-            eprintln!("nixcached: error: {e:#}");
+            eprintln!("nixcached: error: {}", nixcached::error_line(&e));
             std::process::ExitCode::FAILURE
         }
     }

@@ -5,129 +5,16 @@ mod common;
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::upload::{
+    assert_spool_empty, digest, many_paths, many_paths_named, mkfifo, send, wait_for_narinfos,
+    Upload,
+};
 use common::NixEnv;
 
 const BIN: &str = env!("CARGO_BIN_EXE_nixcached");
-
-fn mkfifo(p: &Path) {
-    assert!(Command::new("mkfifo").arg(p).status().unwrap().success());
-}
-
-struct Upload {
-    child: Child,
-    /// Where its stderr (the log, at `info`) goes.
-    log: PathBuf,
-}
-
-/// Numbers the uploaders of one test process, so each keeps its own log file.
-static UPLOADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-impl Upload {
-    fn start(env: &NixEnv, fifo: &Path, dest: &str, extra: &[&str]) -> Upload {
-        Upload::start_logging(env, fifo, dest, extra, "info")
-    }
-
-    /// Like [`Upload::start`], logging at `rust_log` (a `RUST_LOG` value).
-    fn start_logging(
-        env: &NixEnv,
-        fifo: &Path,
-        dest: &str,
-        extra: &[&str],
-        rust_log: &str,
-    ) -> Upload {
-        let state = env.path("state");
-        let n = UPLOADS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let log = env.path(&format!("upload-{n}.log"));
-        let child = env
-            .cmd(BIN)
-            .args([
-                "upload",
-                "-k",
-                "--input",
-                fifo.to_str().unwrap(),
-                "--state-dir",
-                state.to_str().unwrap(),
-            ])
-            .args([
-                "--from",
-                &format!("local?root={}", env.store_arg()),
-                "--progress-interval",
-                "0",
-            ])
-            .args(extra)
-            .arg(dest)
-            .env("RUST_LOG", rust_log)
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        // The spool folder appears once the uploader has started and owns the FIFO.
-        let spool = PathBuf::from(format!("{}.spool", fifo.display()));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !spool.is_dir() {
-            assert!(Instant::now() < deadline, "upload did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Upload { child, log }
-    }
-
-    /// What it logged so far.
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, sig: &str) {
-        assert!(Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success());
-    }
-
-    fn wait(mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                std::mem::forget(self);
-                return s;
-            }
-            assert!(Instant::now() < deadline, "upload did not exit");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Upload {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn send(fifo: &Path, paths: &[&str], extra: &[&str]) -> std::process::Output {
-    Command::new(BIN)
-        .args(["send", "-o", fifo.to_str().unwrap()])
-        .args(extra)
-        .args(paths)
-        .output()
-        .unwrap()
-}
-
-fn digest(p: &str) -> &str {
-    &p["/nix/store/".len()..][..32]
-}
-
-/// Asserts that `send`'s spool next to `fifo` holds nothing: every path in it was taken.
-fn assert_spool_empty(fifo: &Path) {
-    let spool = PathBuf::from(format!("{}.spool", fifo.display()));
-    let left: Vec<_> = fs::read_dir(&spool)
-        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
-        .unwrap_or_default();
-    assert!(left.is_empty(), "{} still holds {left:?}", spool.display());
-}
 
 /// Every narinfo in a folder cache points at a complete NAR (its `FileSize`), and its
 /// listing and its references' narinfos exist: the invariant a watcher must see at every
@@ -221,23 +108,6 @@ fn post_build_hook_uploads_a_closure_that_nix_then_substitutes() {
     assert_eq!(check_consistent(&dest), closure.paths.len());
 }
 
-/// Store paths with no references, made quickly.
-fn many_paths(env: &NixEnv, n: usize) -> Vec<String> {
-    many_paths_named(env, n, "src")
-}
-
-/// Like [`many_paths`], with sources under `ENV/<prefix><i>` (so one test can make two sets).
-fn many_paths_named(env: &NixEnv, n: usize, prefix: &str) -> Vec<String> {
-    (0..n)
-        .map(|i| {
-            let d = env.path(&format!("{prefix}{i}"));
-            fs::create_dir_all(&d).unwrap();
-            fs::write(d.join("data"), format!("object {i}\n").repeat(1000 + i)).unwrap();
-            env.add(&d)
-        })
-        .collect()
-}
-
 #[test]
 fn sighup_with_paths_queued_uploads_them_all_and_exits_zero() {
     let env = NixEnv::new();
@@ -261,118 +131,6 @@ fn sighup_with_paths_queued_uploads_them_all_and_exits_zero() {
             dest.join(format!("{}.narinfo", digest(p))).is_file(),
             "{p} missing after SIGHUP drain"
         );
-    }
-}
-
-/// Lines another writer put into the FIFO and the reader has not taken yet when SIGHUP
-/// comes (in the pipe, or read ahead and not yet accepted) are uploaded by the drain too:
-/// they vanish with the process otherwise. The destination (a private moto) is frozen, so
-/// the queue of one stays full and the reader is held back while the later lines are written;
-/// SIGHUP comes before the destination thaws.
-#[test]
-fn sighup_drain_takes_the_lines_still_in_the_pipe() {
-    use std::io::Write;
-    let env = NixEnv::new();
-    let paths = many_paths(&env, 9);
-    let moto = common::peers::Moto::start(common::peers::free_port());
-    let bucket = common::peers::fresh_name("sighup-pipe");
-    let (code, _) = common::curl(&["-X", "PUT", &format!("{}/{bucket}", moto.endpoint())]);
-    assert_eq!(code, 200);
-    let dest = format!(
-        "s3://{bucket}?endpoint={}&region=us-east-1",
-        moto.endpoint()
-    );
-    let fifo = env.path("f");
-    mkfifo(&fifo);
-    let up = Upload::start_logging(
-        &env,
-        &fifo,
-        &dest,
-        &["--jobs", "1", "--queue-size", "1"],
-        "info,nixcached_actors::upload::reader=debug",
-    );
-    // Objects are private; the listing is not.
-    let has = |key: &str| {
-        let url = format!("{}/{bucket}?list-type=2&prefix={key}", moto.endpoint());
-        let (code, body) = common::curl(&[&url]);
-        code == 200 && String::from_utf8_lossy(&body).contains(&format!("<Key>{key}</Key>"))
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !has("nix-cache-info") {
-        assert!(
-            Instant::now() < deadline,
-            "upload never prepared the bucket:\n{}",
-            up.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    moto.pause();
-    let mut w = fs::OpenOptions::new().write(true).open(&fifo).unwrap();
-    let mut write = |ps: &[String]| {
-        let text: String = ps.iter().map(|p| format!("{p}\n")).collect();
-        w.write_all(text.as_bytes()).unwrap();
-    };
-    let wait_logged = |needle: &str| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !up.log_text().contains(needle) {
-            assert!(Instant::now() < deadline, "never logged {needle:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
-    // The first path takes the queue's only place and hangs on the frozen destination.
-    write(&paths[..1]);
-    wait_logged("accepting 1 paths");
-    // The next two are accepted (journaled) and wait for room: the reader is held there.
-    write(&paths[1..3]);
-    wait_logged("accepting 2 paths");
-    // Read ahead into the reader's hand-over slot, held by the reading thread, left in the
-    // pipe: none of these is accepted before the signal.
-    for piece in [&paths[3..5], &paths[5..7], &paths[7..]] {
-        std::thread::sleep(Duration::from_millis(300));
-        write(piece);
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        up.log_text().matches("accepting ").count(),
-        2,
-        "the reader was not held back:\n{}",
-        up.log_text()
-    );
-    up.signal("HUP");
-    std::thread::sleep(Duration::from_millis(300));
-    moto.resume();
-    let log = up.log.clone();
-    let status = up.wait();
-    let log = fs::read_to_string(log).unwrap();
-    assert!(status.success(), "{status}\n{log}");
-    drop(w);
-    for p in &paths {
-        assert!(
-            has(&format!("{}.narinfo", digest(p))),
-            "{p} missing after the SIGHUP drain\n{log}"
-        );
-    }
-}
-
-/// Waits until every path has a narinfo in the folder cache `dest`.
-fn wait_for_narinfos(dest: &Path, paths: &[String], what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let missing: Vec<&String> = paths
-            .iter()
-            .filter(|p| !dest.join(format!("{}.narinfo", digest(p))).is_file())
-            .collect();
-        if missing.is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: {} of {} paths never uploaded, e.g. {}",
-            missing.len(),
-            paths.len(),
-            missing[0]
-        );
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -699,38 +457,4 @@ fn send_errors_are_clear() {
         stderr.contains("--jobs") && stderr.contains("0 is not in 1.."),
         "{stderr}"
     );
-}
-
-/// A line far past the input bound (or one that is not text) is skipped with a warning; the
-/// pipeline keeps reading, so paths written after it are still uploaded.
-#[test]
-fn an_oversized_or_binary_input_line_is_skipped_and_reading_goes_on() {
-    use std::io::Write;
-    let env = NixEnv::new();
-    let paths = many_paths(&env, 2);
-    let fifo = env.path("f");
-    mkfifo(&fifo);
-    let dest = env.path("cache");
-    let mut up = Upload::start(
-        &env,
-        &fifo,
-        &format!("file://{}", dest.display()),
-        &["--jobs", "1"],
-    );
-    {
-        // Written straight into the FIFO, as any writer besides `send` may.
-        let mut w = fs::OpenOptions::new().write(true).open(&fifo).unwrap();
-        let mut input = format!("{}\n", paths[0]).into_bytes();
-        input.extend(std::iter::repeat_n(b'x', 3 << 20));
-        input.extend_from_slice(b"\n\xff\xfe/nix/store/\x00\x01\n");
-        input.extend_from_slice(format!("{}\n", paths[1]).as_bytes());
-        w.write_all(&input).unwrap();
-    }
-    wait_for_narinfos(&dest, &paths, "paths around a 3 MiB line");
-    assert!(
-        up.child.try_wait().unwrap().is_none(),
-        "upload stopped reading its input"
-    );
-    up.signal("HUP");
-    assert!(up.wait().success());
 }

@@ -110,7 +110,23 @@ fn spool(output: &Path, writes: &[Vec<u8>]) -> Result<bool, SendError> {
         std::process::id()
     );
     let tmp = dir.join(format!(".tmp-{stamp}"));
-    let mut f = std::fs::File::create(&tmp).map_err(io(format!("writing {}", tmp.display())))?;
+    let written = write_spool_file(&tmp, writes).and_then(|()| {
+        std::fs::rename(&tmp, dir.join(&stamp)).map_err(io(format!("renaming {}", tmp.display())))
+    });
+    if let Err(e) = written {
+        // A half-written file would never be read; leave nothing behind.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(format!("syncing {}", dir.display())))?;
+    Ok(true)
+}
+
+/// Writes and syncs one spool file.
+fn write_spool_file(tmp: &Path, writes: &[Vec<u8>]) -> Result<(), SendError> {
+    let mut f = std::fs::File::create(tmp).map_err(io(format!("writing {}", tmp.display())))?;
     for w in writes {
         // The finish marker is for the live pipe only; a spooled copy must not stop a later run.
         let data: Vec<u8> = w
@@ -123,12 +139,7 @@ fn spool(output: &Path, writes: &[Vec<u8>]) -> Result<bool, SendError> {
             .map_err(io(format!("writing {}", tmp.display())))?;
     }
     f.sync_all()
-        .map_err(io(format!("syncing {}", tmp.display())))?;
-    std::fs::rename(&tmp, dir.join(&stamp)).map_err(io(format!("renaming {}", tmp.display())))?;
-    std::fs::File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(format!("syncing {}", dir.display())))?;
-    Ok(true)
+        .map_err(io(format!("syncing {}", tmp.display())))
 }
 
 /// Sends paths (and the finish marker) to `output`, giving up after `timeout`.
@@ -156,7 +167,15 @@ pub fn send(
         }
     })?;
     let spooled = if meta.file_type().is_fifo() {
-        spool(output, &writes)?
+        // A spool that cannot be written (a full disk, say) must not stop the paths: they
+        // still go through the pipe, only without the spool's durability.
+        spool(output, &writes).unwrap_or_else(|e| {
+            tracing::warn!(
+                "{e}; sending through the FIFO only (the paths are lost if the uploader \
+                 stops before reading them)"
+            );
+            false
+        })
     } else {
         false
     };

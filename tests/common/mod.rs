@@ -5,6 +5,7 @@
 pub mod browser;
 pub mod conformance;
 pub mod peers;
+pub mod upload;
 pub mod upstream_server;
 
 use std::path::{Path, PathBuf};

@@ -180,9 +180,23 @@ pub fn spool_dir(fifo: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// Largest spool file read. `send` writes one file per call, a few hundred bytes per path;
+/// anything larger did not come from it and is set aside rather than read into memory.
+pub const MAX_SPOOL_FILE: u64 = 64 << 20;
+
+/// Where spool entries that are not `send`'s files are moved, inside the spool folder (its
+/// leading dot keeps it out of later reads).
+pub const REJECTED: &str = ".rejected";
+
 /// Reads every complete spool file: returns their lines and the files to delete once the
 /// lines are committed. Temporary files (still being written by `send`) are left alone.
+///
+/// Anything else found there (a directory, FIFO, socket, symbolic link, an unreadable or
+/// oversized file) is moved into [`REJECTED`] with a warning: it holds no paths `send`
+/// wrote, and reading it could block (a FIFO), follow a link out of the folder, or take
+/// unbounded memory. Nothing is deleted that was not read.
 pub fn read_spool(dir: &Path) -> Result<(Vec<Vec<u8>>, Vec<PathBuf>), JournalError> {
+    use std::os::unix::ffi::OsStrExt;
     let err = |source| JournalError::Spool {
         path: dir.to_owned(),
         source,
@@ -194,24 +208,117 @@ pub fn read_spool(dir: &Path) -> Result<(Vec<Vec<u8>>, Vec<PathBuf>), JournalErr
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((lines, files)),
         Err(e) => return Err(err(e)),
     };
-    let mut entries: Vec<_> = rd.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+    let mut entries: Vec<PathBuf> = Vec::new();
+    for e in rd {
+        let e = e.map_err(err)?;
+        if !e.file_name().as_bytes().starts_with(b".") {
+            entries.push(e.path());
+        }
+    }
     entries.sort();
     for p in entries {
-        if p.file_name()
-            .and_then(|n| n.to_str())
-            .is_none_or(|n| n.starts_with('.'))
-        {
-            continue;
+        match read_spool_file(&p) {
+            Ok(data) => {
+                lines.extend(
+                    data.split(|&b| b == b'\n')
+                        .filter(|l| !l.is_empty())
+                        .map(<[u8]>::to_vec),
+                );
+                files.push(p);
+            }
+            // Gone since the listing: `upload` of another process took it.
+            Err(SpoolEntry::Gone) => {}
+            Err(SpoolEntry::Odd(why)) => set_aside(dir, &p, &why),
         }
-        let data = std::fs::read(&p).map_err(err)?;
-        lines.extend(
-            data.split(|&b| b == b'\n')
-                .filter(|l| !l.is_empty())
-                .map(<[u8]>::to_vec),
-        );
-        files.push(p);
     }
     Ok((lines, files))
+}
+
+/// Why a spool entry was not read.
+enum SpoolEntry {
+    Gone,
+    Odd(String),
+}
+
+/// Reads one spool file, refusing anything but a regular file of bounded size; never
+/// blocks (a FIFO is opened non-blocking) and never follows a symbolic link.
+fn read_spool_file(p: &Path) -> Result<Vec<u8>, SpoolEntry> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(p);
+    let f = match f {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(SpoolEntry::Gone),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(SpoolEntry::Odd("a symbolic link".into()))
+        }
+        Err(e) => return Err(SpoolEntry::Odd(format!("unreadable ({e})"))),
+    };
+    let meta = f
+        .metadata()
+        .map_err(|e| SpoolEntry::Odd(format!("unreadable ({e})")))?;
+    let ft = meta.file_type();
+    let kind = if ft.is_file() {
+        None
+    } else if ft.is_dir() {
+        Some("a directory")
+    } else if ft.is_fifo() {
+        Some("a FIFO")
+    } else if ft.is_socket() {
+        Some("a socket")
+    } else {
+        Some("a device or other special file")
+    };
+    if let Some(kind) = kind {
+        return Err(SpoolEntry::Odd(kind.into()));
+    }
+    if meta.len() > MAX_SPOOL_FILE {
+        return Err(SpoolEntry::Odd(format!(
+            "{} bytes, more than `send` ever writes ({MAX_SPOOL_FILE})",
+            meta.len()
+        )));
+    }
+    let mut data = Vec::new();
+    f.take(MAX_SPOOL_FILE + 1)
+        .read_to_end(&mut data)
+        .map_err(|e| SpoolEntry::Odd(format!("unreadable ({e})")))?;
+    if data.len() as u64 > MAX_SPOOL_FILE {
+        return Err(SpoolEntry::Odd(format!(
+            "more than `send` ever writes ({MAX_SPOOL_FILE} bytes)"
+        )));
+    }
+    Ok(data)
+}
+
+/// Moves an odd spool entry into the [`REJECTED`] folder, saying so.
+fn set_aside(dir: &Path, p: &Path, why: &str) {
+    let rejected = dir.join(REJECTED);
+    let name = p.file_name().unwrap_or_default();
+    let mut to = rejected.join(name);
+    for i in 1.. {
+        if std::fs::symlink_metadata(&to).is_err() {
+            break;
+        }
+        let mut n = name.to_owned();
+        n.push(format!(".{i}"));
+        to = rejected.join(n);
+    }
+    match std::fs::create_dir_all(&rejected).and_then(|()| std::fs::rename(p, &to)) {
+        Ok(()) => tracing::warn!(
+            "spool: {} is {why}, not a file `send` wrote; moved it to {} (nothing in it was uploaded)",
+            p.display(),
+            to.display()
+        ),
+        Err(e) => tracing::warn!(
+            "spool: {} is {why}, not a file `send` wrote, and could not be moved to {}: {e}; \
+             remove it from the spool folder",
+            p.display(),
+            rejected.display()
+        ),
+    }
 }
 
 #[cfg(test)]

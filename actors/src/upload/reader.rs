@@ -260,31 +260,78 @@ fn paths_of(spec: &InputSpec, tokens: Vec<Token>) -> (Vec<String>, bool) {
     (paths, finish)
 }
 
+/// Hands paths to the scheduler, which journals them before answering. A journal that
+/// cannot take them now (a full disk, an I/O error) is retried until it can: the paths stay
+/// held here, reading stops meanwhile, and writers wait on the full pipe (or spool).
 async fn enqueue(scheduler: &Addr<Scheduler>, paths: Vec<String>) -> Result<(), UploadError> {
     if paths.is_empty() {
         return Ok(());
     }
     tracing::debug!("accepting {} paths", paths.len());
-    scheduler.send(Enqueue(paths)).await?
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match scheduler.send(Enqueue(paths.clone())).await? {
+            Err(UploadError::Journal(e)) => {
+                tracing::warn!(
+                    "{} paths not accepted yet: {e}; retrying in {delay:?} (they are held \
+                     until the journal can record them: free space in --state-dir)",
+                    paths.len()
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+            done => return done,
+        }
+    }
 }
 
-/// Moves whatever `send` spooled into the scheduler, deleting spool files only after the
-/// scheduler has committed their paths.
-async fn ingest_spool(spec: &InputSpec, scheduler: &Addr<Scheduler>) -> Result<(), UploadError> {
-    let Some(dir) = &spec.spool else {
-        return Ok(());
-    };
-    let (lines, files) = read_spool(dir)?;
-    if files.is_empty() {
-        return Ok(());
+/// The spool folder's reader, which says once (not every second) when the folder itself
+/// cannot be read.
+#[derive(Default)]
+struct SpoolWatch {
+    last_error: Option<String>,
+}
+
+impl SpoolWatch {
+    /// Moves whatever `send` spooled into the scheduler, deleting spool files only after the
+    /// scheduler has committed their paths. A spool folder that cannot be read is a warning,
+    /// not the end of input: the FIFO still brings paths.
+    async fn ingest(
+        &mut self,
+        spec: &InputSpec,
+        scheduler: &Addr<Scheduler>,
+    ) -> Result<(), UploadError> {
+        let Some(dir) = &spec.spool else {
+            return Ok(());
+        };
+        let (lines, files) = match read_spool(dir) {
+            Ok(found) => {
+                self.last_error = None;
+                found
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if self.last_error.as_ref() != Some(&msg) {
+                    tracing::warn!(
+                        "{msg}; paths `send` spooled there wait until it can be read \
+                         (the FIFO is still read)"
+                    );
+                    self.last_error = Some(msg);
+                }
+                return Ok(());
+            }
+        };
+        if files.is_empty() {
+            return Ok(());
+        }
+        let tokens = lines.into_iter().map(Token::Line).collect();
+        let (paths, _) = paths_of(spec, tokens);
+        enqueue(scheduler, paths).await?;
+        for f in files {
+            let _ = std::fs::remove_file(f);
+        }
+        Ok(())
     }
-    let tokens = lines.into_iter().map(Token::Line).collect();
-    let (paths, _) = paths_of(spec, tokens);
-    enqueue(scheduler, paths).await?;
-    for f in files {
-        let _ = std::fs::remove_file(f);
-    }
-    Ok(())
 }
 
 async fn read_loop(
@@ -292,7 +339,8 @@ async fn read_loop(
     scheduler: Addr<Scheduler>,
     mut stop: oneshot::Receiver<()>,
 ) -> InputEnd {
-    if let Err(e) = ingest_spool(&spec, &scheduler).await {
+    let mut spool = SpoolWatch::default();
+    if let Err(e) = spool.ingest(&spec, &scheduler).await {
         return InputEnd::Error(e);
     }
     let (mut rx, stop_thread) = match spawn_reading_thread(&spec) {
@@ -312,7 +360,7 @@ async fn read_loop(
         let chunk = tokio::select! {
             c = rx.recv() => c,
             _ = tick.tick(), if stop_thread.is_some() => {
-                if let Err(e) = ingest_spool(&spec, &scheduler).await {
+                if let Err(e) = spool.ingest(&spec, &scheduler).await {
                     return InputEnd::Error(e);
                 }
                 continue;
@@ -335,7 +383,7 @@ async fn read_loop(
         };
         let (paths, finish) = paths_of(&spec, tokens);
         // The spool holds what `send` wrote durably; take it before acknowledging more.
-        if let Err(e) = ingest_spool(&spec, &scheduler).await {
+        if let Err(e) = spool.ingest(&spec, &scheduler).await {
             return InputEnd::Error(e);
         }
         if let Err(e) = enqueue(&scheduler, paths).await {

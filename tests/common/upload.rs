@@ -1,0 +1,174 @@
+//! `nixcached upload` and `send` as real processes, for the tests of the upload pipeline.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::NixEnv;
+
+const BIN: &str = env!("CARGO_BIN_EXE_nixcached");
+
+/// Makes a FIFO at `p`.
+pub fn mkfifo(p: &Path) {
+    assert!(Command::new("mkfifo").arg(p).status().unwrap().success());
+}
+
+/// A running `nixcached upload -k` reading a FIFO; killed when dropped.
+pub struct Upload {
+    /// The process.
+    pub child: Child,
+    /// Where its stderr (the log, at `info`) goes.
+    pub log: PathBuf,
+}
+
+/// Numbers the uploaders of one test process, so each keeps its own log file.
+static UPLOADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl Upload {
+    /// Starts an uploader of `fifo` into `dest`, logging at `info`; waits until it owns the FIFO.
+    pub fn start(env: &NixEnv, fifo: &Path, dest: &str, extra: &[&str]) -> Upload {
+        Upload::start_logging(env, fifo, dest, extra, "info")
+    }
+
+    /// Like [`Upload::start`], logging at `rust_log` (a `RUST_LOG` value).
+    pub fn start_logging(
+        env: &NixEnv,
+        fifo: &Path,
+        dest: &str,
+        extra: &[&str],
+        rust_log: &str,
+    ) -> Upload {
+        let default_state = env.path("state");
+        // A test that puts the journal elsewhere says so in `extra`.
+        let state_args: Vec<&str> = if extra.contains(&"--state-dir") {
+            Vec::new()
+        } else {
+            vec!["--state-dir", default_state.to_str().unwrap()]
+        };
+        let n = UPLOADS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let log = env.path(&format!("upload-{n}.log"));
+        let child = env
+            .cmd(BIN)
+            .args(["upload", "-k", "--input", fifo.to_str().unwrap()])
+            .args(&state_args)
+            .args([
+                "--from",
+                &format!("local?root={}", env.store_arg()),
+                "--progress-interval",
+                "0",
+            ])
+            .args(extra)
+            .arg(dest)
+            .env("RUST_LOG", rust_log)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        // The spool folder appears once the uploader has started and owns the FIFO.
+        let spool = PathBuf::from(format!("{}.spool", fifo.display()));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !spool.is_dir() {
+            assert!(Instant::now() < deadline, "upload did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Upload { child, log }
+    }
+
+    /// What it logged so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends `kill -SIG`.
+    pub fn signal(&self, sig: &str) {
+        assert!(Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    /// Waits (at most two minutes) for the process to exit.
+    pub fn wait(mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                std::mem::forget(self);
+                return s;
+            }
+            assert!(Instant::now() < deadline, "upload did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `nixcached send -o FIFO EXTRA… PATHS…`.
+pub fn send(fifo: &Path, paths: &[&str], extra: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(["send", "-o", fifo.to_str().unwrap()])
+        .args(extra)
+        .args(paths)
+        .output()
+        .unwrap()
+}
+
+/// The 32-character digest of a store path.
+pub fn digest(p: &str) -> &str {
+    &p["/nix/store/".len()..][..32]
+}
+
+/// Asserts that `send`'s spool next to `fifo` holds nothing: every path in it was taken.
+pub fn assert_spool_empty(fifo: &Path) {
+    let spool = PathBuf::from(format!("{}.spool", fifo.display()));
+    let left: Vec<_> = fs::read_dir(&spool)
+        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{} still holds {left:?}", spool.display());
+}
+
+/// Store paths with no references, made quickly.
+pub fn many_paths(env: &NixEnv, n: usize) -> Vec<String> {
+    many_paths_named(env, n, "src")
+}
+
+/// Like [`many_paths`], with sources under `ENV/<prefix><i>` (so one test can make two sets).
+pub fn many_paths_named(env: &NixEnv, n: usize, prefix: &str) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let d = env.path(&format!("{prefix}{i}"));
+            fs::create_dir_all(&d).unwrap();
+            fs::write(d.join("data"), format!("object {i}\n").repeat(1000 + i)).unwrap();
+            env.add(&d)
+        })
+        .collect()
+}
+
+/// Waits until every path has a narinfo in the folder cache `dest`.
+pub fn wait_for_narinfos(dest: &Path, paths: &[String], what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let missing: Vec<&String> = paths
+            .iter()
+            .filter(|p| !dest.join(format!("{}.narinfo", digest(p))).is_file())
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {} of {} paths never uploaded, e.g. {}",
+            missing.len(),
+            paths.len(),
+            missing[0]
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
