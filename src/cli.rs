@@ -295,6 +295,10 @@ pub struct SendArgs {
     /// Also tell `upload --allow-finish` to stop after these paths.
     #[arg(long)]
     pub finish: bool,
+    /// Return only once the uploader has put the paths' closures in the destination
+    /// (across uploader restarts); exit 2 if an upload failed, 3 on --timeout.
+    #[arg(long)]
+    pub wait: bool,
     /// Store paths to queue.
     pub paths: Vec<String>,
 }

@@ -40,6 +40,13 @@ pub fn error_line(e: &anyhow::Error) -> String {
     line
 }
 
+/// The exit code for an error: what [`nixcached_actors::send::SendError::exit_code`] says
+/// for `send`'s errors, 1 for everything else.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    e.downcast_ref::<nixcached_actors::send::SendError>()
+        .map_or(1, |s| s.exit_code())
+}
+
 #[cfg(test)]
 mod tests {
     use super::error_line;

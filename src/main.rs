@@ -23,7 +23,7 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             // One line a user can act on, with the chain of causes; no backtrace.
             eprintln!("nixcached: error: {}", nixcached::error_line(&e));
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(nixcached::exit_code(&e))
         }
     }
 }

@@ -458,3 +458,66 @@ fn send_errors_are_clear() {
         "{stderr}"
     );
 }
+
+/// `send --wait` returns once the closure is in the destination, even when the uploader it
+/// sent to dies before reading the paths and another one takes over; it exits 2 when an
+/// upload failed and 3 when `--timeout` runs out first, each with a message that says so.
+#[test]
+fn send_wait_returns_once_the_closure_is_uploaded_across_a_restart() {
+    let env = NixEnv::new();
+    let closure = env.build_closure();
+    let (sk, pk) = env.keypair("wait-1");
+    let fifo = env.path("f");
+    mkfifo(&fifo);
+    let dest = env.path("cache");
+    let url = format!("file://{}", dest.display());
+    let args = ["--jobs", "1", "--secret-key-file", sk.to_str().unwrap()];
+    let first = Upload::start(&env, &fifo, &url, &args);
+    // Frozen: it holds the FIFO open but reads nothing, then dies without a trace.
+    first.signal("STOP");
+    let mut waiting = Command::new(BIN)
+        .args(["send", "--wait", "-o", fifo.to_str().unwrap(), &closure.app])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        waiting.try_wait().unwrap().is_none(),
+        "send --wait returned before anything was uploaded"
+    );
+    first.signal("KILL");
+    drop(first);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(waiting.try_wait().unwrap().is_none(), "send --wait gave up");
+    let second = Upload::start(&env, &fifo, &url, &args);
+    let out = waiting.wait_with_output().unwrap();
+    common::assert_succeeded(&out);
+    // Back means uploaded: every path of the closure is there and checks out with Nix.
+    env.verify(&url, Some(&*pk), &closure.app);
+    let fresh = env.path("fresh");
+    env.copy_from(&url, fresh.to_str().unwrap(), Some(&*pk), &closure.app);
+    env.verify(fresh.to_str().unwrap(), Some(&*pk), &closure.app);
+
+    // A path the local store does not have fails: exit 2, and the message names it.
+    let missing = "/nix/store/00000000000000000000000000000000-missing";
+    let out = send(&fifo, &[missing], &["--wait", "--timeout", "60s"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("1 of the sent paths failed to upload") && stderr.contains(missing),
+        "{stderr}"
+    );
+
+    // An uploader that makes no progress: exit 3 at the timeout, the path still queued.
+    second.signal("STOP");
+    let out = send(&fifo, &[&closure.lib], &["--wait", "--timeout", "2s"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("timed out after 2s with 1 sent paths not yet uploaded"),
+        "{stderr}"
+    );
+    second.signal("CONT");
+    second.signal("HUP");
+    assert!(second.wait().success());
+}

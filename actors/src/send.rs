@@ -44,6 +44,31 @@ pub enum SendError {
     /// Some paths were refused; the others were sent.
     #[error("unable to send {0} output path{s}", s = if *.0 == 1 { "" } else { "s" })]
     Rejected(usize),
+    /// `--wait`, but no uploader said where it journals the paths it reads.
+    #[error(
+        "--wait: no upload journal is named in {0}; start `nixcached upload --input FIFO` \
+         (which names it there) before sending with --wait"
+    )]
+    NoJournal(PathBuf),
+    /// `--wait`: some paths were given up on by the uploader.
+    #[error("{failed} of the sent paths failed to upload, first {first}; see the upload log")]
+    UploadFailed {
+        /// How many failed.
+        failed: usize,
+        /// The first failed path and why.
+        first: String,
+    },
+    /// `--wait`: not all paths were uploaded within `--timeout`.
+    #[error(
+        "timed out after {timeout:?} with {pending} sent paths not yet uploaded; they stay \
+         queued and will still be uploaded"
+    )]
+    WaitTimeout {
+        /// The limit.
+        timeout: Duration,
+        /// Paths not yet settled.
+        pending: usize,
+    },
     /// The operating system refused.
     #[error("{context}: {source}")]
     Io {
@@ -88,6 +113,18 @@ pub fn frame(paths: &[String], finish: bool) -> Result<Framed, SendError> {
         writes.push(cur);
     }
     Ok((writes, rejected))
+}
+
+impl SendError {
+    /// The exit code `send` ends with: 2 when an upload failed, 3 on a timeout, 1 otherwise,
+    /// so a CI job can tell "not cached" from "not cached yet".
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            SendError::UploadFailed { .. } => 2,
+            SendError::Timeout { .. } | SendError::WaitTimeout { .. } => 3,
+            _ => 1,
+        }
+    }
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SendError {
@@ -235,6 +272,63 @@ pub fn send(
         Ok(())
     } else {
         Err(SendError::Rejected(rejected.len()))
+    }
+}
+
+/// How often `--wait` looks at the journal.
+const WAIT_POLL: Duration = Duration::from_millis(200);
+
+/// Waits until the uploader reading `output` has settled every one of `paths` (its closure
+/// in the destination, or given up on) at or after `since` (Unix seconds, taken before the
+/// paths were sent), following the journal the uploader named in the spool folder. The
+/// journal outlives the uploader, so a restart in between only delays the answer.
+pub fn wait_uploaded(
+    output: &Path,
+    paths: &[String],
+    since: i64,
+    deadline: Option<(Instant, Duration)>,
+) -> Result<(), SendError> {
+    let spool = spool_dir(output);
+    // Keyed as the uploader keys them: the path as written, less trailing slashes.
+    let mut pending: Vec<&str> = paths.iter().map(|p| p.trim_end_matches('/')).collect();
+    let mut failed: Vec<String> = Vec::new();
+    loop {
+        let journal = crate::upload::journal::announced_journal(&spool)
+            .filter(|j| j.is_file())
+            .ok_or_else(|| SendError::NoJournal(spool.clone()))?;
+        let journal =
+            crate::upload::journal::Journal::open(&journal).map_err(|e| SendError::Io {
+                context: "--wait: reading the upload journal".into(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        let mut still = Vec::new();
+        for p in pending {
+            match journal.settled_since(p, since) {
+                Ok(Some(Ok(()))) => {}
+                Ok(Some(Err(why))) => failed.push(format!("{p}: {why}")),
+                // Not there yet, or the journal is busy: look again.
+                Ok(None) | Err(_) => still.push(p),
+            }
+        }
+        pending = still;
+        if pending.is_empty() {
+            return match failed.first() {
+                None => Ok(()),
+                Some(first) => Err(SendError::UploadFailed {
+                    failed: failed.len(),
+                    first: first.clone(),
+                }),
+            };
+        }
+        if let Some((at, timeout)) = deadline {
+            if Instant::now() >= at {
+                return Err(SendError::WaitTimeout {
+                    timeout,
+                    pending: pending.len(),
+                });
+            }
+        }
+        std::thread::sleep(WAIT_POLL);
     }
 }
 

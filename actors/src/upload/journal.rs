@@ -150,6 +150,35 @@ impl Journal {
         rows
     }
 
+    /// Where `path` stands if it was accepted or settled at or after `since` (Unix seconds):
+    /// `None` while it is unknown or pending, else `Ok` (done) or `Err` with the reason it
+    /// failed. A path settled before `since` counts as unknown: it was sent again.
+    pub fn settled_since(
+        &self,
+        path: &str,
+        since: i64,
+    ) -> Result<Option<Result<(), String>>, JournalError> {
+        let conn = self.conn.lock().expect("journal");
+        let r = conn.query_row(
+            "SELECT state, error, updated FROM paths WHERE path = ?1",
+            params![path],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Option<String>>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            },
+        );
+        match r {
+            Ok((_, _, updated)) if updated < since => Ok(None),
+            Ok((1, _, _)) => Ok(Some(Ok(()))),
+            Ok((2, error, _)) => Ok(Some(Err(error.unwrap_or_default()))),
+            Ok(_) | Err(rusqlite::Error::QueryReturnedNoRows) => Ok(None),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
     /// The state of one path, if known.
     pub fn state(&self, path: &str) -> Result<Option<(State, Option<String>)>, JournalError> {
         let conn = self.conn.lock().expect("journal");
@@ -171,6 +200,25 @@ impl Journal {
             Err(e) => Err(self.err(e)),
         }
     }
+}
+
+/// The file in a spool folder that names the journal of the `upload` reading the FIFO, so
+/// `send --wait` can follow its paths (the leading dot keeps it out of spool reads).
+pub const JOURNAL_POINTER: &str = ".journal";
+
+/// Says, in the spool folder, which journal records the paths read from its FIFO.
+pub fn announce_journal(spool: &Path, journal: &Path) -> std::io::Result<()> {
+    let journal = std::path::absolute(journal)?;
+    let tmp = spool.join(format!(".journal-{}", std::process::id()));
+    std::fs::write(&tmp, journal.as_os_str().as_encoded_bytes())?;
+    std::fs::rename(&tmp, spool.join(JOURNAL_POINTER))
+}
+
+/// The journal named in a spool folder, if an `upload` announced one.
+pub fn announced_journal(spool: &Path) -> Option<PathBuf> {
+    let bytes = std::fs::read(spool.join(JOURNAL_POINTER)).ok()?;
+    let text = String::from_utf8(bytes).ok()?;
+    Some(PathBuf::from(text))
 }
 
 /// The spool folder `send` writes to for a given FIFO.

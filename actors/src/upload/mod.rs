@@ -171,6 +171,15 @@ pub async fn run(cfg: UploadConfig) -> Result<Outcome, UploadError> {
         scheduler, journal, ..
     } = start_pipeline(&cfg.pipeline).await?;
 
+    if let Some(spool) = &cfg.input.spool {
+        // For `send --wait`, which follows its paths in the journal.
+        if let Err(e) = journal::announce_journal(spool, &cfg.pipeline.journal) {
+            tracing::warn!(
+                "writing {}: {e}; `send --wait` cannot follow this uploader",
+                spool.join(journal::JOURNAL_POINTER).display()
+            );
+        }
+    }
     let (ended_tx, mut ended_rx) = oneshot::channel();
     let reader = FifoReader::new(cfg.input.clone(), scheduler.clone(), ended_tx).start();
     let ended = |end: Result<InputEnd, _>| match end.unwrap_or(InputEnd::Eof) {
