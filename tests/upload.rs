@@ -4,13 +4,13 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::upload::{
-    assert_spool_empty, digest, many_paths, many_paths_named, mkfifo, send, wait_for_narinfos,
-    Upload,
+    assert_spool_empty, digest, many_paths, many_paths_named, mkfifo, send, spooled,
+    wait_for_narinfos, Upload,
 };
 use common::NixEnv;
 
@@ -409,9 +409,8 @@ fn a_full_queue_blocks_senders_until_their_timeout() {
     fs::rename(&away, &dest).unwrap();
     wait_for_narinfos(&dest, &paths[..1], "resumed after the outage");
     // What the timed-out send spooled is taken too, once there is room again.
-    let spool = PathBuf::from(format!("{}.spool", fifo.display()));
     let deadline = Instant::now() + Duration::from_secs(60);
-    while fs::read_dir(&spool).map(|rd| rd.count()).unwrap_or(0) > 0 {
+    while !spooled(&fifo).is_empty() {
         assert!(Instant::now() < deadline, "the spool was never emptied");
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -200,7 +200,13 @@ fn odd_entries_in_the_spool_are_set_aside_and_reading_goes_on() {
         .map(|e| e.unwrap().file_name())
         .collect();
     left.sort();
-    assert_eq!(left, vec![std::ffi::OsString::from(".rejected")]);
+    assert_eq!(
+        left,
+        vec![
+            std::ffi::OsString::from(".journal"),
+            std::ffi::OsString::from(".rejected")
+        ]
+    );
     // Neither the link's target nor the folder's contents were taken for `send`'s lines.
     assert!(!dest.join(format!("{}.narinfo", digest(&paths[3]))).exists());
     up.signal("HUP");

@@ -125,13 +125,28 @@ pub fn digest(p: &str) -> &str {
     &p["/nix/store/".len()..][..32]
 }
 
+/// The spool files `send` left next to `fifo` and the uploader has not taken yet (the
+/// uploader's own dot-files, such as `.journal`, are not among them).
+pub fn spooled(fifo: &Path) -> Vec<std::ffi::OsString> {
+    let spool = PathBuf::from(format!("{}.spool", fifo.display()));
+    fs::read_dir(&spool)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name())
+                .filter(|n| !n.as_encoded_bytes().starts_with(b"."))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Asserts that `send`'s spool next to `fifo` holds nothing: every path in it was taken.
 pub fn assert_spool_empty(fifo: &Path) {
-    let spool = PathBuf::from(format!("{}.spool", fifo.display()));
-    let left: Vec<_> = fs::read_dir(&spool)
-        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
-        .unwrap_or_default();
-    assert!(left.is_empty(), "{} still holds {left:?}", spool.display());
+    let left = spooled(fifo);
+    assert!(
+        left.is_empty(),
+        "{}.spool still holds {left:?}",
+        fifo.display()
+    );
 }
 
 /// Store paths with no references, made quickly.
