@@ -129,6 +129,7 @@ fn options(store: Arc<dyn Store>) -> ServeOptions {
         workers: 0,
         transparent_zstd: false,
         ui: Default::default(),
+        upload_stats: Vec::new(),
     }
 }
 

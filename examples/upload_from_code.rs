@@ -23,6 +23,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
 use nixcached_actors::formats::Compression;
@@ -30,6 +31,7 @@ use nixcached_actors::publish::PublishOptions;
 use nixcached_actors::store::local::LocalStore;
 use nixcached_actors::store::url::StoreUrl;
 use nixcached_actors::upload::scheduler::{Drain, Enqueue, SchedulerSettings};
+use nixcached_actors::upload::stats::UploadStats;
 use nixcached_actors::upload::{start_pipeline, PipelineConfig};
 
 /// Upload store paths and their closures into a binary cache.
@@ -105,7 +107,10 @@ fn run(args: Args) -> Result<bool, String> {
         .clone()
         .unwrap_or_else(|| scratch.path().join("journal.sqlite"));
 
+    // What the pipeline has done so far, readable at any time (a UI could poll it).
+    let stats = Arc::new(UploadStats::new(dest.describe()));
     let config = PipelineConfig {
+        stats,
         source,
         dest,
         journal,

@@ -220,6 +220,13 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     } else {
         cfg.server.listen.iter().map(|l| Listen::parse(l)).collect()
     };
+    let pipelines = cfg
+        .uploads
+        .iter()
+        .map(crate::upload::prepare)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    // Every cache's /metrics shows the pipelines of the process too.
+    let upload_stats: Vec<_> = pipelines.iter().map(|p| p.pipeline.stats.clone()).collect();
     let mut shared = Vec::new();
     let mut own = Vec::new();
     for c in &cfg.caches {
@@ -242,6 +249,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 &c.trusted_public_keys,
                 c.max_list_frequency,
             )?,
+            upload_stats: upload_stats.clone(),
         };
         if c.listen.is_empty() {
             shared.push((c.prefix.clone(), opts));
@@ -263,11 +271,6 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             workers: cfg.server.workers,
         });
     }
-    let pipelines = cfg
-        .uploads
-        .iter()
-        .map(crate::upload::prepare)
-        .collect::<anyhow::Result<Vec<_>>>()?;
     actix::System::new().block_on(async move {
         let serving = async {
             if groups.is_empty() {

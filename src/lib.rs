@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod progress;
 pub mod send;
 pub mod serve;
 pub mod upload;

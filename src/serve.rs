@@ -197,6 +197,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             &args.upstream.trusted_public_keys,
             args.max_list_frequency,
         )?,
+        upload_stats: Vec::new(),
     };
     actix_web::rt::System::new().block_on(nixcached_actors::serve::run(opts))?;
     tracing::info!("stopped");

@@ -12,6 +12,7 @@ use nixcached_actors::store::url::StoreUrl;
 use nixcached_actors::upload::journal::spool_dir;
 use nixcached_actors::upload::reader::InputSpec;
 use nixcached_actors::upload::scheduler::SchedulerSettings;
+use nixcached_actors::upload::stats::UploadStats;
 use nixcached_actors::upload::{PipelineConfig, UploadConfig};
 
 use crate::cli::UploadArgs;
@@ -72,6 +73,7 @@ pub fn prepare(args: &UploadArgs) -> anyhow::Result<UploadConfig> {
         }
         _ => None,
     };
+    let stats = Arc::new(UploadStats::new(dest.describe()));
     Ok(UploadConfig {
         input: InputSpec {
             path: args.input.clone(),
@@ -81,6 +83,7 @@ pub fn prepare(args: &UploadArgs) -> anyhow::Result<UploadConfig> {
             spool,
         },
         pipeline: PipelineConfig {
+            stats,
             source: Arc::clone(&source),
             dest,
             journal,
@@ -103,8 +106,17 @@ pub fn prepare(args: &UploadArgs) -> anyhow::Result<UploadConfig> {
 
 /// Runs `upload`.
 pub fn run(args: UploadArgs) -> anyhow::Result<()> {
-    let cfg = prepare(&args)?;
-    let outcome = actix::System::new().block_on(nixcached_actors::upload::run(cfg))?;
+    let mut cfg = prepare(&args)?;
+    // On a terminal, one live line instead of periodic progress log lines.
+    let live = (std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && !cfg.pipeline.scheduler.progress_every.is_zero())
+    .then(|| {
+        cfg.pipeline.scheduler.progress_every = std::time::Duration::ZERO;
+        crate::progress::Progress::show(cfg.pipeline.stats.clone())
+    });
+    let outcome = actix::System::new().block_on(nixcached_actors::upload::run(cfg));
+    drop(live);
+    let outcome = outcome?;
     if let Some(e) = outcome.input_error {
         bail!("{e}");
     }

@@ -213,6 +213,41 @@ allow-finish = true
         assert!(Instant::now() < deadline, "the pipelines did not upload");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Every cache's /metrics counts the pipelines' work: each wrote the whole closure.
+    let written = |dest: &str| {
+        let (code, body) = curl(&[&format!("{local_url}/metrics")]);
+        assert_eq!(code, 200);
+        let text = String::from_utf8_lossy(&body).into_owned();
+        text.lines()
+            .find(|l| l.starts_with("nixcached_upload_uploaded_total{") && l.contains(dest))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or_else(|| panic!("no upload counter for {dest}:\n{text}"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while written(&dest2.display().to_string()) < closure.paths.len()
+        || written(&bucket) < closure.paths.len()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the upload counters never reached the closure"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(written(&dest2.display().to_string()), closure.paths.len());
+    let (_, body) = curl(&[&format!("{s3_url}/metrics")]);
+    let text = String::from_utf8_lossy(&body);
+    for series in [
+        "nixcached_upload_queued{",
+        "nixcached_upload_bytes_total{",
+        "nixcached_upload_retries_total{",
+    ] {
+        assert_eq!(
+            text.matches(series).count(),
+            2,
+            "{series} per pipeline:\n{text}"
+        );
+    }
     // What the first pipeline put in the bucket, substituted from the S3 cache.
     substitute(2, &s3_url, &closure.app);
     env.verify(&format!("file://{}", dest2.display()), None, &closure.app);

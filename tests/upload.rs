@@ -520,3 +520,49 @@ fn send_wait_returns_once_the_closure_is_uploaded_across_a_restart() {
     second.signal("HUP");
     assert!(second.wait().success());
 }
+
+/// On a terminal `upload` shows one live line (counts, bytes, rate, what is uploading) and
+/// leaves it showing the totals; off a terminal it writes no such line, only the log.
+#[test]
+fn a_terminal_shows_a_live_progress_line_and_a_log_file_does_not() {
+    let env = NixEnv::new();
+    let paths = many_paths(&env, 3);
+    let input = env.path("paths");
+    fs::write(&input, paths.join("\n") + "\n").unwrap();
+    let upload = |dest: &str, state: &str| {
+        format!(
+            "{BIN} upload --input {} --jobs 1 --state-dir {} --from local?root={} file://{}",
+            input.display(),
+            env.path(state).display(),
+            env.store_arg(),
+            env.path(dest).display()
+        )
+    };
+    // `script` runs it on a pseudo-terminal and copies what it shows to standard output.
+    let shown = env
+        .cmd("script")
+        .args(["-qfec", &upload("tty-cache", "tty-state"), "/dev/null"])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    common::assert_succeeded(&shown);
+    let screen = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        screen.contains("3 uploaded, 0 present, 0 failed · 0 queued · "),
+        "no final progress line on the terminal:\n{screen}"
+    );
+    assert!(screen.contains("uploading "), "{screen}");
+    let plain = env
+        .cmd("sh")
+        .args(["-c", &upload("log-cache", "log-state")])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    common::assert_succeeded(&plain);
+    let log = String::from_utf8_lossy(&plain.stderr);
+    assert!(log.contains("done: 3 uploaded"), "{log}");
+    assert!(
+        !log.contains(" present, 0 failed · "),
+        "a progress line went to a non-terminal:\n{log}"
+    );
+}

@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use crate::upload::stats::UploadStats;
+
 /// Process-wide counters of one served cache.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -29,6 +31,8 @@ pub struct Metrics {
     pub nar_bytes_served: AtomicU64,
     /// NAR responses sent zstd-encoded (`--transparent-zstd`).
     pub nar_zstd_encoded: AtomicU64,
+    /// Upload pipelines of the same process, whose counters are shown too.
+    uploads: Mutex<Vec<std::sync::Arc<UploadStats>>>,
 }
 
 impl Metrics {
@@ -40,6 +44,14 @@ impl Metrics {
             .expect("metrics")
             .entry((route, status))
             .or_default() += 1;
+    }
+
+    /// Shows the counters of these upload pipelines as well.
+    pub fn watch_uploads(&self, pipelines: &[std::sync::Arc<UploadStats>]) {
+        self.uploads
+            .lock()
+            .expect("metrics")
+            .extend(pipelines.iter().cloned());
     }
 
     /// Adds to a counter.
@@ -114,6 +126,7 @@ impl Metrics {
             micros / 1_000_000,
             micros % 1_000_000
         ));
+        s.push_str(&UploadStats::render(&self.uploads.lock().expect("metrics")));
         s
     }
 }

@@ -71,6 +71,8 @@ pub struct ServeOptions {
     pub transparent_zstd: bool,
     /// The explorer UI.
     pub ui: UiOptions,
+    /// Upload pipelines of the same process, whose counters `/metrics` shows too.
+    pub upload_stats: Vec<Arc<crate::upload::stats::UploadStats>>,
 }
 
 /// Settings of the explorer UI.
@@ -109,6 +111,7 @@ pub const FIRST_ANSWER_WAIT: Duration = Duration::from_secs(5);
 /// answers ([`crate::store::guarded`]).
 pub async fn start_service(opts: &ServeOptions) -> io::Result<Arc<CacheService>> {
     let metrics = Arc::new(Metrics::default());
+    metrics.watch_uploads(&opts.upload_stats);
     // A store in front of upstreams comes guarded already (its front store is the one
     // watched, so the upstreams still answer while it is down); any other is guarded here.
     let (store, health) = match opts.store.health() {

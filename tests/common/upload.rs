@@ -65,14 +65,21 @@ impl Upload {
             .stderr(fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        // The spool folder appears once the uploader has started and owns the FIFO.
-        let spool = PathBuf::from(format!("{}.spool", fifo.display()));
+        // The uploader names its journal in the spool folder once the journal is open and
+        // the pipeline is about to read the FIFO.
+        let pointer = PathBuf::from(format!("{}.spool/.journal", fifo.display()));
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !spool.is_dir() {
+        let mut up = Upload { child, log };
+        while !pointer.is_file() {
+            assert!(
+                up.child.try_wait().unwrap().is_none(),
+                "upload exited at start:\n{}",
+                up.log_text()
+            );
             assert!(Instant::now() < deadline, "upload did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Upload { child, log }
+        up
     }
 
     /// What it logged so far.

@@ -12,6 +12,7 @@ pub mod input;
 pub mod journal;
 pub mod reader;
 pub mod scheduler;
+pub mod stats;
 pub mod uploader;
 
 use std::path::PathBuf;
@@ -47,6 +48,8 @@ pub struct PipelineConfig {
     pub jobs: usize,
     /// Queue and retry settings.
     pub scheduler: SchedulerSettings,
+    /// Where the pipeline publishes its totals (progress displays, `/metrics`).
+    pub stats: Arc<stats::UploadStats>,
 }
 
 /// Everything an upload pipeline fed from a FIFO, file or standard input needs.
@@ -122,6 +125,7 @@ pub async fn start_pipeline(cfg: &PipelineConfig) -> Result<Pipeline, UploadErro
         journal.clone(),
         uploaders,
         cfg.scheduler.clone(),
+        cfg.stats.clone(),
     )
     .start();
 

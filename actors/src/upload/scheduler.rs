@@ -26,6 +26,7 @@ use tokio::sync::{oneshot, Semaphore};
 
 use super::error::UploadError;
 use super::journal::{Journal, State};
+use super::stats::{Snapshot, UploadStats};
 use super::uploader::{Upload, UploadFailure, Uploaded, Uploader};
 use crate::formats::{Digest, StorePath};
 use crate::store::local::LocalStore;
@@ -63,6 +64,8 @@ pub struct Summary {
     pub failed: u64,
     /// Compressed bytes written.
     pub bytes: u64,
+    /// Uploads tried again after a passing failure.
+    pub retries: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,6 +140,10 @@ pub struct Scheduler {
     enqueues_in_progress: usize,
     summary: Summary,
     last_progress: (Instant, u64),
+    /// Where the totals are published for progress displays and `/metrics`.
+    stats: Arc<UploadStats>,
+    /// The object each uploader slot is on, for the progress display.
+    running: Vec<Option<String>>,
 }
 
 impl Scheduler {
@@ -146,8 +153,10 @@ impl Scheduler {
         journal: Arc<Journal>,
         uploaders: Vec<Addr<Uploader>>,
         settings: SchedulerSettings,
+        stats: Arc<UploadStats>,
     ) -> Scheduler {
         let idle = (0..uploaders.len()).collect();
+        let running = vec![None; uploaders.len()];
         Scheduler {
             source,
             journal,
@@ -162,7 +171,23 @@ impl Scheduler {
             enqueues_in_progress: 0,
             summary: Summary::default(),
             last_progress: (Instant::now(), 0),
+            stats,
+            running,
         }
+    }
+
+    /// Publishes the totals and what is uploading now.
+    fn publish(&self) {
+        self.stats.store(Snapshot {
+            queued: self.roots.len() as u64,
+            uploading: (self.uploaders.len() - self.idle.len()) as u64,
+            uploaded: self.summary.uploaded,
+            present: self.summary.present,
+            failed: self.summary.failed,
+            bytes: self.summary.bytes,
+            retries: self.summary.retries,
+            current: self.running.iter().flatten().cloned().collect(),
+        });
     }
 
     /// Registers an accepted root with its closure.
@@ -268,9 +293,11 @@ impl Scheduler {
             }
             self.idle.pop();
             obj.state = ObjState::Running;
+            self.running[slot] = Some(obj.path.to_string());
             let fut = self.uploaders[slot].send(Upload(obj.path.clone()));
             ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
                 act.idle.push(slot);
+                act.running[slot] = None;
                 let res = res.unwrap_or_else(|e| {
                     Err(UploadFailure {
                         permanent: false,
@@ -281,6 +308,9 @@ impl Scheduler {
                 act.dispatch(ctx);
             }));
         }
+        // Every event that changes the totals ends here (admissions, finished uploads,
+        // retries coming due), so this is the one place they are published.
+        self.publish();
     }
 
     fn finished(
@@ -320,6 +350,7 @@ impl Scheduler {
                     return;
                 };
                 obj.attempts += 1;
+                self.summary.retries += 1;
                 let delay = self
                     .settings
                     .backoff_start

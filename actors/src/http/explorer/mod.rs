@@ -177,6 +177,7 @@ mod tests {
             workers: 1,
             transparent_zstd: false,
             ui: Default::default(),
+            upload_stats: Vec::new(),
         };
         let svc = start_service(&opts).await.unwrap();
         let app = actix_web::test::init_service(
