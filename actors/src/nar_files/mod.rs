@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Addr;
-use bytes::Bytes;
 use moka::future::Cache;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
@@ -83,7 +82,10 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
 /// A NAR that could not be read: refused for its decoder window, or corrupt.
 fn nar_failure(what: &str, e: NarError) -> StoreError {
     if let NarError::Io(io) = &e {
-        if let Some(w) = io.get_ref().and_then(|e| e.downcast_ref::<WindowTooLarge>()) {
+        if let Some(w) = io
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<WindowTooLarge>())
+        {
             return StoreError::Unsupported(format!("{what}: {w}"));
         }
     }
