@@ -263,3 +263,136 @@ fn stalled_readers_of_a_file_view_in_a_zstd_cache() {
         &[&format!("/{d}/file/small.txt"), &format!("/{d}.narinfo")],
     );
 }
+
+/// Descriptors of the daemon open on files under `dir`.
+fn open_under(daemon: &Daemon, dir: &std::path::Path) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", daemon.pid()))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.starts_with(dir))
+        .count()
+}
+
+/// Reads a response until the server closes the connection; returns the bytes read (headers
+/// included). A reset counts as closed.
+fn read_until_closed(mut conn: TcpStream) -> u64 {
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut total = 0;
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => return total,
+            Ok(n) => total += n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return total,
+            Err(e) => panic!("the server did not close an idle reader's connection: {e}"),
+        }
+    }
+}
+
+/// `--idle-timeout`: a client that reads nothing for that long is dropped and what produced
+/// its response stops (the NAR file it was read from is closed), for a NAR and for the
+/// explorer's streamed file view; a client that reads slowly but steadily is not.
+#[test]
+fn idle_readers_are_dropped() {
+    const IDLE: usize = 10;
+    let env = NixEnv::new();
+    let (sp, _) = big_path(&env);
+    let data = std::fs::read(env.real(&sp).join("data")).unwrap();
+    let cache = env.path("cache");
+    env.copy_to(
+        &format!("file://{}?compression=zstd", cache.display()),
+        &[&sp],
+    );
+    let d = digest(&sp);
+    let info = std::fs::read_to_string(cache.join(format!("{d}.narinfo"))).unwrap();
+    let nar_url = info
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap()
+        .to_owned();
+    let nar_file = std::fs::read(cache.join(&nar_url)).unwrap();
+    let daemon = Daemon::start(
+        &env,
+        &[
+            "serve",
+            "--idle-timeout",
+            "2s",
+            &format!("file://{}", cache.display()),
+        ],
+    );
+    // The file tree is built once, before the readers come.
+    let (code, _) = curl(&[&format!("{}/{d}/file/small.txt", daemon.url)]);
+    assert_eq!(code, 200);
+
+    let nar_target = format!("/{nar_url}");
+    let file_target = format!("/{d}/file/data");
+    let idle: Vec<TcpStream> = (0..IDLE)
+        .flat_map(|_| {
+            [
+                stalled_get(&daemon, &nar_target),
+                stalled_get(&daemon, &file_target),
+            ]
+        })
+        .collect();
+    // A reader that takes some every 100 ms, for longer than the timeout. (The socket
+    // buffers on both sides hold some MiB, and the server sees the client's reads only as
+    // room in them: a reader slow enough to leave them full for the timeout is idle to it.)
+    let steady = stalled_get(&daemon, &nar_target);
+    let steady = std::thread::spawn(move || {
+        let mut conn = steady;
+        let mut buf = vec![0u8; 256 << 10];
+        let started = Instant::now();
+        let mut got = Vec::new();
+        while started.elapsed() < Duration::from_secs(5) {
+            let n = conn.read(&mut buf).unwrap();
+            assert!(n > 0, "a steady reader was dropped");
+            got.extend_from_slice(&buf[..n]);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        conn.read_to_end(&mut got).unwrap();
+        got
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let open = open_under(&daemon, &cache);
+    eprintln!(
+        "{} idle readers: {open} descriptors open on the cache",
+        2 * IDLE
+    );
+    assert!(
+        open >= IDLE,
+        "the idle readers' producers hold the NAR open"
+    );
+
+    // Past the timeout, the idle readers read: what was sent before they were dropped, then
+    // the end of the connection.
+    std::thread::sleep(Duration::from_secs(4));
+    let started = Instant::now();
+    for (i, conn) in idle.into_iter().enumerate() {
+        let got = read_until_closed(conn);
+        assert!(
+            got < (nar_file.len() as u64).min(data.len() as u64),
+            "idle reader {i} got the whole response ({got} bytes)"
+        );
+    }
+    eprintln!(
+        "every idle reader found its connection closed ({:?} to read them all)",
+        started.elapsed()
+    );
+    assert!(daemon.logged("read nothing for 2s"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut open = open_under(&daemon, &cache);
+    while open > 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        open = open_under(&daemon, &cache);
+    }
+    // At most the steady reader's own file is still open.
+    assert!(
+        open <= 1,
+        "{open} descriptors still open on the cache: producers of dropped readers run on"
+    );
+
+    let got = steady.join().unwrap();
+    let body = &got[got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
+    assert!(body == &nar_file[..], "the steady reader got the whole NAR");
+}

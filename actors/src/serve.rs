@@ -64,6 +64,8 @@ pub struct ServeOptions {
     pub backend_timeout: Duration,
     /// How long in-flight responses may run after a stop signal.
     pub grace: Duration,
+    /// How long a client may read nothing of a response before it is dropped (0: never).
+    pub idle_timeout: Duration,
     /// HTTP worker threads (0: one per core).
     pub workers: usize,
     /// Compress uncompressed NARs (`Compression: none`) on the fly with zstd for clients that
@@ -251,6 +253,8 @@ pub struct ServerGroup {
     pub caches: Vec<(String, ServeOptions)>,
     /// How long in-flight responses may run after a stop signal.
     pub grace: Duration,
+    /// How long a client may read nothing of a response before it is dropped (0: never).
+    pub idle_timeout: Duration,
     /// HTTP worker threads (0: one per core).
     pub workers: usize,
 }
@@ -261,6 +265,7 @@ pub async fn run(opts: ServeOptions) -> io::Result<()> {
     let group = ServerGroup {
         listen: opts.listen.clone(),
         grace: opts.grace,
+        idle_timeout: opts.idle_timeout,
         workers: opts.workers,
         caches: vec![(String::new(), opts)],
     };
@@ -304,6 +309,7 @@ pub async fn run_groups(groups: Vec<ServerGroup>) -> io::Result<()> {
                 }
             })
         })
+        .on_connect(http::idle::on_connect(group.idle_timeout))
         .disable_signals()
         // Small responses (narinfos, the last chunk of a NAR) must not wait for a delayed ACK.
         .tcp_nodelay(true)
