@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::upstream_server::digest;
+use common::upstream_server::{digest, nar_url, nix_cache, PyServer};
 use common::{curl, nix32_sha256, Daemon, NixEnv};
 use nixcached_actors::formats::hash::HashingCounter;
 
@@ -395,4 +395,34 @@ fn idle_readers_are_dropped() {
     let got = steady.join().unwrap();
     let body = &got[got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
     assert!(body == &nar_file[..], "the steady reader got the whole NAR");
+}
+
+/// A NAR proxied from an upstream (kept in the NAR folder, read by the stalled clients as it
+/// arrives): stalled readers cost little here too.
+#[test]
+fn stalled_readers_of_an_upstream_nar() {
+    let env = NixEnv::new();
+    let (sp, nar) = big_path(&env);
+    let (up_sk, up_pk) = env.keypair("up");
+    let up = PyServer::start(&nix_cache(&env, "up", &up_sk, "none", &sp), 0.0);
+    let nars = env.path("nars");
+    let daemon = Daemon::start(
+        &env,
+        &[
+            "serve",
+            "--upstream",
+            &up.url,
+            "--trusted-public-key",
+            &up_pk,
+            "--nar-cache-dir",
+            nars.to_str().unwrap(),
+        ],
+    );
+    let url = nar_url(&daemon, &sp);
+    stalled_readers_cost_little(
+        &daemon,
+        &format!("/{url}"),
+        &nar,
+        &[&format!("/{}.narinfo", digest(&sp))],
+    );
 }
