@@ -115,8 +115,9 @@ async fn run(args: Args) -> Result<(), Box<dyn Error>> {
     Ok(())
 }
 
-/// What [`start_service`] needs for one store. The listening, grace and worker fields are
-/// for `serve::run`, which binds its own server; this program binds its servers itself.
+/// What [`start_service`] needs for one store. The listening, grace, idle-timeout and worker
+/// fields are for `serve::run`, which binds its own server; this program binds its servers
+/// itself.
 fn options(store: Arc<dyn Store>) -> ServeOptions {
     ServeOptions {
         store,
@@ -126,6 +127,7 @@ fn options(store: Arc<dyn Store>) -> ServeOptions {
         cache: CacheSettings::default(),
         backend_timeout: Duration::from_secs(20),
         grace: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(300),
         workers: 0,
         transparent_zstd: false,
         ui: Default::default(),

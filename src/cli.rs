@@ -25,6 +25,8 @@ pub mod defaults {
     pub const BACKEND_TIMEOUT: &str = "20s";
     /// `serve --grace`, `[server] grace`.
     pub const GRACE: &str = "30s";
+    /// `serve --idle-timeout`, `[server] idle-timeout`.
+    pub const IDLE_TIMEOUT: &str = "5m";
     /// `serve --upstream-timeout`, `upstream-timeout`.
     pub const UPSTREAM_TIMEOUT: &str = "5s";
     /// `serve --nar-cache-size-mib`, `nar-cache-size-mib`.
@@ -161,6 +163,10 @@ pub struct ServeArgs {
     /// How long in-flight responses may run after SIGTERM, SIGINT or SIGHUP.
     #[arg(long, default_value = defaults::GRACE, value_parser = parse_duration)]
     pub grace: Duration,
+    /// Drop a client that reads nothing of a response for this long, stopping what produces
+    /// the response (0s: never).
+    #[arg(long, default_value = defaults::IDLE_TIMEOUT, value_parser = parse_duration)]
+    pub idle_timeout: Duration,
     /// HTTP worker threads (default: one per core).
     #[arg(long, default_value_t = 0)]
     pub workers: usize,

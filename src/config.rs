@@ -4,6 +4,7 @@
 //! ```toml
 //! [server]                       # shared listeners for caches without their own
 //! listen = ["127.0.0.1:38380"]
+//! idle-timeout = "5m"            # drop a client that reads nothing of a response this long
 //!
 //! [[cache]]                      # served at http://127.0.0.1:38380/
 //! store = "/nix/store"
@@ -63,6 +64,9 @@ pub struct ServerSection {
     /// Shutdown grace period.
     #[serde(deserialize_with = "de_duration")]
     pub grace: Duration,
+    /// How long a client may read nothing of a response before it is dropped (0s: never).
+    #[serde(deserialize_with = "de_duration")]
+    pub idle_timeout: Duration,
     /// HTTP workers per server (0: one per core).
     pub workers: usize,
 }
@@ -73,6 +77,7 @@ impl Default for ServerSection {
             listen: Vec::new(),
             backend_timeout: defaults::duration(defaults::BACKEND_TIMEOUT),
             grace: defaults::duration(defaults::GRACE),
+            idle_timeout: defaults::duration(defaults::IDLE_TIMEOUT),
             workers: 0,
         }
     }
@@ -211,6 +216,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
 
     let backend_timeout = cfg.server.backend_timeout;
     let grace = cfg.server.grace;
+    let idle_timeout = cfg.server.idle_timeout;
     let shared_listen: Vec<Listen> = if cfg.server.listen.is_empty() {
         vec![Listen::Tcp(format!(
             "{}:{}",
@@ -242,6 +248,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             },
             backend_timeout,
             grace,
+            idle_timeout,
             workers: cfg.server.workers,
             transparent_zstd: c.transparent_zstd,
             ui: crate::serve::ui_options(
@@ -258,6 +265,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 listen: opts.listen.clone(),
                 caches: vec![(c.prefix.clone(), opts)],
                 grace,
+                idle_timeout,
                 workers: cfg.server.workers,
             });
         }
@@ -268,6 +276,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             listen: shared_listen,
             caches: shared,
             grace,
+            idle_timeout,
             workers: cfg.server.workers,
         });
     }

@@ -190,6 +190,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         },
         backend_timeout: args.backend_timeout,
         grace: args.grace,
+        idle_timeout: args.idle_timeout,
         workers: args.workers,
         transparent_zstd: args.transparent_zstd,
         ui: ui_options(

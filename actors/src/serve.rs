@@ -64,6 +64,8 @@ pub struct ServeOptions {
     pub backend_timeout: Duration,
     /// How long in-flight responses may run after a stop signal.
     pub grace: Duration,
+    /// How long a client may read nothing of a response before it is dropped (0: never).
+    pub idle_timeout: Duration,
     /// HTTP worker threads (0: one per core).
     pub workers: usize,
     /// Compress uncompressed NARs (`Compression: none`) on the fly with zstd for clients that
@@ -254,6 +256,8 @@ pub struct ServerGroup {
     pub caches: Vec<(String, ServeOptions)>,
     /// How long in-flight responses may run after a stop signal.
     pub grace: Duration,
+    /// How long a client may read nothing of a response before it is dropped (0: never).
+    pub idle_timeout: Duration,
     /// HTTP worker threads (0: one per core).
     pub workers: usize,
 }
@@ -264,6 +268,7 @@ pub async fn run(opts: ServeOptions) -> io::Result<()> {
     let group = ServerGroup {
         listen: opts.listen.clone(),
         grace: opts.grace,
+        idle_timeout: opts.idle_timeout,
         workers: opts.workers,
         caches: vec![(String::new(), opts)],
     };
@@ -307,6 +312,7 @@ pub async fn run_groups(groups: Vec<ServerGroup>) -> io::Result<()> {
                 }
             })
         })
+        .on_connect(http::idle::on_connect(group.idle_timeout))
         .disable_signals()
         // Small responses (narinfos, the last chunk of a NAR) must not wait for a delayed ACK.
         .tcp_nodelay(true)

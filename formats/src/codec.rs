@@ -12,9 +12,32 @@ use async_compression::Level;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt, TryStreamExt};
-use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, AsyncWriteExt};
+use thiserror::Error;
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::compression::Compression;
+
+/// Why a [`Compression::decoder_within`] stopped: the stream asks for a bigger window (the
+/// history a decoder must keep) than the reader allows. Carried inside the `io::Error`.
+#[derive(Debug, Error)]
+#[error(
+    "the {compression} stream needs a decoder window of more than {} MiB, which this server \
+     does not spend on one reader (it was compressed with an unusually large window: zstd \
+     --long or --ultra, xz -7 to -9)",
+    limit >> 20
+)]
+pub struct WindowTooLarge {
+    /// The stream's compression.
+    pub compression: Compression,
+    /// The largest window allowed, in bytes.
+    pub limit: u64,
+}
+
+/// What liblzma and zstd say when a stream needs more memory than their limit.
+const LIMIT_MESSAGES: [&str; 2] = [
+    "memory limit reached",
+    "Frame requires too much memory for decoding",
+];
 
 impl Compression {
     /// Wraps a compressed byte stream so that reading it yields the uncompressed bytes.
@@ -46,6 +69,41 @@ impl Compression {
             }
             Compression::Br => Box::pin(dec::BrotliDecoder::new(input)),
         }
+    }
+
+    /// [`Compression::decoder`] with the decoder's window bounded by `window` bytes (rounded
+    /// down to a power of two): a stream that needs more fails with [`WindowTooLarge`] when
+    /// its header is read, before the decoder allocates it.
+    ///
+    /// zstd and xz carry their window in the stream, up to 2 GiB (zstd) and 1.5 GiB (xz),
+    /// and a decoder allocates it whole; gzip's is 32 KiB, bzip2 needs at most 3.6 MiB and
+    /// brotli's window is at most 16 MiB, so only zstd and xz are capped.
+    pub fn decoder_within<'a, R>(self, input: R, window: u64) -> Pin<Box<dyn AsyncRead + Send + 'a>>
+    where
+        R: AsyncBufRead + Send + 'a,
+    {
+        let log = 63 - window.max(1 << 10).leading_zeros();
+        let inner: Pin<Box<dyn AsyncRead + Send + 'a>> = match self {
+            Compression::Xz => {
+                // liblzma's limit counts the whole decoder, which is the dictionary and
+                // under 100 KiB besides.
+                let mut d = dec::XzDecoder::with_mem_limit(input, (1u64 << log) + (1 << 20));
+                d.multiple_members(true);
+                Box::pin(d)
+            }
+            Compression::Zstd => {
+                let params = [async_compression::zstd::DParameter::window_log_max(log)];
+                let mut d = dec::ZstdDecoder::with_params(input, &params);
+                d.multiple_members(true);
+                Box::pin(d)
+            }
+            other => return other.decoder(input),
+        };
+        Box::pin(Capped {
+            inner,
+            compression: self,
+            limit: 1 << log,
+        })
     }
 
     /// Wraps a sink so that bytes written to it arrive compressed; `shutdown` finishes the frame.
@@ -212,6 +270,33 @@ impl Compression {
     }
 }
 
+/// A capped decoder, whose limit errors become [`WindowTooLarge`].
+struct Capped<'a> {
+    inner: Pin<Box<dyn AsyncRead + Send + 'a>>,
+    compression: Compression,
+    limit: u64,
+}
+
+impl AsyncRead for Capped<'_> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.inner.as_mut().poll_read(cx, buf) {
+            std::task::Poll::Ready(Err(e))
+                if LIMIT_MESSAGES.iter().any(|m| e.to_string().contains(m)) =>
+            {
+                std::task::Poll::Ready(Err(std::io::Error::other(WindowTooLarge {
+                    compression: self.compression,
+                    limit: self.limit,
+                })))
+            }
+            other => other,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::compression::Compression;
@@ -311,6 +396,45 @@ mod tests {
             .try_collect()
             .await;
         assert_eq!(r.unwrap_err().to_string(), "source failed");
+    }
+
+    /// A window over the cap is refused with [`WindowTooLarge`]; one within it decodes.
+    #[tokio::test]
+    async fn decoder_windows_are_capped() {
+        use super::WindowTooLarge;
+        use async_compression::tokio::write::{XzEncoder, ZstdEncoder};
+        use async_compression::zstd::CParameter;
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7919 % 251) as u8).collect();
+        // zstd with a 16 MiB window (level 19 and --long use such), xz -9 (64 MiB dictionary).
+        let mut zstd = ZstdEncoder::with_quality_and_params(
+            Vec::new(),
+            async_compression::Level::Precise(3),
+            &[CParameter::window_log(24)],
+        );
+        zstd.write_all(&data).await.unwrap();
+        zstd.shutdown().await.unwrap();
+        let mut xz = XzEncoder::with_quality(Vec::new(), async_compression::Level::Precise(9));
+        xz.write_all(&data).await.unwrap();
+        xz.shutdown().await.unwrap();
+        for (c, bytes) in [
+            (Compression::Zstd, zstd.into_inner()),
+            (Compression::Xz, xz.into_inner()),
+        ] {
+            let mut back = Vec::new();
+            let e = c
+                .decoder_within(BufReader::new(&bytes[..]), 8 << 20)
+                .read_to_end(&mut back)
+                .await
+                .expect_err("window over the cap");
+            let why = e.get_ref().and_then(|e| e.downcast_ref::<WindowTooLarge>());
+            assert!(why.is_some(), "{c}: {e}");
+            let mut back = Vec::new();
+            c.decoder_within(BufReader::new(&bytes[..]), 64 << 20)
+                .read_to_end(&mut back)
+                .await
+                .unwrap();
+            assert!(back == data, "{c} within a large enough cap");
+        }
     }
 
     #[tokio::test]

@@ -166,10 +166,18 @@ pub fn respond(svc: &CacheService, mode: Mode<'_>, what: &str, failure: Failure)
                 "The store holds this object in a corrupt or malformed form (too large, too deep, or not what its narinfo says), so it cannot be shown. The server log says what is wrong; whoever runs the cache should replace the object.",
             )
         }
-        (
-            Mode::Html { root, .. },
-            e @ (StoreError::Unsupported(_) | StoreError::Backend { .. }),
-        ) => {
+        (Mode::Html { root, .. }, StoreError::Unsupported(m)) => {
+            // Something this server refuses to do (an object it will not spend the memory
+            // to decode): the reason is the whole message, and retrying will not help.
+            tracing::warn!("{what}: {m}");
+            explorer::error_page(
+                svc,
+                root,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &format!("This cannot be shown: {m}."),
+            )
+        }
+        (Mode::Html { root, .. }, e @ StoreError::Backend { .. }) => {
             tracing::warn!("{what}: {e}");
             explorer::error_page(
                 svc,

@@ -10,6 +10,7 @@
 
 pub mod error;
 pub mod explorer;
+pub mod idle;
 pub mod nar_path;
 pub mod range;
 pub mod templates;
@@ -391,7 +392,10 @@ async fn handle(
                 .content_type("text/plain; charset=utf-8")
                 .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
                 .insert_header((header::CONTENT_SECURITY_POLICY, "default-src 'none'"))
-                .body(SizedStream::new(blob.span.1 - blob.span.0, blob.stream)),
+                .body(SizedStream::new(
+                    blob.span.1 - blob.span.0,
+                    idle::guard(req, blob.stream),
+                )),
             Ok(Err(e)) => respond(svc, Mode::Protocol, rel, e.into()),
             Err(e) => respond(svc, Mode::Protocol, rel, e.into()),
         },
@@ -510,13 +514,13 @@ async fn nar(req: &HttpRequest, ing: &Ingress, key: &str) -> HttpResponse {
             return b
                 .insert_header((header::CONTENT_ENCODING, "zstd"))
                 .insert_header((header::ETAG, format!("{}-zstd\"", &etag[..etag.len() - 1])))
-                .streaming(tokio_util::io::ReaderStream::with_capacity(
-                    encoded,
-                    256 * 1024,
+                .streaming(idle::guard(
+                    req,
+                    tokio_util::io::ReaderStream::with_capacity(encoded, 256 * 1024),
                 ));
         }
     }
-    b.body(SizedStream::new(len, stream))
+    b.body(SizedStream::new(len, idle::guard(req, stream)))
 }
 
 /// zstd level of transparently encoded NARs: level 1 keeps up with a fast network on one

@@ -107,5 +107,5 @@ pub async fn file(
         ));
     }
     let body: ByteStream = Box::pin(futures::stream::once(async move { Ok(first) }).chain(stream));
-    b.body(SizedStream::new(len, body))
+    b.body(SizedStream::new(len, crate::http::idle::guard(req, body)))
 }

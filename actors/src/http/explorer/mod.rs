@@ -174,6 +174,7 @@ mod tests {
             cache: Default::default(),
             backend_timeout: std::time::Duration::from_secs(5),
             grace: std::time::Duration::from_secs(1),
+            idle_timeout: std::time::Duration::ZERO,
             workers: 1,
             transparent_zstd: false,
             ui: Default::default(),

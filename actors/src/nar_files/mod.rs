@@ -5,28 +5,49 @@
 //!   `narOffset`s (the local store computes one; binary caches keep `.ls` files), so a file is
 //!   one ranged read of the NAR, however large the NAR is;
 //! - **streamed**: otherwise the NAR is read from the start through its decompressor and the
-//!   streaming NAR reader, which hands over the wanted file's bytes and stops there.
+//!   streaming NAR reader, up to the wanted file; its bytes are then decoded as the client
+//!   pulls them ([`pulled`]).
 //!
-//! Either way the bytes travel as a stream through a small bounded channel: memory stays
-//! bounded by a few chunks whatever the size of the NAR or of the file.
+//! Either way memory stays bounded by a few chunks whatever the size of the NAR or of the
+//! file, and a client that stops reading holds no thread and, once its decoder slot is taken
+//! ([`slots`]), no decoder.
 
-use std::io::{self, Read};
+mod pulled;
+mod slots;
+
+use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::Addr;
-use bytes::Bytes;
 use moka::future::Cache;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use crate::fetcher::{FetchListing, Fetcher, OpenNar};
-use crate::formats::nar::{self, Listing, NarVisitor, Node};
+use crate::formats::codec::WindowTooLarge;
+use crate::formats::nar::{self, Listing, NarError, Node};
 use crate::formats::{Compression, Digest, NarInfo};
 use crate::store::{ByteRange, ByteStream, StoreError};
 
-/// Bytes per chunk handed from the NAR reader to the response.
+/// Bytes between the store's stream and the decoder of a listing pass.
 const CHUNK: usize = 64 * 1024;
-/// Chunks in flight between the reader thread and the response.
-const IN_FLIGHT: usize = 4;
+
+/// Largest decoder window the explorer spends on one NAR.
+///
+/// Nix writes zstd with a 2 MiB window (level 3; 8 MiB at level 19) and xz with an 8 MiB
+/// dictionary (its default, -6); such NARs decode. A stream that asks for more (zstd --long
+/// or --ultra, xz -7 to -9: up to 64 MiB, and a hostile header may claim 2 GiB) is refused
+/// with an error page rather than costing that much per view.
+pub const MAX_DECODER_WINDOW: u64 = 8 << 20;
+
+/// Decoders alive at once for file views, however many clients read or stall: with
+/// [`MAX_DECODER_WINDOW`] they take at most some 150 MiB, with Nix's zstd some 40 MiB.
+pub const DECODER_SLOTS: usize = 16;
+
+/// How long a file view's decoder may go unused before another view may take it. A client
+/// reading steadily polls far more often; one that stalls loses its decoder, keeps its
+/// position and reopens the NAR there once it reads again.
+pub const DECODER_IDLE: Duration = Duration::from_millis(100);
 
 /// An object's file tree, and whether its offsets may be used for ranged reads.
 #[derive(Debug)]
@@ -51,10 +72,24 @@ pub struct FileBytes {
 pub struct NarFiles {
     fetcher: Addr<Fetcher>,
     trees: Cache<Digest, Arc<ObjectTree>>,
+    decoders: Arc<pulled::Pool>,
 }
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+/// A NAR that could not be read: refused for its decoder window, or corrupt.
+fn nar_failure(what: &str, e: NarError) -> StoreError {
+    if let NarError::Io(io) = &e {
+        if let Some(w) = io
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<WindowTooLarge>())
+        {
+            return StoreError::Unsupported(format!("{what}: {w}"));
+        }
+    }
+    corrupt(what, e)
 }
 
 fn mailbox(e: actix::MailboxError) -> StoreError {
@@ -88,7 +123,11 @@ impl NarFiles {
                 weight(&t.listing.root).try_into().unwrap_or(u32::MAX)
             })
             .build();
-        NarFiles { fetcher, trees }
+        NarFiles {
+            fetcher,
+            trees,
+            decoders: pulled::Pool::new(DECODER_SLOTS, DECODER_IDLE),
+        }
     }
 
     /// The file tree of the object `info` describes: the store's listing when it has one,
@@ -177,8 +216,20 @@ impl NarFiles {
                 size,
             });
         }
-        let stream = stream_file(&self.fetcher, info, path.to_vec(), span).await?;
-        Ok(FileBytes { stream, span, size })
+        let stream = pulled::open(
+            &self.decoders,
+            &self.fetcher,
+            info,
+            path.to_vec(),
+            span,
+            MAX_DECODER_WINDOW,
+        )
+        .await?;
+        Ok(FileBytes {
+            stream: Box::pin(stream),
+            span,
+            size,
+        })
     }
 }
 
@@ -234,7 +285,7 @@ async fn nar_reader(fetcher: &Addr<Fetcher>, info: &NarInfo) -> Result<BlockingN
     // round trips to the runtime.
     Ok(io::BufReader::with_capacity(
         4 * CHUNK,
-        SyncIoBridge::new(info.compression.decoder(raw)),
+        SyncIoBridge::new(info.compression.decoder_within(raw, MAX_DECODER_WINDOW)),
     ))
 }
 
@@ -245,85 +296,7 @@ async fn stream_listing(fetcher: &Addr<Fetcher>, info: &NarInfo) -> Result<Listi
     tokio::task::spawn_blocking(move || nar::read_at_most(reader, &mut (), nar_size))
         .await
         .map_err(|e| StoreError::backend("NAR reader thread", e.to_string()))?
-        .map_err(|e| corrupt(&what, e))
-}
-
-/// Hands the wanted file's bytes to a channel, then stops the reader.
-struct Extract {
-    path: Vec<u8>,
-    span: (u64, u64),
-    tx: tokio::sync::mpsc::Sender<io::Result<Bytes>>,
-    done: bool,
-}
-
-/// What the visitor returns to stop the reader once the file is out.
-const FOUND: &str = "nixcached: file extracted";
-
-impl NarVisitor for Extract {
-    fn file(
-        &mut self,
-        path: &[u8],
-        _executable: bool,
-        _size: u64,
-        contents: &mut dyn Read,
-    ) -> io::Result<()> {
-        if path != self.path {
-            return Ok(());
-        }
-        let (start, end) = self.span;
-        io::copy(&mut contents.take(start), &mut io::sink())?;
-        let mut left = end - start;
-        let mut buf = vec![0u8; CHUNK];
-        while left > 0 {
-            let n = contents.read(&mut buf[..CHUNK.min(left as usize)])?;
-            if n == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            left -= n as u64;
-            // A closed channel means the client went away: stop reading the NAR.
-            self.tx
-                .blocking_send(Ok(Bytes::copy_from_slice(&buf[..n])))
-                .map_err(|_| io::Error::other("client went away"))?;
-        }
-        self.done = true;
-        Err(io::Error::other(FOUND))
-    }
-}
-
-async fn stream_file(
-    fetcher: &Addr<Fetcher>,
-    info: &NarInfo,
-    path: Vec<u8>,
-    span: (u64, u64),
-) -> Result<ByteStream, StoreError> {
-    let reader = nar_reader(fetcher, info).await?;
-    let (tx, rx) = tokio::sync::mpsc::channel(IN_FLIGHT);
-    let what = info.store_path.to_string();
-    let nar_size = info.nar_size;
-    tokio::task::spawn_blocking(move || {
-        let mut v = Extract {
-            path,
-            span,
-            tx: tx.clone(),
-            done: false,
-        };
-        let r = nar::read_at_most(reader, &mut v, nar_size);
-        if !v.done {
-            let msg = match r {
-                Ok(_) => "the file was not in the NAR".to_owned(),
-                Err(e) => e.to_string(),
-            };
-            tracing::warn!("extracting a file from {what}: {msg}");
-            let _ = tx.blocking_send(Err(io::Error::other(msg)));
-        }
-    });
-    Ok(Box::pin(tokio_stream_of(rx)))
-}
-
-fn tokio_stream_of(
-    mut rx: tokio::sync::mpsc::Receiver<io::Result<Bytes>>,
-) -> impl futures::Stream<Item = io::Result<Bytes>> + Send {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+        .map_err(|e| nar_failure(&what, e))
 }
 
 /// Reads at most `limit` bytes of a stream (for inline views of small text files).
