@@ -18,6 +18,10 @@ pub enum DecodeError {
     /// Bits left over that do not fit the output: the input is not a canonical encoding.
     #[error("base-32 string has non-zero padding bits; it is not a canonical Nix hash")]
     NonZeroPadding,
+    /// A length no encoding has (for example 62: 38 bytes take 61 characters), which would
+    /// let two strings decode to the same bytes.
+    #[error("a base-32 string of {0} characters is not the encoding of any byte string")]
+    BadLength(usize),
 }
 
 /// Length in characters of the encoding of `n` bytes.
@@ -61,6 +65,9 @@ fn value_of(c: u8) -> Option<u8> {
 /// Decodes nixbase32 into bytes; the output length is `decoded_len(input.len())`.
 pub fn decode(input: &[u8]) -> Result<Vec<u8>, DecodeError> {
     let out_len = decoded_len(input.len());
+    if encoded_len(out_len) != input.len() {
+        return Err(DecodeError::BadLength(input.len()));
+    }
     let mut out = vec![0u8; out_len];
     for (n, &c) in input.iter().rev().enumerate() {
         let digit = value_of(c).ok_or(DecodeError::BadChar(c as char))? as u16;
@@ -120,9 +127,17 @@ mod tests {
 
     #[test]
     fn rejects_bad_input() {
-        assert_eq!(decode(b"e"), Err(DecodeError::BadChar('e')));
+        assert_eq!(decode(b"0e"), Err(DecodeError::BadChar('e')));
         // 52 chars of 'z' sets bits beyond 256.
         let s = "z".repeat(52);
         assert_eq!(decode(s.as_bytes()), Err(DecodeError::NonZeroPadding));
+        // Found by fuzzing (store_path target): 62 characters decoded to the 38 bytes that
+        // encode as 61, so encode(decode(s)) != s.
+        assert_eq!(decode(&[b'0'; 62]), Err(DecodeError::BadLength(62)));
+        assert_eq!(decode(b"0"), Err(DecodeError::BadLength(1)));
+        for n in 0..100 {
+            let ok = decode(&vec![b'0'; n]).is_ok();
+            assert_eq!(ok, encoded_len(decoded_len(n)) == n, "length {n}");
+        }
     }
 }

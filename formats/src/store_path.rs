@@ -33,7 +33,7 @@ pub enum StorePathError {
     #[error("store path name {0:?} is invalid: names are 1-211 characters of A-Z a-z 0-9 + - . _ ? = and do not start with '.'")]
     BadName(String),
     /// The store directory is not an absolute clean path.
-    #[error("store directory {0:?} must be an absolute path without a trailing slash")]
+    #[error("store directory {0:?} must be an absolute path without a trailing slash, trailing whitespace or control characters")]
     BadStoreDir(String),
 }
 
@@ -55,7 +55,15 @@ impl StoreDir {
         } else {
             dir
         };
-        if !trimmed.starts_with('/') || trimmed.len() < 2 || trimmed.contains("//") {
+        // Whitespace at either end would not survive the `Key: value` files that carry the
+        // directory (nix-cache-info, narinfo), which trim it; control characters would break
+        // their lines.
+        if !trimmed.starts_with('/')
+            || trimmed.len() < 2
+            || trimmed.contains("//")
+            || trimmed.ends_with(char::is_whitespace)
+            || trimmed.contains(char::is_control)
+        {
             return Err(StorePathError::BadStoreDir(dir.into()));
         }
         if trimmed.split('/').any(|c| c == "." || c == "..") {
@@ -279,6 +287,11 @@ mod tests {
         ));
         assert!(dir.parse_path("/nix/store/../etc/passwd").is_err());
         assert!(StoreDir::new("relative").is_err());
+        // Found by fuzzing (cache_info target): "/a: /" became "/a: ", which nix-cache-info
+        // rendered and read back as "/a:".
+        assert!(StoreDir::new("/a: /").is_err());
+        assert!(StoreDir::new("/a\n/b").is_err());
+        assert!(StoreDir::new("/a b/c").is_ok());
         assert_eq!(StoreDir::new("/nix/store/").unwrap().as_str(), "/nix/store");
     }
 }

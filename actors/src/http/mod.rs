@@ -12,6 +12,7 @@ pub mod error;
 pub mod explorer;
 pub mod idle;
 pub mod nar_path;
+pub mod negotiate;
 pub mod range;
 pub mod templates;
 
@@ -267,33 +268,6 @@ fn if_none_match(req: &HttpRequest, etag: &str) -> bool {
         .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
 }
 
-/// Quality the `Accept` header gives a media type (most specific match wins; absent = 0).
-fn accept_quality(accept: &str, ty: &str) -> f32 {
-    let (major, _) = ty.split_once('/').unwrap_or((ty, ""));
-    let mut best: Option<(u8, f32)> = None;
-    for part in accept.split(',') {
-        let mut it = part.split(';');
-        let range = it.next().unwrap_or("").trim();
-        let q = it
-            .filter_map(|p| p.trim().strip_prefix("q="))
-            .find_map(|q| q.parse::<f32>().ok())
-            .unwrap_or(1.0);
-        let specificity = if range == ty {
-            3
-        } else if range == format!("{major}/*") {
-            2
-        } else if range == "*/*" {
-            1
-        } else {
-            continue;
-        };
-        if best.is_none_or(|(s, _)| specificity > s) {
-            best = Some((specificity, q));
-        }
-    }
-    best.map(|(_, q)| q).unwrap_or(0.0)
-}
-
 /// Browsers get HTML; Nix (no Accept), curl (`*/*`) and ties get the narinfo text.
 fn wants_html(req: &HttpRequest) -> bool {
     let accept = req
@@ -301,7 +275,8 @@ fn wants_html(req: &HttpRequest) -> bool {
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    accept_quality(accept, "text/html") > accept_quality(accept, "text/x-nix-narinfo")
+    negotiate::accept_quality(accept, "text/html")
+        > negotiate::accept_quality(accept, "text/x-nix-narinfo")
 }
 
 fn nar_content_type(url: &str) -> &'static str {
@@ -527,44 +502,18 @@ async fn nar(req: &HttpRequest, ing: &Ingress, key: &str) -> HttpResponse {
 /// core and still roughly halves typical NARs.
 const ZSTD_LEVEL: i32 = 1;
 
-/// Whether `Accept-Encoding` lists zstd with a non-zero quality.
+/// Whether the request's `Accept-Encoding` headers list zstd with a non-zero quality.
 fn accepts_zstd(req: &HttpRequest) -> bool {
-    req.headers()
-        .get_all(header::ACCEPT_ENCODING)
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|item| {
-            let mut parts = item.split(';');
-            let coding = parts.next().unwrap_or("").trim();
-            let q = parts
-                .filter_map(|p| p.trim().strip_prefix("q="))
-                .filter_map(|q| q.trim().parse::<f32>().ok())
-                .next()
-                .unwrap_or(1.0);
-            coding.eq_ignore_ascii_case("zstd") && q > 0.0
-        })
+    negotiate::accepts_zstd(
+        req.headers()
+            .get_all(header::ACCEPT_ENCODING)
+            .filter_map(|v| v.to_str().ok()),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn negotiation() {
-        let browser = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8";
-        assert!(
-            accept_quality(browser, "text/html") > accept_quality(browser, "text/x-nix-narinfo")
-        );
-        assert_eq!(
-            accept_quality("*/*", "text/html"),
-            accept_quality("*/*", "text/x-nix-narinfo")
-        );
-        assert_eq!(accept_quality("", "text/html"), 0.0);
-        assert_eq!(
-            accept_quality("text/*;q=0.5, text/html;q=0.1", "text/html"),
-            0.1
-        );
-    }
 
     #[test]
     fn routes() {

@@ -26,11 +26,23 @@ pub enum Token {
 /// Splits a byte stream into lines, across reads of any size.
 #[derive(Debug)]
 pub struct LineSplitter {
+    /// The current line so far, while it may still fit (at most `MAX_LINE + 1` bytes: one
+    /// more than a line may hold, since a last `\r` belongs to the terminator).
     buf: Vec<u8>,
     allow_finish: bool,
     finished: bool,
-    /// Inside an oversized line: its start and the bytes dropped so far, until its newline.
-    skipping: Option<(Vec<u8>, u64)>,
+    /// Inside an oversized line: what [`Token::Oversized`] will report.
+    skipping: Option<Skipping>,
+}
+
+#[derive(Debug)]
+struct Skipping {
+    /// The line's first 64 bytes.
+    start: Vec<u8>,
+    /// Bytes of the line so far, a last `\r` included.
+    len: u64,
+    /// Whether the last byte so far is `\r` (dropped from the length if a `\n` follows).
+    last_cr: bool,
 }
 
 impl LineSplitter {
@@ -49,66 +61,86 @@ impl LineSplitter {
         self.finished
     }
 
-    /// Feeds bytes; returns the complete tokens they finish. Memory stays within about
-    /// [`MAX_LINE`] plus `data`, whatever the input.
-    pub fn push(&mut self, mut data: &[u8]) -> Vec<Token> {
+    /// Feeds bytes; returns the complete tokens they finish. The tokens do not depend on how
+    /// the input is cut into reads; the splitter holds at most about [`MAX_LINE`] bytes
+    /// between reads, and each byte is looked at a bounded number of times.
+    pub fn push(&mut self, data: &[u8]) -> Vec<Token> {
         let mut out = Vec::new();
-        if self.finished {
-            return out;
-        }
-        if let Some((start, dropped)) = &mut self.skipping {
-            match data.iter().position(|&b| b == b'\n') {
+        let mut rest = data;
+        while !self.finished && !rest.is_empty() {
+            match rest.iter().position(|&b| b == b'\n') {
                 None => {
-                    *dropped += data.len() as u64;
-                    return out;
+                    self.extend(rest);
+                    break;
                 }
                 Some(nl) => {
-                    let len = *dropped + nl as u64 - u64::from(nl > 0 && data[nl - 1] == b'\r');
-                    out.push(Token::Oversized {
-                        start: std::mem::take(start),
-                        len,
-                    });
-                    self.skipping = None;
-                    data = &data[nl + 1..];
+                    self.extend(&rest[..nl]);
+                    out.push(self.end_line());
+                    rest = &rest[nl + 1..];
                 }
             }
-        }
-        self.buf.extend_from_slice(data);
-        while let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
-            let mut line: Vec<u8> = self.buf.drain(..=nl).collect();
-            line.pop();
-            if line.last() == Some(&b'\r') {
-                line.pop();
-            }
-            if self.allow_finish && line == [0] {
-                self.finished = true;
-                self.buf.clear();
-                out.push(Token::Finish);
-                return out;
-            }
-            out.push(Token::Line(line));
-        }
-        if self.buf.len() > MAX_LINE {
-            let dropped = self.buf.len() as u64;
-            self.buf.truncate(64);
-            self.skipping = Some((std::mem::take(&mut self.buf), dropped));
         }
         out
     }
 
     /// End of input: a last line without terminator is still a line.
     pub fn finish(&mut self) -> Vec<Token> {
-        if let Some((start, len)) = self.skipping.take() {
-            return vec![Token::Oversized { start, len }];
-        }
-        if self.finished || self.buf.is_empty() {
+        if self.finished || (self.buf.is_empty() && self.skipping.is_none()) {
             return Vec::new();
+        }
+        match self.end_line() {
+            // Only a terminated NUL line is the marker; at the end of input it is a line.
+            Token::Finish => vec![Token::Line(vec![0])],
+            t => vec![t],
+        }
+    }
+
+    /// Adds bytes of the current line (no `\n` among them).
+    fn extend(&mut self, part: &[u8]) {
+        let Some(&last) = part.last() else {
+            return;
+        };
+        if let Some(s) = &mut self.skipping {
+            s.len += part.len() as u64;
+            s.last_cr = last == b'\r';
+        } else if self.buf.len() + part.len() > MAX_LINE + 1 {
+            // Too long even without a last `\r`: keep its start and count the rest.
+            let start = self.buf.iter().chain(part).take(64).copied().collect();
+            let len = (self.buf.len() + part.len()) as u64;
+            self.buf = Vec::new();
+            self.skipping = Some(Skipping {
+                start,
+                len,
+                last_cr: last == b'\r',
+            });
+        } else {
+            self.buf.extend_from_slice(part);
+        }
+    }
+
+    /// The token of the current line, which just ended.
+    fn end_line(&mut self) -> Token {
+        if let Some(s) = self.skipping.take() {
+            return Token::Oversized {
+                start: s.start,
+                len: s.len - u64::from(s.last_cr),
+            };
         }
         let mut line = std::mem::take(&mut self.buf);
         if line.last() == Some(&b'\r') {
             line.pop();
         }
-        vec![Token::Line(line)]
+        if self.allow_finish && line == [0] {
+            self.finished = true;
+            return Token::Finish;
+        }
+        if line.len() > MAX_LINE {
+            return Token::Oversized {
+                start: line[..64].to_vec(),
+                len: line.len() as u64,
+            };
+        }
+        Token::Line(line)
     }
 }
 
@@ -217,6 +249,82 @@ mod tests {
         assert_eq!(
             lines(b"x\n\nz", false),
             vec![b"x".to_vec(), vec![], b"z".to_vec()]
+        );
+    }
+
+    /// Every way of cutting `input` into two reads, and byte-by-byte reads, give the tokens
+    /// of one read.
+    fn same_in_any_reads(input: &[u8], allow_finish: bool) -> Vec<Token> {
+        let mut one = LineSplitter::new(allow_finish);
+        let mut want = one.push(input);
+        want.extend(one.finish());
+        let step = (input.len() / 200).max(1);
+        for cut in (0..=input.len()).step_by(step) {
+            let mut s = LineSplitter::new(allow_finish);
+            let mut got = s.push(&input[..cut]);
+            got.extend(s.push(&input[cut..]));
+            got.extend(s.finish());
+            assert_eq!(got, want, "cut at {cut}");
+        }
+        want
+    }
+
+    /// Found with the line_splitter fuzz target's model: a line of MAX_LINE + 1 bytes was a
+    /// Line when its newline came in the same read and Oversized otherwise; the `\r` of an
+    /// oversized line's `\r\n` counted in its length when a read ended between the two.
+    #[test]
+    fn tokens_do_not_depend_on_read_sizes() {
+        let just_over = [vec![b'a'; MAX_LINE + 1], b"\n".to_vec()].concat();
+        assert_eq!(
+            same_in_any_reads(&just_over, false),
+            vec![Token::Oversized {
+                start: vec![b'a'; 64],
+                len: MAX_LINE as u64 + 1
+            }]
+        );
+        let at_bound_crlf = [vec![b'b'; MAX_LINE], b"\r\n".to_vec()].concat();
+        assert_eq!(
+            same_in_any_reads(&at_bound_crlf, false),
+            vec![Token::Line(vec![b'b'; MAX_LINE])]
+        );
+        let long_crlf = [vec![b'c'; 2 * MAX_LINE], b"\r\nx\n".to_vec()].concat();
+        assert_eq!(
+            same_in_any_reads(&long_crlf, false),
+            vec![
+                Token::Oversized {
+                    start: vec![b'c'; 64],
+                    len: 2 * MAX_LINE as u64
+                },
+                Token::Line(b"x".to_vec())
+            ]
+        );
+        // Byte by byte, the `\r` ending one read and the `\n` the next.
+        let mut s = LineSplitter::new(false);
+        let mut got = Vec::new();
+        for b in &long_crlf {
+            got.extend(s.push(std::slice::from_ref(b)));
+        }
+        assert_eq!(got, same_in_any_reads(&long_crlf, false));
+        let finish = b"a\r\n\0\r\nb\n";
+        assert_eq!(
+            same_in_any_reads(finish, true),
+            vec![Token::Line(b"a".to_vec()), Token::Finish]
+        );
+    }
+
+    /// One read holding many short lines is split in one pass (the splitter no longer shifts
+    /// the rest of its buffer for each line, quadratic in the read's size), and it holds no
+    /// more than about MAX_LINE between reads however large the reads are.
+    #[test]
+    fn large_reads_of_short_lines() {
+        let mut s = LineSplitter::new(false);
+        let read = [b"/nix/store/x\n".repeat(200_000), b"/nix/st".to_vec()].concat();
+        assert_eq!(s.push(&read).len(), 200_000);
+        // Before, the buffer kept the capacity of the whole read for the partial line.
+        assert!(s.buf.capacity() <= MAX_LINE + 1, "{}", s.buf.capacity());
+        assert_eq!(
+            s.push(b"ore/y\n"),
+            vec![Token::Line(b"/nix/store/y".to_vec())]
         );
     }
 
