@@ -126,12 +126,9 @@ fn post_build_hook_uploads_everywhere_and_nix_substitutes_from_each() {
     }
     std::fs::write(&hook, script).unwrap();
     std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    std::env::set_var(
-        "NIX_CONFIG",
-        format!("post-build-hook = {}", hook.display()),
-    );
+    env.set_nix_config(Some(format!("post-build-hook = {}", hook.display())));
     let closure = env.build_closure();
-    std::env::remove_var("NIX_CONFIG");
+    env.set_nix_config(None);
     for (name, child, fifo) in running {
         let out = Command::new(BIN)
             .args(["send", "-o", fifo.to_str().unwrap(), "--finish"])

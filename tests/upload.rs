@@ -90,12 +90,9 @@ fn post_build_hook_uploads_a_closure_that_nix_then_substitutes() {
     )
     .unwrap();
     fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    std::env::set_var(
-        "NIX_CONFIG",
-        format!("post-build-hook = {}", hook.display()),
-    );
+    env.set_nix_config(Some(format!("post-build-hook = {}", hook.display())));
     let closure = env.build_closure();
-    std::env::remove_var("NIX_CONFIG");
+    env.set_nix_config(None);
     let out = send(&fifo, &[], &["--finish"]);
     common::assert_succeeded(&out);
     assert!(up.wait().success());

@@ -14,6 +14,9 @@ use std::process::{Command, Output};
 /// A private Nix environment: a scratch folder with its own chroot store and caches.
 pub struct NixEnv {
     pub dir: tempfile::TempDir,
+    /// `NIX_CONFIG` for the commands of this environment only (never the process's own
+    /// environment, which every test of the binary shares).
+    nix_config: std::cell::RefCell<Option<String>>,
 }
 
 /// A closure built by [`NixEnv::build_closure`]: `app` → `lib` → `dep`, plus the busybox
@@ -40,7 +43,10 @@ impl NixEnv {
             .tempdir()
             .unwrap();
         std::fs::create_dir_all(dir.path().join("xdg")).unwrap();
-        NixEnv { dir }
+        NixEnv {
+            dir,
+            nix_config: std::cell::RefCell::new(None),
+        }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -63,7 +69,16 @@ impl NixEnv {
         let mut c = Command::new(program);
         c.env("XDG_CACHE_HOME", self.path("xdg"));
         c.env("HOME", self.dir.path());
+        if let Some(conf) = &*self.nix_config.borrow() {
+            c.env("NIX_CONFIG", conf);
+        }
         c
+    }
+
+    /// Sets (or clears) the `NIX_CONFIG` that this environment's commands run with, e.g. a
+    /// `post-build-hook` for the builds of one test.
+    pub fn set_nix_config(&self, conf: Option<String>) {
+        *self.nix_config.borrow_mut() = conf;
     }
 
     /// Runs a command, panicking with its stderr when it fails; returns stdout.
