@@ -25,7 +25,7 @@
 #   DURATION=10     seconds per wrk run
 #   UPLOAD_RUNS=3   upload rounds for zstd;  XZ_RUNS=$UPLOAD_RUNS for xz (nix copy xz takes ~5 min)
 #   UPLOAD_COMPS="zstd xz"
-#   JOBS=2          nixcached upload --jobs
+#   JOBS="1 2"      nixcached upload --jobs values, each timed (1 gives the per-core figure)
 #   PARTS="serve upload"   which parts to run
 #   QUIET_MAX=180   seconds to wait before each timed run for the shared machine to be idle
 #                   (<10 % CPU over 1 s); a run that never got a quiet machine is flagged
@@ -43,7 +43,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(dirname "$HERE")
 RUNS=${RUNS:-5}; DURATION=${DURATION:-10}; QUIET_MAX=${QUIET_MAX:-180}
 UPLOAD_RUNS=${UPLOAD_RUNS:-3}; XZ_RUNS=${XZ_RUNS:-$UPLOAD_RUNS}; UPLOAD_COMPS=${UPLOAD_COMPS:-"zstd xz"}
-JOBS=${JOBS:-2}; PARTS=${PARTS:-"serve upload"}
+JOBS=${JOBS:-"1 2"}; PARTS=${PARTS:-"serve upload"}
 WORK=${WORK:-${TMPDIR:-/tmp}/nixcached-bench}
 RESULTS=${RESULTS:-$HERE/results}
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
@@ -267,8 +267,8 @@ upload_one() { # tool comp run
   if [ "$tool" = nix ]; then
     timeout 3600 "${NIX[@]}" copy --to "file://$d?compression=$comp" "$TOP" 2>"$log" || rc=$?
   else
-    timeout 3600 "$BIN" upload --from /nix/store --input "$W/paths" --state-dir "$st" \
-      --compression "$comp" --jobs "$JOBS" --progress-interval 0 "file://$d" 2>"$log" || rc=$?
+    timeout 3600 "$BIN" upload --from /nix/store --input "$W/paths" --state-dir "$st-$tool" \
+      --compression "$comp" --jobs "${tool#nixcached-j}" --progress-interval 0 "file://$d" 2>"$log" || rc=$?
   fi
   t1=$(now)
   local n; n=$(find "$d" -maxdepth 1 -name '*.narinfo' 2>/dev/null | wc -l)
@@ -289,14 +289,30 @@ bad = [p for p in set(a) | set(b) if a.get(p) != b.get(p)]
 print('same' if not bad and a else f'DIFFERENT ({len(bad)} of {len(set(a) | set(b))} paths differ, e.g. {sorted(bad)[:2]})')
 EOF
 }
+same_bytes() { # two cache dirs: the same NAR files, byte for byte?
+  python3 - "$1" "$2" <<'EOF'
+import hashlib, os, sys
+def load(d):
+    d = os.path.join(d, 'nar')
+    return {f: hashlib.sha256(open(os.path.join(d, f), 'rb').read()).hexdigest() for f in os.listdir(d)} if os.path.isdir(d) else {}
+a, b = load(sys.argv[1]), load(sys.argv[2])
+bad = [f for f in set(a) | set(b) if a.get(f) != b.get(f)]
+print(f'identical ({len(a)} NAR files)' if not bad and a else f'DIFFERENT ({len(bad)} of {len(set(a) | set(b))} NAR files differ)')
+EOF
+}
 if has upload; then
   for r in $(seq "$UPLOAD_RUNS"); do
     for comp in $UPLOAD_COMPS; do
       [ "$comp" != xz ] || [ "$r" -le "$XZ_RUNS" ] || continue
       say "upload round $r/$UPLOAD_RUNS, $comp"
-      if [ $((r % 2)) -eq 1 ]; then order="nix nixcached"; else order="nixcached nix"; fi
+      ours=$(for j in $JOBS; do printf 'nixcached-j%s ' "$j"; done)
+      if [ $((r % 2)) -eq 1 ]; then order="nix $ours"; else order="$ours nix"; fi
       for tool in $order; do upload_one "$tool" "$comp" "$r"; done
-      [ "$r" -ne 1 ] || echo "upload check comp=$comp nix-vs-nixcached narinfos: $(same_nars "$W/up/nix-$comp-1" "$W/up/nixcached-$comp-1")" | tee -a "$RAW" >&2
+      for tool in $ours; do
+        [ "$r" -ne 1 ] || echo "upload check comp=$comp nix-vs-$tool narinfos: $(same_nars "$W/up/nix-$comp-1" "$W/up/$tool-$comp-1")" | tee -a "$RAW" >&2
+        # Determinism: the same closure, compression and level give the same bytes every run.
+        [ "$r" -ne 2 ] || echo "upload check comp=$comp $tool run 1 vs run 2 bytes: $(same_bytes "$W/up/$tool-$comp-1" "$W/up/$tool-$comp-2")" | tee -a "$RAW" >&2
+      done
     done
   done
 fi

@@ -149,28 +149,32 @@ if rounds:
         print(f"| {fig}, for scale | nginx sending the zstd files {fmt(a)} | {fmt(b)} | {fmt(ratio(b, a), 2)}x nginx |")
 
 if up:
-    print('\n### Upload: `nixcached upload --jobs 2` vs `nix copy --to file://…?compression=C` (same closure, fresh destinations)\n')
-    print('| compression | nix copy wall s, median (min-max), n | nixcached upload wall s | speed-up (nix / upload) '
+    print('\n### Upload: `nixcached upload --jobs N` vs `nix copy --to file://…?compression=C` (same closure, fresh destinations)\n')
+    print('| compression | jobs | nix copy wall s, median (min-max), n | nixcached upload wall s | speed-up (nix / upload) '
           '| NAR files, bytes: nix / upload | whole cache dir, bytes: nix / upload | target | |')
-    print('|---|---|---|---|---|---|---|---|')
+    print('|---|---|---|---|---|---|---|---|---|')
+    ours = sorted({t for (t, _) in up if t != 'nix'})
     for comp in ('zstd', 'xz', 'none', 'bzip2', 'gzip', 'br'):
-        a, b = up.get(('nix', comp)), up.get(('nixcached', comp))
-        if not a and not b:
-            continue
+        a = up.get(('nix', comp))
+        for tool in ours:
+            b = up.get((tool, comp))
+            if not a and not b:
+                continue
 
-        def walls(x):
-            return [float(i['wall_s']) for i in x] if x else []
+            def walls(x):
+                return [float(i['wall_s']) for i in x] if x else []
 
-        def span(w):
-            return f'{med(w):.2f} ({min(w):.2f}-{max(w):.2f}), n={len(w)}' if w else '-'
+            def span(w):
+                return f'{med(w):.2f} ({min(w):.2f}-{max(w):.2f}), n={len(w)}' if w else '-'
 
-        def size(x, k):
-            return f"{int(x[-1][k]):,}" if x else '-'
-        wa, wb = walls(a), walls(b)
-        s = ratio(med(wa) if wa else None, med(wb) if wb else None)
-        print(f"| {comp} | {span(wa)} | {span(wb)} | **{fmt(s, 2)}x** | {size(a, 'bytes_nar')} / {size(b, 'bytes_nar')} | "
-              f"{size(a, 'bytes_all')} / {size(b, 'bytes_all')} | > 1.0x | "
-              f"{'-' if s is None else ('**met**' if s > 1.0 else '**not met**')} |")
+            def size(x, k):
+                return f"{int(x[-1][k]):,}" if x else '-'
+            wa, wb = walls(a), walls(b)
+            s = ratio(med(wa) if wa else None, med(wb) if wb else None)
+            jobs = tool.rsplit('-j', 1)[-1] if '-j' in tool else '2'
+            print(f"| {comp} | {jobs} | {span(wa)} | {span(wb)} | **{fmt(s, 2)}x** | {size(a, 'bytes_nar')} / {size(b, 'bytes_nar')} | "
+                  f"{size(a, 'bytes_all')} / {size(b, 'bytes_all')} | > 1.0x | "
+                  f"{'-' if s is None else ('**met**' if s > 1.0 else '**not met**')} |")
 if excluded:
     print('\nLeft out of the medians (taken on a busy machine; --include-busy keeps them):\n')
     for line in excluded:

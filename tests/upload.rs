@@ -9,58 +9,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::upload::{
-    assert_spool_empty, digest, many_paths, many_paths_named, mkfifo, send, spooled,
-    wait_for_narinfos, Upload,
+    assert_spool_empty, check_consistent, check_consistent_hashing, digest, many_paths,
+    many_paths_named, mkfifo, send, spooled, wait_for_narinfos, Upload,
 };
 use common::NixEnv;
 
 const BIN: &str = env!("CARGO_BIN_EXE_nixcached");
-
-/// Every narinfo in a folder cache points at a complete NAR (its `FileSize`), and its
-/// listing and its references' narinfos exist: the invariant a watcher must see at every
-/// instant.
-fn check_consistent(dir: &Path) -> usize {
-    check_consistent_hashing(dir, &mut BTreeSet::new())
-}
-
-/// [`check_consistent`], also hashing each NAR once (the names in `hashed` are done) and
-/// comparing with the narinfo's `FileHash`.
-fn check_consistent_hashing(dir: &Path, hashed: &mut BTreeSet<String>) -> usize {
-    let mut n = 0;
-    let Ok(rd) = fs::read_dir(dir) else { return 0 };
-    for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        if !name.ends_with(".narinfo") {
-            continue;
-        }
-        let Ok(text) = fs::read_to_string(e.path()) else {
-            continue;
-        };
-        let info = nixcached_actors::formats::NarInfo::parse(&text).unwrap();
-        let nar = dir.join(&info.url);
-        let size = fs::metadata(&nar).map(|m| m.len()).ok();
-        assert_eq!(
-            size, info.file_size,
-            "{name} points at {} of {size:?} bytes",
-            info.url
-        );
-        if hashed.insert(name.clone()) {
-            let want = info.file_hash.as_ref().expect("FileHash").to_nix32();
-            let got = common::nix32_sha256(&fs::read(&nar).unwrap());
-            assert_eq!(got, want, "{name}: {} has other bytes", info.url);
-        }
-        let ls = name.replace(".narinfo", ".ls");
-        assert!(dir.join(&ls).is_file(), "{name} appeared before {ls}");
-        for r in &info.references {
-            assert!(
-                dir.join(format!("{}.narinfo", r.digest())).is_file(),
-                "{name} appeared before its reference {r}"
-            );
-        }
-        n += 1;
-    }
-    n
-}
 
 #[test]
 fn post_build_hook_uploads_a_closure_that_nix_then_substitutes() {

@@ -7,7 +7,7 @@ mod common;
 use std::fs;
 use std::time::{Duration, Instant};
 
-use common::upload::{digest, many_paths, mkfifo, send, wait_for_narinfos, Upload};
+use common::upload::{digest, many_paths, mkfifo, send, wait_for_narinfos, SmallFs, Upload};
 use common::NixEnv;
 
 /// Lines another writer put into the FIFO and the reader has not taken yet when SIGHUP
@@ -213,41 +213,6 @@ fn odd_entries_in_the_spool_are_set_aside_and_reading_goes_on() {
     assert!(up.wait().success());
 }
 
-/// A file system of 1 MiB, mounted for one test and unmounted when dropped.
-struct SmallFs(std::path::PathBuf);
-
-impl SmallFs {
-    fn mount(at: std::path::PathBuf) -> SmallFs {
-        fs::create_dir_all(&at).unwrap();
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
-            .arg(&at)
-            .output()
-            .unwrap();
-        common::assert_succeeded(&out);
-        SmallFs(at)
-    }
-
-    /// Fills it up; returns the filler file, whose removal frees the space.
-    fn fill(&self) -> std::path::PathBuf {
-        use std::io::Write;
-        let filler = self.0.join("filler");
-        let mut f = fs::File::create(&filler).unwrap();
-        let block = vec![0u8; 4096];
-        while f.write_all(&block).is_ok() {}
-        filler
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 /// The FIFO, its spool and the journal on a file system that is full: `send` still hands
 /// the paths over (through the pipe, saying the spool failed), the reader holds them until
 /// the journal can record them (saying so), and once there is space again every one is
@@ -256,7 +221,7 @@ impl Drop for SmallFs {
 fn a_full_disk_under_the_spool_and_the_journal_loses_nothing() {
     let env = NixEnv::new();
     let paths = many_paths(&env, 3);
-    let small = SmallFs::mount(env.path("small"));
+    let small = SmallFs::mount(env.path("small"), "1m");
     let fifo = small.0.join("f");
     mkfifo(&fifo);
     let state = small.0.join("state");

@@ -102,6 +102,28 @@ fn hashing(inner: ByteStream, expect: Option<(Hash, u64)>) -> (ByteStream, Tally
     (Box::pin(s), tally)
 }
 
+/// Recasts an error the destination gave while being written as a backend error.
+///
+/// "Not found", "corrupt" or "invalid" from a destination never means the path itself is
+/// bad (only the source can say that): a resumable upload whose session the server lost
+/// answers 404, a half-written object reads as corrupt. Given as they are, the uploader would
+/// take them for faults of the path and give up on it; as backend errors they are retried.
+pub fn destination_error(e: StoreError) -> StoreError {
+    match e {
+        StoreError::NotFound(_)
+        | StoreError::Corrupt(_)
+        | StoreError::RangeNotSatisfiable { .. } => {
+            let what = e.to_string();
+            StoreError::backend("the destination answered", what)
+        }
+        StoreError::Invalid(_) | StoreError::Unsupported(_) => {
+            let what = e.to_string();
+            StoreError::backend_permanent("the destination refused a write", what)
+        }
+        other => other,
+    }
+}
+
 /// Copies the object with store-path digest `digest` from `source` into `dest`.
 ///
 /// Existing signatures are kept and each key in `opts.keys` adds its own. Returns the
@@ -147,7 +169,7 @@ pub async fn publish(
                 src_info.store_path
             )));
         }
-        return Err(e);
+        return Err(destination_error(e));
     }
     let (file_hash, file_size) = match file_tally.lock().expect("tally").clone() {
         Some(Ok(t)) => t,
@@ -161,7 +183,10 @@ pub async fn publish(
 
     if opts.write_listing {
         match source.listing(digest).await {
-            Ok(json) => dest.put_listing(digest, &json).await?,
+            Ok(json) => dest
+                .put_listing(digest, &json)
+                .await
+                .map_err(destination_error)?,
             Err(StoreError::NotFound(_)) | Err(StoreError::Unsupported(_)) => {}
             Err(e) => return Err(e),
         }
@@ -178,7 +203,7 @@ pub async fn publish(
     for key in &opts.keys {
         info.sign(key);
     }
-    dest.put_narinfo(&info).await?;
+    dest.put_narinfo(&info).await.map_err(destination_error)?;
     Ok(info)
 }
 

@@ -292,15 +292,20 @@ pub fn wait_uploaded(
     // Keyed as the uploader keys them: the path as written, less trailing slashes.
     let mut pending: Vec<&str> = paths.iter().map(|p| p.trim_end_matches('/')).collect();
     let mut failed: Vec<String> = Vec::new();
+    // Opened once, and again only when a restarted uploader names another journal.
+    let mut open: Option<(std::path::PathBuf, crate::upload::journal::Journal)> = None;
     loop {
-        let journal = crate::upload::journal::announced_journal(&spool)
+        let named = crate::upload::journal::announced_journal(&spool)
             .filter(|j| j.is_file())
             .ok_or_else(|| SendError::NoJournal(spool.clone()))?;
-        let journal =
-            crate::upload::journal::Journal::open(&journal).map_err(|e| SendError::Io {
+        if open.as_ref().is_none_or(|(p, _)| *p != named) {
+            let j = crate::upload::journal::Journal::open(&named).map_err(|e| SendError::Io {
                 context: "--wait: reading the upload journal".into(),
                 source: std::io::Error::other(e.to_string()),
             })?;
+            open = Some((named, j));
+        }
+        let journal = &open.as_ref().expect("opened above").1;
         let mut still = Vec::new();
         for p in pending {
             match journal.settled_since(p, since) {

@@ -4,6 +4,7 @@
 
 pub mod browser;
 pub mod conformance;
+pub mod fault_proxy;
 pub mod peers;
 pub mod upload;
 pub mod upstream_server;

@@ -1,5 +1,6 @@
 //! `nixcached upload` and `send` as real processes, for the tests of the upload pipeline.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -193,4 +194,93 @@ pub fn wait_for_narinfos(dest: &Path, paths: &[String], what: &str) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A small tmpfs, mounted for one test and unmounted when dropped (the tests run as root).
+pub struct SmallFs(pub PathBuf);
+
+impl SmallFs {
+    /// Mounts a tmpfs of `size` (`mount -o size=` syntax, such as `1m`) at `at`.
+    pub fn mount(at: PathBuf, size: &str) -> SmallFs {
+        fs::create_dir_all(&at).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&at)
+            .output()
+            .unwrap();
+        super::assert_succeeded(&out);
+        SmallFs(at)
+    }
+
+    /// Fills it up; returns the filler file, whose removal frees the space.
+    pub fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let filler = self.0.join("filler");
+        let mut f = fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 4096];
+        while f.write_all(&block).is_ok() {}
+        filler
+    }
+
+    /// Makes it `size` big, keeping what it holds.
+    pub fn resize(&self, size: &str) {
+        let out = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .output()
+            .unwrap();
+        super::assert_succeeded(&out);
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Every narinfo in a folder cache points at a complete NAR (its `FileSize`), and its
+/// listing and its references' narinfos exist: the invariant a watcher must see at every
+/// instant.
+pub fn check_consistent(dir: &Path) -> usize {
+    check_consistent_hashing(dir, &mut BTreeSet::new())
+}
+
+/// [`check_consistent`], also hashing each NAR once (the names in `hashed` are done) and
+/// comparing with the narinfo's `FileHash`.
+pub fn check_consistent_hashing(dir: &Path, hashed: &mut BTreeSet<String>) -> usize {
+    let mut n = 0;
+    let Ok(rd) = fs::read_dir(dir) else { return 0 };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if !name.ends_with(".narinfo") {
+            continue;
+        }
+        let Ok(text) = fs::read_to_string(e.path()) else {
+            continue;
+        };
+        let info = nixcached_actors::formats::NarInfo::parse(&text).unwrap();
+        let nar = dir.join(&info.url);
+        let size = fs::metadata(&nar).map(|m| m.len()).ok();
+        assert_eq!(
+            size, info.file_size,
+            "{name} points at {} of {size:?} bytes",
+            info.url
+        );
+        if hashed.insert(name.clone()) {
+            let want = info.file_hash.as_ref().expect("FileHash").to_nix32();
+            let got = super::nix32_sha256(&fs::read(&nar).unwrap());
+            assert_eq!(got, want, "{name}: {} has other bytes", info.url);
+        }
+        let ls = name.replace(".narinfo", ".ls");
+        assert!(dir.join(&ls).is_file(), "{name} appeared before {ls}");
+        for r in &info.references {
+            assert!(
+                dir.join(format!("{}.narinfo", r.digest())).is_file(),
+                "{name} appeared before its reference {r}"
+            );
+        }
+        n += 1;
+    }
+    n
 }

@@ -163,11 +163,11 @@ const NIX_WRITER_PARAMS: &[&str] = &[
 
 /// What `s3://` URLs take, for error messages.
 const S3_PARAMS: &str = "region, endpoint, profile, prefix, scheme=http|https, \
-     addressing-style=path|virtual|auto, disableSSL=true, s3ForcePathStyle=true \
-     (and Nix's writer settings such as compression, which only matter to Nix)";
+     addressing-style=path|virtual|auto, disableSSL=true, s3ForcePathStyle=true, \
+     stall-timeout=SECONDS (and Nix's writer settings such as compression, which only matter to Nix)";
 
 /// What `gs://` URLs take, for error messages.
-const GS_PARAMS: &str = "prefix, endpoint";
+const GS_PARAMS: &str = "prefix, endpoint, stall-timeout=SECONDS";
 
 /// The bucket of `s3://BUCKET` or `gs://BUCKET`; the path must be empty (keys go under
 /// `prefix=`, never under a path that gocloud and Nix both ignore).
@@ -217,6 +217,17 @@ fn prefix_param(s: &str, v: &str) -> Result<String, StoreError> {
     Ok(p.to_owned())
 }
 
+/// `stall-timeout=SECONDS`: how long a connection to a bucket may sit with no byte moving
+/// before the request is abandoned and retried (default 60 s).
+fn stall_timeout_param(s: &str, v: &str) -> Result<std::time::Duration, StoreError> {
+    match v.parse::<u64>() {
+        Ok(n @ 1..=3600) => Ok(std::time::Duration::from_secs(n)),
+        _ => Err(invalid(format!(
+            "store URL {s:?}: stall-timeout={v:?} must be a whole number of seconds from 1 to 3600"
+        ))),
+    }
+}
+
 fn bool_param(s: &str, k: &str, v: &str) -> Result<bool, StoreError> {
     match v.to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" | "on" => Ok(true),
@@ -246,6 +257,7 @@ fn parse_s3(s: &str, url: &url::Url) -> Result<S3Options, StoreError> {
             "endpoint" => endpoint = Some(v.into_owned()).filter(|e| !e.is_empty()),
             "profile" => o.profile = Some(v.into_owned()).filter(|p| !p.is_empty()),
             "prefix" => o.prefix = prefix_param(s, &v)?,
+            "stall-timeout" => o.stall_timeout = Some(stall_timeout_param(s, &v)?),
             "scheme" => match &*v {
                 "http" | "https" => scheme = Some(v.into_owned()),
                 _ => {
@@ -360,6 +372,7 @@ fn parse_gs(s: &str, url: &url::Url) -> Result<GcsOptions, StoreError> {
         match &*k {
             "prefix" => o.prefix = prefix_param(s, &v)?,
             "endpoint" => o.endpoint = Some(v.into_owned()).filter(|e| !e.is_empty()),
+            "stall-timeout" => o.stall_timeout = Some(stall_timeout_param(s, &v)?),
             "access_id" | "private_key_path" => {}
             other => {
                 return Err(invalid(format!(
@@ -512,6 +525,26 @@ mod tests {
         assert!(err("s3://cache?prefix=a/../b").contains("prefix"));
         assert!(err("s3://ca$he").contains("bucket"));
         assert!(err("s3://cache?key=x").contains("\"key\""));
+    }
+
+    #[test]
+    fn stall_timeout_is_whole_seconds_on_both_buckets() {
+        use std::time::Duration;
+        assert_eq!(
+            s3("s3://c?stall-timeout=5").stall_timeout,
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            gs("gs://c?stall-timeout=3600").stall_timeout,
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(s3("s3://c").stall_timeout, None);
+        for bad in ["0", "3601", "1.5", "5s", "", "-1"] {
+            for scheme in ["s3", "gs"] {
+                let e = err(&format!("{scheme}://c?stall-timeout={bad}"));
+                assert!(e.contains("whole number of seconds"), "{e}");
+            }
+        }
     }
 
     #[test]

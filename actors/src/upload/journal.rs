@@ -51,6 +51,27 @@ impl State {
             State::Failed => 2,
         }
     }
+
+    fn from_code(c: i64) -> State {
+        match c {
+            0 => State::Pending,
+            1 => State::Done,
+            _ => State::Failed,
+        }
+    }
+}
+
+/// One path's record in the journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Where it stands.
+    pub state: State,
+    /// Why it failed, when it did.
+    pub error: Option<String>,
+    /// Failures of it or its closure that were retried since it was (last) sent.
+    pub retries: i64,
+    /// The last of those failures.
+    pub last_error: Option<String>,
 }
 
 /// The journal of one upload pipeline.
@@ -91,6 +112,22 @@ impl Journal {
              );",
         )
         .map_err(err)?;
+        // Journals from before retries were recorded gain the two columns.
+        let has_retries: bool = conn
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('paths') WHERE name = 'retries'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(err)?
+            > 0;
+        if !has_retries {
+            conn.execute_batch(
+                "ALTER TABLE paths ADD COLUMN retries INTEGER NOT NULL DEFAULT 0;
+                 ALTER TABLE paths ADD COLUMN last_error TEXT;",
+            )
+            .map_err(err)?;
+        }
         Ok(Journal {
             path: path.to_owned(),
             conn: Mutex::new(conn),
@@ -113,7 +150,8 @@ impl Journal {
             let mut stmt = tx
                 .prepare_cached(
                     "INSERT INTO paths (path, state, updated) VALUES (?1, 0, strftime('%s','now'))
-                     ON CONFLICT(path) DO UPDATE SET state = 0, updated = excluded.updated WHERE state != 0",
+                     ON CONFLICT(path) DO UPDATE SET state = 0, retries = 0, last_error = NULL,
+                         updated = excluded.updated WHERE state != 0",
                 )
                 .map_err(|e| self.err(e))?;
             for p in paths {
@@ -134,6 +172,42 @@ impl Journal {
             )
             .map(|_| ())
             .map_err(|e| self.err(e))
+    }
+
+    /// Records a failure that will be retried (the destination failed for now), so the
+    /// journal tells how a path got through a fault, not only that it did.
+    pub fn note_retry(&self, path: &str, error: &str) -> Result<(), JournalError> {
+        self.conn
+            .lock()
+            .expect("journal")
+            .execute(
+                "UPDATE paths SET retries = retries + 1, last_error = ?2 WHERE path = ?1 AND state = 0",
+                params![path, error],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Everything the journal says about one path, if it was accepted.
+    pub fn entry(&self, path: &str) -> Result<Option<Entry>, JournalError> {
+        let conn = self.conn.lock().expect("journal");
+        let r = conn.query_row(
+            "SELECT state, error, retries, last_error FROM paths WHERE path = ?1",
+            params![path],
+            |r| {
+                Ok(Entry {
+                    state: State::from_code(r.get(0)?),
+                    error: r.get(1)?,
+                    retries: r.get(2)?,
+                    last_error: r.get(3)?,
+                })
+            },
+        );
+        match r {
+            Ok(e) => Ok(Some(e)),
+            Err(rusqlite::Error::QueryReturnedNoRows) => Ok(None),
+            Err(e) => Err(self.err(e)),
+        }
     }
 
     /// Paths accepted earlier and not finished: the work to resume.
@@ -188,14 +262,7 @@ impl Journal {
             |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?)),
         );
         match r {
-            Ok((s, e)) => Ok(Some((
-                match s {
-                    0 => State::Pending,
-                    1 => State::Done,
-                    _ => State::Failed,
-                },
-                e,
-            ))),
+            Ok((s, e)) => Ok(Some((State::from_code(s), e))),
             Err(rusqlite::Error::QueryReturnedNoRows) => Ok(None),
             Err(e) => Err(self.err(e)),
         }
@@ -395,5 +462,45 @@ mod tests {
             j.state("/nix/store/b").unwrap(),
             Some((State::Failed, Some("gone".into())))
         );
+    }
+
+    #[test]
+    fn retries_are_recorded_kept_when_done_and_reset_when_sent_again() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("j.sqlite");
+        // A journal written before retries were recorded opens and gains the columns.
+        let old = Connection::open(&p).unwrap();
+        old.execute_batch(
+            "CREATE TABLE paths (path TEXT PRIMARY KEY, state INTEGER NOT NULL,
+             attempts INTEGER NOT NULL DEFAULT 0, error TEXT, updated INTEGER NOT NULL);
+             INSERT INTO paths VALUES ('/nix/store/old', 0, 0, NULL, 0);",
+        )
+        .unwrap();
+        drop(old);
+        let j = Journal::open(&p).unwrap();
+        assert_eq!(j.pending().unwrap(), vec!["/nix/store/old".to_string()]);
+        j.add(&["/nix/store/a".into()]).unwrap();
+        j.note_retry("/nix/store/a", "503 SlowDown").unwrap();
+        j.note_retry("/nix/store/a", "connection reset").unwrap();
+        j.set("/nix/store/a", State::Done, None).unwrap();
+        // A settled path takes no more retries.
+        j.note_retry("/nix/store/a", "late").unwrap();
+        let e = j.entry("/nix/store/a").unwrap().unwrap();
+        assert_eq!(
+            e,
+            Entry {
+                state: State::Done,
+                error: None,
+                retries: 2,
+                last_error: Some("connection reset".into()),
+            }
+        );
+        j.add(&["/nix/store/a".into()]).unwrap();
+        let e = j.entry("/nix/store/a").unwrap().unwrap();
+        assert_eq!(
+            (e.state, e.retries, e.last_error),
+            (State::Pending, 0, None)
+        );
+        assert_eq!(j.entry("/nix/store/none").unwrap(), None);
     }
 }

@@ -351,6 +351,11 @@ impl Scheduler {
                 };
                 obj.attempts += 1;
                 self.summary.retries += 1;
+                for root in &obj.roots {
+                    if let Err(e) = self.journal.note_retry(root, &f.message) {
+                        tracing::error!("{e}");
+                    }
+                }
                 let delay = self
                     .settings
                     .backoff_start

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use actix::{Actor, Context, Handler, Message, ResponseFuture};
 
 use crate::formats::{NarInfo, StorePath};
-use crate::publish::{publish, PublishOptions};
+use crate::publish::{destination_error, publish, PublishOptions};
 use crate::store::{Store, StoreError};
 
 /// Upload one object (its narinfo is written last; its references must already be there).
@@ -106,7 +106,7 @@ async fn merge_existing(
         Ok(n) => n,
         // Absent, or unreadable: (re)write it.
         Err(StoreError::NotFound(_)) | Err(StoreError::Corrupt(_)) => return Ok(None),
-        Err(e) => return Err(e),
+        Err(e) => return Err(destination_error(e)),
     };
     let local: NarInfo = source.narinfo(path.digest()).await?;
     if existing.nar_hash != local.nar_hash || existing.nar_size != local.nar_size {
@@ -123,7 +123,7 @@ async fn merge_existing(
     merged.sign_if_missing(&opts.keys);
     let added = merged.sigs.len() - existing.sigs.len();
     if added > 0 {
-        dest.put_narinfo(&merged).await?;
+        dest.put_narinfo(&merged).await.map_err(destination_error)?;
     }
     Ok(Some(added))
 }

@@ -26,6 +26,9 @@ pub struct GcsOptions {
     pub prefix: String,
     /// The `endpoint=` parameter as written: a URL, or `host:port` for plain HTTP.
     pub endpoint: Option<String>,
+    /// How long a connection may move no byte before a request is abandoned (and retried);
+    /// `None` for the default, 60 s.
+    pub stall_timeout: Option<std::time::Duration>,
 }
 
 impl GcsOptions {

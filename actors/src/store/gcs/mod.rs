@@ -82,7 +82,7 @@ impl GcsBlobs {
             .user_agent(concat!("nixcached/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(10))
             // A NAR of gigabytes takes as long as it takes; only a stalled connection fails.
-            .read_timeout(Duration::from_secs(60))
+            .read_timeout(options.stall_timeout.unwrap_or(Duration::from_secs(60)))
             // Resumable uploads answer 308, which is not a redirect to follow.
             .redirect(reqwest::redirect::Policy::none())
             .build()

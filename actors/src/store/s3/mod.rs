@@ -15,11 +15,13 @@
 mod credential_process;
 mod error;
 mod error_code;
+mod multipart;
 mod options;
 mod profile;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::{StreamExt, TryStreamExt};
@@ -27,12 +29,13 @@ use object_store::aws::AmazonS3;
 use object_store::path::Path;
 use object_store::{
     Attribute, AttributeValue, Attributes, GetOptions, GetRange, ObjectStore, ObjectStoreExt,
-    PutMultipartOptions, PutOptions, PutPayloadMut, WriteMultipart,
+    PutMultipartOptions, PutOptions, PutPayloadMut,
 };
 
 use super::blobs::{check_key, translate_range, Blobs};
 use super::{Blob, ByteRange, ByteStream, Result, StoreError};
 use error::{is_no_bucket, Target};
+use multipart::{Leftovers, Parts};
 pub use options::{Addressing, S3Options};
 
 /// Objects at least this big go up as a multipart upload, in parts of this size; smaller ones
@@ -52,6 +55,8 @@ pub struct S3Blobs {
     /// Set once a listing proved the bucket exists; S3 answers a missing object and a missing
     /// bucket with the same bodiless 404 to `HEAD`, so a miss is only trusted after that.
     bucket_seen: AtomicBool,
+    /// Multipart uploads that failed and could not be aborted yet.
+    leftovers: Arc<Leftovers>,
 }
 
 impl S3Blobs {
@@ -63,6 +68,7 @@ impl S3Blobs {
             options: options.clone(),
             target: client.target,
             bucket_seen: AtomicBool::new(false),
+            leftovers: Arc::default(),
         })
     }
 
@@ -205,13 +211,26 @@ impl Blobs for S3Blobs {
             attributes,
             ..PutMultipartOptions::default()
         };
+        // Parts a fault left behind go before new ones are made.
+        if self.leftovers.len() > 0 {
+            self.leftovers.sweep().await;
+        }
         let upload = match self.store.put_multipart_opts(&path, opts).await {
             Ok(u) => u,
             Err(e) => return Err(self.fail("writing", key, e).await),
         };
-        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+        let mut parts = Parts::new(
+            &self.url_of(key),
+            upload,
+            PART_SIZE,
+            PARTS_IN_FLIGHT,
+            self.leftovers.clone(),
+        );
         for chunk in first.freeze() {
-            writer.put(chunk);
+            if let Err(e) = parts.write(chunk).await {
+                parts.abort().await;
+                return Err(self.fail("writing", key, e).await);
+            }
         }
         while let Some(chunk) = data.next().await {
             // An error from the source (a failed hash check, a dropped connection) must not
@@ -219,19 +238,18 @@ impl Blobs for S3Blobs {
             let chunk = match chunk {
                 Ok(c) => c,
                 Err(e) => {
-                    let _ = writer.abort().await;
+                    parts.abort().await;
                     return Err(receiving(e));
                 }
             };
-            if let Err(e) = writer.wait_for_capacity(PARTS_IN_FLIGHT).await {
-                let _ = writer.abort().await;
+            n += chunk.len() as u64;
+            if let Err(e) = parts.write(chunk).await {
+                parts.abort().await;
                 return Err(self.fail("writing", key, e).await);
             }
-            n += chunk.len() as u64;
-            writer.put(chunk);
         }
-        match writer.finish().await {
-            Ok(_) => Ok(n),
+        match parts.finish().await {
+            Ok(()) => Ok(n),
             Err(e) => Err(self.fail("writing", key, e).await),
         }
     }

@@ -12,6 +12,9 @@ use super::error::Target;
 use super::profile;
 use crate::store::{Result, StoreError};
 
+/// How long a connection may move no byte before a request is abandoned, by default.
+const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How an S3 URL addresses its bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Addressing {
@@ -42,6 +45,9 @@ pub struct S3Options {
     pub profile: Option<String>,
     /// Path-style or virtual-hosted requests.
     pub addressing: Addressing,
+    /// How long a connection may move no byte before a request is abandoned (and retried);
+    /// `None` for the default, 60 s.
+    pub stall_timeout: Option<Duration>,
 }
 
 /// A client for one bucket, and where its requests go.
@@ -163,7 +169,7 @@ impl S3Options {
                     // A NAR of gigabytes takes as long as it takes; only a stalled
                     // connection is an error.
                     .with_timeout_disabled()
-                    .with_read_timeout(Duration::from_secs(60)),
+                    .with_read_timeout(self.stall_timeout.unwrap_or(DEFAULT_STALL_TIMEOUT)),
             )
             .with_retry(RetryConfig {
                 backoff: BackoffConfig::default(),
