@@ -144,7 +144,7 @@ pub struct ServeArgs {
     /// start of the next.
     #[arg(long, default_value = defaults::MAX_LIST_FREQUENCY, value_parser = parse_duration)]
     pub max_list_frequency: Duration,
-    /// Most objects the explorer index holds (about 0.5 KiB of memory each); objects beyond
+    /// Most objects the explorer index holds (about 0.65 KiB of memory each); objects beyond
     /// are served but not listed.
     #[arg(long, default_value_t = defaults::INDEX_MAX_OBJECTS, value_name = "N")]
     pub index_max_objects: usize,
