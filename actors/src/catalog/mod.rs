@@ -292,7 +292,7 @@ impl State {
                 ids.select_nth_unstable_by(take, |&x, &y| key(x).cmp(&key(y)));
                 ids.truncate(take);
             }
-            ids.sort_unstable_by(|&x, &y| key(x).cmp(&key(y)));
+            ids.sort_unstable_by_key(|&x| key(x));
         }
         let o = &self.objects;
         match sort {
