@@ -15,6 +15,8 @@ pub mod defaults {
     pub const PORT: u16 = 38380;
     /// `serve --max-list-frequency`, `max-list-frequency`.
     pub const MAX_LIST_FREQUENCY: &str = "2m";
+    /// `serve --index-max-objects`, `index-max-objects`.
+    pub const INDEX_MAX_OBJECTS: usize = 1_000_000;
     /// `serve --cache-size-mib`, `cache-size-mib`.
     pub const CACHE_SIZE_MIB: u64 = 64;
     /// `serve --cache-ttl`, `cache-ttl`.
@@ -142,6 +144,10 @@ pub struct ServeArgs {
     /// start of the next.
     #[arg(long, default_value = defaults::MAX_LIST_FREQUENCY, value_parser = parse_duration)]
     pub max_list_frequency: Duration,
+    /// Most objects the explorer index holds (about 0.65 KiB of memory each); objects beyond
+    /// are served but not listed.
+    #[arg(long, default_value_t = defaults::INDEX_MAX_OBJECTS, value_name = "N")]
+    pub index_max_objects: usize,
     /// Sign narinfos that lack a signature by this key (repeatable; nix-store --generate-binary-cache-key format).
     #[arg(long = "secret-key-file", value_name = "FILE")]
     pub secret_key_files: Vec<PathBuf>,

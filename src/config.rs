@@ -12,6 +12,7 @@
 //! trusted-public-keys = ["cache.example.org-1:base64…"]   # verified on the explorer's object page
 //! client = "/srv/nixcached-ui"   # templates/ and dist/ replacing the built-in explorer UI
 //! max-list-frequency = "2m"      # least time between store listings for the explorer index
+//! index-max-objects = 1000000    # most objects the explorer index holds
 //!
 //! [[cache]]                      # served at http://127.0.0.1:38380/team/
 //! store = "file:///srv/team-cache"
@@ -112,6 +113,8 @@ pub struct CacheSection {
     /// Least time between two listings of the store for the explorer index.
     #[serde(deserialize_with = "de_duration")]
     pub max_list_frequency: Duration,
+    /// Most objects the explorer index holds (as `serve --index-max-objects`).
+    pub index_max_objects: usize,
     /// Upstream binary caches behind the store, tried in order.
     pub upstreams: Vec<String>,
     /// Trusted keys (`NAME:BASE64`): upstream narinfos must be signed by one, and the explorer
@@ -143,6 +146,7 @@ impl Default for CacheSection {
             transparent_zstd: false,
             client: None,
             max_list_frequency: defaults::duration(defaults::MAX_LIST_FREQUENCY),
+            index_max_objects: defaults::INDEX_MAX_OBJECTS,
             upstreams: Vec::new(),
             trusted_public_keys: Vec::new(),
             upstream_timeout: defaults::duration(defaults::UPSTREAM_TIMEOUT),
@@ -245,6 +249,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 max_bytes: c.cache_size_mib * 1024 * 1024,
                 ttl: c.cache_ttl,
                 negative_ttl: c.negative_ttl,
+                ..CacheSettings::default()
             },
             backend_timeout,
             grace,
@@ -255,6 +260,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 c.client.clone(),
                 &c.trusted_public_keys,
                 c.max_list_frequency,
+                c.index_max_objects,
             )?,
             upload_stats: upload_stats.clone(),
         };
@@ -340,15 +346,17 @@ mod tests {
             c.client.clone(),
             &c.trusted_public_keys,
             c.max_list_frequency,
+            c.index_max_objects,
         )
         .unwrap();
         assert_eq!(ui.max_list_frequency, Duration::from_secs(300));
         assert_eq!(ui.trusted_keys.len(), 1);
         assert_eq!(ui.trusted_keys[0].name(), "cache.nixos.org-1");
-        let e = crate::serve::ui_options(None, &["nonsense".into()], Duration::ZERO).unwrap_err();
-        assert!(format!("{e:#}").contains("NAME:BASE64"), "{e:#}");
         let e =
-            crate::serve::ui_options(Some(d.path().join("nope")), &[], Duration::ZERO).unwrap_err();
+            crate::serve::ui_options(None, &["nonsense".into()], Duration::ZERO, 1).unwrap_err();
+        assert!(format!("{e:#}").contains("NAME:BASE64"), "{e:#}");
+        let e = crate::serve::ui_options(Some(d.path().join("nope")), &[], Duration::ZERO, 1)
+            .unwrap_err();
         assert!(e.to_string().contains("templates/"), "{e}");
     }
 

@@ -29,12 +29,13 @@ pub fn read_keys(files: &[PathBuf]) -> anyhow::Result<Vec<SecretKey>> {
         .collect()
 }
 
-/// The explorer settings from `--client`, `--trusted-public-key` and `--max-list-frequency`
-/// (or their config-file keys).
+/// The explorer settings from `--client`, `--trusted-public-key`, `--max-list-frequency` and
+/// `--index-max-objects` (or their config-file keys).
 pub fn ui_options(
     client: Option<PathBuf>,
     trusted: &[String],
     max_list_frequency: std::time::Duration,
+    index_max_objects: usize,
 ) -> anyhow::Result<UiOptions> {
     let trusted_keys = trusted
         .iter()
@@ -56,6 +57,7 @@ pub fn ui_options(
         client,
         trusted_keys,
         max_list_frequency,
+        catalog_max_objects: index_max_objects,
         ..UiOptions::default()
     })
 }
@@ -187,6 +189,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             max_bytes: args.cache_size_mib * 1024 * 1024,
             ttl: args.cache_ttl,
             negative_ttl: args.negative_ttl,
+            ..CacheSettings::default()
         },
         backend_timeout: args.backend_timeout,
         grace: args.grace,
@@ -197,6 +200,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             args.client.clone(),
             &args.upstream.trusted_public_keys,
             args.max_list_frequency,
+            args.index_max_objects,
         )?,
         upload_stats: Vec::new(),
     };

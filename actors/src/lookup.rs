@@ -66,6 +66,9 @@ pub struct CacheSettings {
     pub ttl: Duration,
     /// How long a miss is remembered.
     pub negative_ttl: Duration,
+    /// Misses remembered at most. Clients choose the digests they miss, so this bounds what
+    /// they can make the server hold (about 200 bytes each).
+    pub max_negative: u64,
 }
 
 impl Default for CacheSettings {
@@ -74,6 +77,7 @@ impl Default for CacheSettings {
             max_bytes: 64 * 1024 * 1024,
             ttl: Duration::from_secs(3600),
             negative_ttl: Duration::from_secs(30),
+            max_negative: 100_000,
         }
     }
 }
@@ -104,7 +108,7 @@ impl LookupShared {
             .time_to_live(settings.ttl)
             .build();
         let negative = Cache::builder()
-            .max_capacity(1_000_000)
+            .max_capacity(settings.max_negative)
             .time_to_live(settings.negative_ttl)
             .build();
         Arc::new(LookupShared {
@@ -120,6 +124,34 @@ impl LookupShared {
     pub fn invalidate_all(&self) {
         self.positive.invalidate_all();
         self.negative.invalidate_all();
+    }
+
+    /// Gauges for `/metrics`: entries of both caches (moka's counts, which trail the last
+    /// few inserts until its housekeeping runs).
+    pub fn render_metrics(&self) -> String {
+        let mut s = String::new();
+        for (name, help, v) in [
+            (
+                "nixcached_narinfo_cache_entries",
+                "Narinfos held in memory.",
+                self.positive.entry_count(),
+            ),
+            (
+                "nixcached_narinfo_cache_weight",
+                "Weighted size of the narinfos held in memory (bound: the cache's byte budget).",
+                self.positive.weighted_size(),
+            ),
+            (
+                "nixcached_narinfo_negative_entries",
+                "Misses remembered in memory.",
+                self.negative.entry_count(),
+            ),
+        ] {
+            s.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"
+            ));
+        }
+        s
     }
 
     async fn lookup(self: Arc<Self>, digest: Digest) -> Result<Arc<ServedNarInfo>, StoreError> {
@@ -279,5 +311,33 @@ mod tests {
             2,
             "one read for the miss, then the negative cache"
         );
+    }
+
+    #[actix::test]
+    async fn remembered_misses_are_bounded() {
+        let cache = BinaryCache::new(Arc::new(MemoryBlobs::new()));
+        let metrics = Arc::new(Metrics::default());
+        let fetcher =
+            Fetcher::new(Arc::new(cache), Duration::from_secs(5), metrics.clone()).start();
+        let settings = CacheSettings {
+            max_negative: 10,
+            ..CacheSettings::default()
+        };
+        let shared = LookupShared::new(fetcher, &settings, Vec::new(), metrics);
+        // 200 digests nobody has, as a client would invent them.
+        for i in 0..200u32 {
+            let d = format!("{i:0>32}");
+            let r = shared.clone().lookup(Digest::parse(&d).unwrap()).await;
+            assert!(matches!(r, Err(StoreError::NotFound(_))));
+        }
+        shared.negative.run_pending_tasks().await;
+        assert!(
+            shared.negative.entry_count() <= 10,
+            "{} misses held",
+            shared.negative.entry_count()
+        );
+        assert!(shared
+            .render_metrics()
+            .contains("nixcached_narinfo_negative_entries "));
     }
 }

@@ -89,6 +89,8 @@ pub struct UiOptions {
     pub max_list_frequency: Duration,
     /// Memory for NAR file trees kept for the browser.
     pub tree_cache_bytes: u64,
+    /// Objects the explorer index holds at most (beyond, objects are served but not listed).
+    pub catalog_max_objects: usize,
 }
 
 impl Default for UiOptions {
@@ -98,6 +100,7 @@ impl Default for UiOptions {
             trusted_keys: Vec::new(),
             max_list_frequency: Duration::from_secs(120),
             tree_cache_bytes: 32 * 1024 * 1024,
+            catalog_max_objects: crate::catalog::DEFAULT_MAX_OBJECTS,
         }
     }
 }
@@ -136,7 +139,7 @@ pub async fn start_service(opts: &ServeOptions) -> io::Result<Arc<CacheService>>
         metrics.clone(),
     );
     let templates = Templates::new(opts.ui.client.clone()).map_err(io::Error::other)?;
-    let catalog = Catalog::new();
+    let catalog = Catalog::new(opts.ui.catalog_max_objects);
     let discovery =
         Discovery::new(catalog.clone(), fetcher.clone(), opts.ui.max_list_frequency).start();
     let mut trusted_keys = opts.ui.trusted_keys.clone();

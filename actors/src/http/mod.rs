@@ -342,8 +342,10 @@ async fn handle(
             HttpResponse::Ok()
                 .content_type("text/plain; version=0.0.4; charset=utf-8")
                 .body(format!(
-                    "{}# HELP nixcached_store_up Whether the store answers (0: degraded, see /healthz).\n# TYPE nixcached_store_up gauge\nnixcached_store_up {up}\n",
-                    svc.metrics.render()
+                    "{}{}{}# HELP nixcached_store_up Whether the store answers (0: degraded, see /healthz).\n# TYPE nixcached_store_up gauge\nnixcached_store_up {up}\n",
+                    svc.metrics.render(),
+                    svc.catalog.render_metrics(),
+                    svc.lookups.render_metrics(),
                 ))
         }
         Route::BadDigest => {

@@ -25,6 +25,7 @@ pub fn samples() -> Vec<(&'static str, serde_json::Value)> {
         next_after: Some("a".repeat(32)),
         matching: 1,
         known: 1,
+        full: true,
         listed: false,
         discovering: true,
     };
