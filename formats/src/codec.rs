@@ -259,11 +259,15 @@ impl Compression {
 }
 
 impl Compression {
-    /// The codec level for `level`; brotli's default (its maximum) is far too slow for NARs,
-    /// so brotli defaults to 5.
+    /// The codec level for `level`. Unset, each codec gets the level Nix uses, so the files
+    /// match `nix copy`'s in size: xz 6 and bzip2 9 (the codec crates would pick 5 and 6),
+    /// zstd 3 and gzip 6 (their defaults). Brotli's maximum, Nix's choice, is far too slow
+    /// for NARs, so brotli defaults to 5.
     fn level(self, level: Option<i32>) -> Level {
         match (level, self) {
             (Some(l), _) => Level::Precise(l),
+            (None, Compression::Xz) => Level::Precise(6),
+            (None, Compression::Bzip2) => Level::Precise(9),
             (None, Compression::Br) => Level::Precise(5),
             (None, _) => Level::Default,
         }

@@ -145,6 +145,9 @@ impl NarInfo {
         }
 
         for (i, line) in text.lines().enumerate() {
+            // `lines` leaves the `\r` of a last line with no `\n`; every line ends the same way
+            // here, so a value never keeps a `\r` that rendering would turn into a line end.
+            let line = line.strip_suffix('\r').unwrap_or(line);
             if line.is_empty() {
                 continue;
             }

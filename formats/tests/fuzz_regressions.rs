@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use nixcached_formats::{nixbase32, CacheInfo, Hash, StoreDir, StorePath};
+use nixcached_formats::{nixbase32, CacheInfo, Hash, NarInfo, StoreDir, StorePath};
 
 fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -61,6 +61,22 @@ fn string_forms_round_trip() {
         }
         if let Ok(sp) = StorePath::from_base_name(s) {
             assert_eq!(sp.to_string(), s, "{}", p.display());
+        }
+    }
+}
+
+#[test]
+fn narinfos_round_trip() {
+    for (p, data) in inputs("narinfo") {
+        let Ok(text) = std::str::from_utf8(&data) else {
+            continue;
+        };
+        if let Ok(info) = NarInfo::parse(text) {
+            let rendered = info.render();
+            let back = NarInfo::parse(&rendered)
+                .unwrap_or_else(|e| panic!("{}: rendered form refused: {e}", p.display()));
+            assert_eq!(back, info, "{}", p.display());
+            assert_eq!(back.render(), rendered, "{}", p.display());
         }
     }
 }
