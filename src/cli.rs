@@ -88,10 +88,11 @@ pub enum Command {
 /// is seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let bad = || format!("invalid duration {s:?}; write for example 30s, 2m, 1h or 500ms");
+    // Checked conversions: a value from a config file or flag must never panic the process
+    // (infinite, NaN, negative or beyond what a Duration holds are errors).
+    let secs_of = |x: f64| Duration::try_from_secs_f64(x).map_err(|_| bad());
     if let Ok(secs) = s.parse::<f64>() {
-        return (secs >= 0.0)
-            .then(|| Duration::from_secs_f64(secs))
-            .ok_or_else(bad);
+        return secs_of(secs);
     }
     let mut total = Duration::ZERO;
     let mut rest = s;
@@ -114,7 +115,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "h" => 3600.0,
             _ => return Err(bad()),
         };
-        total += Duration::from_secs_f64(n * scale);
+        total = total.checked_add(secs_of(n * scale)?).ok_or_else(bad)?;
         rest = tail;
     }
     Ok(total)
@@ -327,6 +328,18 @@ mod tests {
         assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
         assert!(parse_duration("2x").is_err());
         assert!(parse_duration("-1").is_err());
+        // Found by the config fuzzer: these panicked (Duration::from_secs_f64, +=).
+        for huge in [
+            "inf",
+            "NaN",
+            "1e400",
+            "3333333333333333333333333333333333333333333333330s",
+            "18446744073709551615s18446744073709551615s",
+            "9999999999999999999h",
+        ] {
+            let e = parse_duration(huge).unwrap_err();
+            assert!(e.contains("invalid duration"), "{huge}: {e}");
+        }
     }
 
     #[test]
