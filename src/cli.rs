@@ -84,13 +84,22 @@ pub enum Command {
     Send(SendArgs),
 }
 
+/// The longest duration a flag or the config file may give: 100 years.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// Parses durations as Go writes them (`300ms`, `30s`, `2m`, `1h`, `1h30m`); a bare number
 /// is seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let bad = || format!("invalid duration {s:?}; write for example 30s, 2m, 1h or 500ms");
     // Checked conversions: a value from a config file or flag must never panic the process
     // (infinite, NaN, negative or beyond what a Duration holds are errors).
-    let secs_of = |x: f64| Duration::try_from_secs_f64(x).map_err(|_| bad());
+    // At most a century, so adding one to a clock reading cannot overflow either.
+    let secs_of = |x: f64| {
+        Duration::try_from_secs_f64(x)
+            .ok()
+            .filter(|d| *d <= MAX_DURATION)
+            .ok_or_else(bad)
+    };
     if let Ok(secs) = s.parse::<f64>() {
         return secs_of(secs);
     }
@@ -115,7 +124,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "h" => 3600.0,
             _ => return Err(bad()),
         };
-        total = total.checked_add(secs_of(n * scale)?).ok_or_else(bad)?;
+        total = total
+            .checked_add(secs_of(n * scale)?)
+            .filter(|d| *d <= MAX_DURATION)
+            .ok_or_else(bad)?;
         rest = tail;
     }
     Ok(total)
@@ -328,6 +340,10 @@ mod tests {
         assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
         assert!(parse_duration("2x").is_err());
         assert!(parse_duration("-1").is_err());
+        assert_eq!(
+            parse_duration("876000h").unwrap(),
+            Duration::from_secs(876_000 * 3600)
+        );
         // Found by the config fuzzer: these panicked (Duration::from_secs_f64, +=).
         for huge in [
             "inf",
@@ -336,6 +352,8 @@ mod tests {
             "3333333333333333333333333333333333333333333333330s",
             "18446744073709551615s18446744073709551615s",
             "9999999999999999999h",
+            "876001h",
+            "876000h1s",
         ] {
             let e = parse_duration(huge).unwrap_err();
             assert!(e.contains("invalid duration"), "{huge}: {e}");
