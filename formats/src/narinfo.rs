@@ -145,9 +145,10 @@ impl NarInfo {
         }
 
         for (i, line) in text.lines().enumerate() {
-            // `lines` leaves the `\r` of a last line with no `\n`; every line ends the same way
-            // here, so a value never keeps a `\r` that rendering would turn into a line end.
-            let line = line.strip_suffix('\r').unwrap_or(line);
+            // `lines` takes one `\r` of a `\r\n` and none at the very end; every trailing
+            // `\r` goes here, so a value never ends in one, which rendering and reading back
+            // would take for (part of) a line end.
+            let line = line.trim_end_matches('\r');
             if line.is_empty() {
                 continue;
             }

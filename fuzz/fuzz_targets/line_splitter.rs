@@ -35,21 +35,21 @@ fn model(data: &[u8], allow_finish: bool) -> Vec<Token> {
     let mut out = Vec::new();
     let mut lines: Vec<&[u8]> = data.split(|&b| b == b'\n').collect();
     let last = lines.pop().unwrap_or_default();
-    let token = |mut l: &[u8]| {
-        if let Some(s) = l.strip_suffix(b"\r") {
-            l = s;
-        }
+    // Exactly one `\r` before the end of a line belongs to its terminator (also at the end
+    // of the input), as with Go's ScanLines.
+    let strip = |l: &'_ [u8]| l.strip_suffix(b"\r").unwrap_or(l).to_vec();
+    let token = |l: Vec<u8>| {
         if l.len() > MAX_LINE {
             Token::Oversized {
                 start: l[..64].to_vec(),
                 len: l.len() as u64,
             }
         } else {
-            Token::Line(l.to_vec())
+            Token::Line(l)
         }
     };
     for l in lines {
-        let l = l.strip_suffix(b"\r").unwrap_or(l);
+        let l = strip(l);
         if allow_finish && l == [0] {
             out.push(Token::Finish);
             return out;
@@ -57,7 +57,7 @@ fn model(data: &[u8], allow_finish: bool) -> Vec<Token> {
         out.push(token(l));
     }
     if !last.is_empty() {
-        out.push(token(last));
+        out.push(token(strip(last)));
     }
     out
 }

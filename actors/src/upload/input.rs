@@ -207,6 +207,8 @@ mod tests {
         assert_eq!(lines(b"foo", true), v(&["foo"]));
         assert_eq!(lines(b"foo\n", true), v(&["foo"]));
         assert_eq!(lines(b"foo\r\n", true), v(&["foo"]));
+        // Only the `\r` of the terminator goes (a fuzz target's model once took two).
+        assert_eq!(lines(b"foo\r\r\n\r\r", true), v(&["foo\r", "\r"]));
         assert_eq!(lines(b"foo\r\nbar", true), v(&["foo", "bar"]));
         assert_eq!(lines(b"foo\r\nbar\n", true), v(&["foo", "bar"]));
         assert_eq!(lines(b"foo\r\n\x00\r\n", true), v(&["foo"]));
