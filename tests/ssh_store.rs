@@ -240,6 +240,8 @@ fn a_query_whose_connection_drops_mid_request_is_asked_again_on_a_new_login() {
     let store = open(&url);
     let digest = fx.objects[0].0;
     block_on(async {
+        // Logs in (the handshake alone, which the flaky program answers).
+        store.check().await.unwrap();
         // The connection opened at start-up dies in the middle of the lookup; a lookup is
         // read-only, so it is asked again on a new login instead of failing (a failure here
         // would reach Nix as a 404, which it caches as "missing" for an hour).
@@ -484,10 +486,21 @@ fn errors_say_what_is_wrong() {
         ),
     ];
     for (url, want) in cases {
-        let err = match StoreUrl::parse(&url).unwrap().open() {
-            Ok(_) => panic!("{url} opened"),
+        // Opening never logs in (a host that is down must not stop a daemon from starting);
+        // the first exchange does, and says what is wrong.
+        let store =
+            SshStore::open(SshTarget::parse(&url).unwrap()).expect("opens without logging in");
+        let err = match futures::executor::block_on(store.check()) {
+            Ok(()) => panic!("{url} logged in"),
             Err(e) => e.to_string(),
         };
+        let probe = futures::executor::block_on(store.cache_info())
+            .expect_err("the health probe fails too")
+            .to_string();
+        assert!(
+            probe.contains(want),
+            "{url}: the probe says {probe:?}, not {want:?}"
+        );
         eprintln!("{url}: {err}");
         assert!(err.contains(want), "{url}: {err:?} should say {want:?}");
     }

@@ -7,7 +7,10 @@ mod common;
 
 use std::collections::HashMap;
 use std::io::BufRead;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::peers::{free_port, fresh_name, Moto};
@@ -330,4 +333,164 @@ fn s3_outage_while_serving_answers_404_and_recovers() {
     let fresh = env.path("fresh-after");
     env.copy_from(&d.url, fresh.to_str().unwrap(), Some(&pk), &closure.app);
     env.verify(fresh.to_str().unwrap(), Some(&pk), &closure.app);
+}
+
+/// A loopback port that forwards every connection to `to` while it is up: stopping it cuts
+/// the connections it carries and refuses new ones, as a host that goes down would.
+struct TcpGate {
+    stop: Arc<AtomicBool>,
+    port: u16,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+    accept: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TcpGate {
+    fn open(port: u16, to: SocketAddr) -> TcpGate {
+        // std sets SO_REUSEADDR, so the port is free again as soon as the last gate closed.
+        let listener = TcpListener::bind(("127.0.0.1", port)).expect("the gate's port is free");
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let accept = {
+            let (stop, conns) = (stop.clone(), conns.clone());
+            std::thread::spawn(move || {
+                for client in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(client) = client else { continue };
+                    let Ok(server) = TcpStream::connect(to) else {
+                        continue;
+                    };
+                    let mut held = conns.lock().unwrap();
+                    for s in [&client, &server] {
+                        held.push(s.try_clone().unwrap());
+                    }
+                    for (mut from, mut into) in [
+                        (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                        (server, client),
+                    ] {
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut from, &mut into);
+                            let _ = into.shutdown(Shutdown::Write);
+                        });
+                    }
+                }
+            })
+        };
+        TcpGate {
+            stop,
+            port,
+            conns,
+            accept: Some(accept),
+        }
+    }
+}
+
+impl Drop for TcpGate {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wakes the accept loop, which then drops the listener.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+        for s in self.conns.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// The test sshd of `scripts/test`, as `(user@host, its address, key file)`.
+fn sshd() -> (String, SocketAddr, String) {
+    let var = |name: &str| {
+        std::env::var(name).unwrap_or_else(|_| {
+            panic!("{name} is not set: this test needs the sshd of the test bed (scripts/test)")
+        })
+    };
+    var("NIX_SSHOPTS");
+    let host = var("NIXCACHED_TEST_SSH_HOST");
+    let port: u16 = var("NIXCACHED_TEST_SSH_PORT").parse().unwrap();
+    let ip = host.rsplit('@').next().unwrap();
+    let addr = SocketAddr::new(ip.parse().unwrap(), port);
+    (host, addr, var("NIXCACHED_TEST_SSH_KEY"))
+}
+
+/// `serve ssh://…` with the host down at start, then up, then down and up again: the daemon
+/// starts anyway, answers 404 while it cannot log in, says why, and serves again by itself.
+#[test]
+fn serve_over_ssh_starts_with_the_host_down_and_rides_out_an_outage() {
+    let env = NixEnv::new();
+    let closure = env.build_closure();
+    let (sk, pk) = env.keypair("down-ssh");
+    let (host, sshd, key) = sshd();
+    let port = free_port();
+    let url = format!(
+        "ssh://{}127.0.0.1:{port}?remote-store={}&ssh-key={key}",
+        host.rsplit_once('@')
+            .map(|(user, _)| format!("{user}@"))
+            .unwrap_or_default(),
+        env.store_root().display()
+    );
+
+    // A miss is remembered for --negative-ttl (30 s by default), and the remote store is
+    // listed at most every 5 s: the path added below may be asked for before the listing
+    // that finds it, and must not be remembered as missing for longer than the test waits.
+    let d = Daemon::start(
+        &env,
+        &[
+            "serve",
+            "--negative-ttl",
+            "1s",
+            "--secret-key-file",
+            sk.to_str().unwrap(),
+            &url,
+        ],
+    );
+    assert_protocol_misses(&d.url, &closure.app);
+    let health = wait_until_health(&d.url, 503);
+    assert!(health.starts_with("degraded"), "{health}");
+    assert!(health.contains("cannot reach"), "says why: {health}");
+    assert!(d.logged("degraded"), "the log says the cache is degraded");
+    assert_eq!(d.metric("nixcached_store_up"), 0);
+
+    let gate = TcpGate::open(port, sshd);
+    let narinfo = format!("{}/{}.narinfo", d.url, digest(&closure.app));
+    let took = wait_until(20, "the narinfo is served once the host is up", || {
+        get(&narinfo).0 == 200
+    });
+    eprintln!("served {took:?} after the host came up");
+    assert!(wait_until_health(&d.url, 200).starts_with("ok"));
+    assert!(d.logged("serving again"), "the log says the cache is back");
+    env.substitute_from(&d.url, &closure.app, &pk, "ssh-up");
+
+    // The host goes away with sessions open: the next request that needs it finds out.
+    drop(gate);
+    let (code, body) = get(&format!("{}/{}.ls", d.url, digest(&closure.lib)));
+    assert_eq!(code, 404, "a listing during the outage: {body}");
+    let health = wait_until_health(&d.url, 503);
+    assert!(health.contains("cannot reach"), "says why: {health}");
+    assert_protocol_misses(&d.url, &closure.app);
+
+    // Back again, with a path added meanwhile: found without a restart.
+    let added = env.path("added-during-outage");
+    std::fs::write(&added, "new while the host was down\n").unwrap();
+    let added = env.add(&added);
+    let _gate = TcpGate::open(port, sshd);
+    let narinfo = format!("{}/{}.narinfo", d.url, digest(&added));
+    wait_until(20, "a path added during the outage is served", || {
+        get(&narinfo).0 == 200
+    });
+    assert!(wait_until_health(&d.url, 200).starts_with("ok"));
+    env.substitute_from(&d.url, &added, &pk, "ssh-again");
+}
+
+/// Waits until `/healthz` answers `code`; returns its text.
+fn wait_until_health(base: &str, code: u16) -> String {
+    let mut text = String::new();
+    wait_until(20, &format!("/healthz answers {code}"), || {
+        let (c, t) = get(&format!("{base}/healthz"));
+        text = t;
+        c == code
+    });
+    text
 }

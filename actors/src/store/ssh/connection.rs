@@ -14,6 +14,7 @@
 //! runtime that lives exactly as long as the store.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,7 +33,7 @@ use crate::formats::{Compression, Hash};
 /// Time limit of a metadata request (not of imports, which take as long as their NAR).
 const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Logs in now if there is no session, so configuration errors show at once.
+/// Logs in if there is no live session: the health probe's question "does the host answer?".
 #[derive(Debug, Message)]
 #[rtype(result = "Result<(), SshError>")]
 pub struct Connect;
@@ -68,6 +69,9 @@ pub struct SshConnection {
     session: Option<Session>,
     /// Import with `ImportPaths` even when the server has `AddToStoreNar`.
     legacy_import: bool,
+    /// Whether the last exchange left a session open, for [`SshConnection::logged_in`]
+    /// readers that must not queue behind a long request to find out.
+    logged_in: Arc<AtomicBool>,
 }
 
 impl Actor for SshConnection {
@@ -87,9 +91,13 @@ type Op<T> = Box<dyn for<'s> FnMut(&'s mut Session) -> LocalBoxFuture<'s, Result
 impl SshConnection {
     /// Starts the actor for `target` on a thread of its own; returns its address and the
     /// runtime that thread drives, on which every ssh process of the store should live.
+    /// It logs in at the first request, not now: a host that is down at start is a store
+    /// that is down, not a daemon that cannot start. `logged_in` follows whether the last
+    /// exchange left a session open.
     pub fn spawn(
         target: Arc<SshTarget>,
         legacy_import: bool,
+        logged_in: Arc<AtomicBool>,
     ) -> io::Result<(Addr<SshConnection>, Handle)> {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
@@ -103,6 +111,7 @@ impl SshConnection {
                         rt: rt.clone(),
                         session: None,
                         legacy_import,
+                        logged_in,
                     }
                     .start();
                     let _ = tx.send((addr, rt));
@@ -175,6 +184,7 @@ impl SshConnection {
         };
         AtomicResponse::new(Box::pin(wrap_future::<_, Self>(work).map(
             |(session, result), act, _ctx| {
+                act.logged_in.store(session.is_some(), Ordering::Release);
                 act.session = session;
                 result
             },

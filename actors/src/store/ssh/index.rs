@@ -13,6 +13,7 @@ use std::future::Future;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use super::super::StoreError;
 use crate::formats::StorePath;
 
 /// Minimum time between two listings of the remote store.
@@ -37,12 +38,19 @@ impl Names {
     }
 }
 
+/// The last listing's outcome.
+struct Listed {
+    at: Instant,
+    /// Why it failed, if it did.
+    failed: Option<StoreError>,
+}
+
 /// The digest → store path names map of a remote store.
 #[derive(Default)]
 pub struct DigestIndex {
     names: Mutex<Names>,
-    /// When the last listing finished; holding the lock is being the one listing.
-    last: tokio::sync::Mutex<Option<Instant>>,
+    /// The last listing; holding the lock is being the one listing.
+    last: tokio::sync::Mutex<Option<Listed>>,
 }
 
 impl DigestIndex {
@@ -74,15 +82,18 @@ impl DigestIndex {
     }
 
     /// Replaces the map with a fresh listing from `list`, unless one finished less than
-    /// `max_age` ago (possibly while this call waited for another caller's listing).
-    pub async fn refresh<F, Fut, E>(&self, max_age: Duration, list: F) -> Result<(), E>
+    /// `max_age` ago (possibly while this call waited for another caller's listing): then
+    /// that listing's outcome is this one's. A listing that failed moments ago fails this
+    /// call too, rather than let the caller answer "not found" from a map it could not
+    /// renew (Nix would remember the path as missing for an hour).
+    pub async fn refresh<F, Fut>(&self, max_age: Duration, list: F) -> Result<(), StoreError>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Vec<String>, E>>,
+        Fut: Future<Output = Result<Vec<String>, StoreError>>,
     {
         let mut last = self.last.lock().await;
-        if last.is_some_and(|t| t.elapsed() < max_age) {
-            return Ok(());
+        if let Some(recent) = last.as_ref().filter(|l| l.at.elapsed() < max_age) {
+            return recent.failed.clone().map_or(Ok(()), Err);
         }
         {
             let mut n = self.names();
@@ -91,7 +102,10 @@ impl DigestIndex {
         }
         let listed = list().await;
         // A failed listing counts too: retrying it on every miss would flood the host.
-        *last = Some(Instant::now());
+        *last = Some(Listed {
+            at: Instant::now(),
+            failed: listed.as_ref().err().cloned(),
+        });
         let mut n = self.names();
         n.listing = false;
         let added = std::mem::take(&mut n.added_meanwhile);
@@ -118,31 +132,43 @@ mod tests {
         let idx = DigestIndex::default();
         assert!(idx.lookup(&A[..32]).is_empty());
         idx.refresh(REFRESH_INTERVAL, || async {
-            Ok::<_, ()>(vec![A.into(), A_LOCK.into(), ".links".into(), ".".into()])
+            Ok(vec![A.into(), A_LOCK.into(), ".links".into(), ".".into()])
         })
         .await
         .unwrap();
         assert_eq!(idx.lookup(&A[..32]), vec![A.to_owned(), A_LOCK.to_owned()]);
         // Within the interval, no second listing.
         idx.refresh(REFRESH_INTERVAL, || async {
-            Err::<Vec<String>, _>("listed twice")
+            Err(StoreError::Invalid("listed twice".into()))
         })
         .await
         .unwrap();
         // A listing replaces the map, except for names added while it ran.
         idx.refresh(Duration::ZERO, || async {
             idx.add(B);
-            Ok::<_, ()>(vec![])
+            Ok(vec![])
         })
         .await
         .unwrap();
         assert!(idx.lookup(&A[..32]).is_empty());
         assert_eq!(idx.all(), vec![B.to_owned()]);
         // A failed listing keeps the old map.
-        assert!(idx
-            .refresh(Duration::ZERO, || async { Err::<Vec<String>, _>(()) })
-            .await
-            .is_err());
+        let down = || async { Err(StoreError::Unavailable("host down".into())) };
+        assert!(idx.refresh(Duration::ZERO, down).await.is_err());
         assert_eq!(idx.all(), vec![B.to_owned()]);
+        // Within the interval after a failed listing, no listing and no answer from the old
+        // map: the failure again (a miss taken for "not found" would be cached by clients).
+        let again = idx
+            .refresh(REFRESH_INTERVAL, || async { Ok(vec![A.into()]) })
+            .await;
+        assert!(
+            matches!(&again, Err(StoreError::Unavailable(m)) if m == "host down"),
+            "{again:?}"
+        );
+        assert!(idx.lookup(&A[..32]).is_empty(), "not listed again");
+        idx.refresh(Duration::ZERO, || async { Ok(vec![A.into()]) })
+            .await
+            .unwrap();
+        assert_eq!(idx.all(), vec![A.to_owned()]);
     }
 }

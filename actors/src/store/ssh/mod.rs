@@ -3,7 +3,9 @@
 //! and writable like one.
 //!
 //! - Metadata goes over one long-lived session owned by the [`connection::SshConnection`]
-//!   actor, which runs one exchange at a time and logs in again when the session drops.
+//!   actor, which runs one exchange at a time, logs in at the first one (not when the store
+//!   is opened: a host that is down makes a degraded store, not a daemon that cannot start)
+//!   and again when the session drops.
 //! - Clients ask by digest, which the protocol cannot look up: the names in the remote store
 //!   directory are listed (`ls`) and kept, and listed again on a miss, at most every few
 //!   seconds (see `index`).
@@ -43,6 +45,7 @@ pub mod target;
 pub mod wire;
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -81,6 +84,8 @@ pub struct SshStore {
     /// The runtime of the connection thread: every ssh process of this store lives there.
     rt: Handle,
     dumps: Arc<DumpPool>,
+    /// Whether the metadata session is open (see [`SshConnection::spawn`]).
+    logged_in: Arc<AtomicBool>,
     index: DigestIndex,
     spool: Spool,
 }
@@ -92,8 +97,10 @@ impl std::fmt::Debug for SshStore {
 }
 
 impl SshStore {
-    /// Opens the store and logs in once, so that a wrong host, key or remote program is
-    /// reported now, in words a user can act on.
+    /// Opens the store without logging in: the first request does, and a host that is down
+    /// or refuses the login fails that request (and the health probe, see
+    /// [`Store::cache_info`]) in words a user can act on, so one unreachable host never
+    /// stops a daemon from starting. Call [`SshStore::check`] to log in now.
     pub fn open(target: SshTarget) -> Result<SshStore> {
         Self::open_with(target, false)
     }
@@ -107,19 +114,25 @@ impl SshStore {
 
     fn open_with(target: SshTarget, legacy_import: bool) -> Result<SshStore> {
         let target = Arc::new(target);
-        let (conn, rt) = SshConnection::spawn(target.clone(), legacy_import)
+        let logged_in = Arc::new(AtomicBool::new(false));
+        let (conn, rt) = SshConnection::spawn(target.clone(), legacy_import, logged_in.clone())
             .map_err(|e| StoreError::backend("starting the ssh connection thread", e))?;
-        let store = SshStore {
+        Ok(SshStore {
             dumps: DumpPool::new(target.clone(), rt.clone()),
             target,
             conn,
             rt,
+            logged_in,
             index: DigestIndex::default(),
             spool: Spool::default(),
-        };
-        // The actor works on its own thread, so waiting here needs no runtime.
-        futures::executor::block_on(store.ask(Connect, "connecting"))?;
-        Ok(store)
+        })
+    }
+
+    /// Logs in unless a session is open: `Ok` when the host answers and the remote
+    /// `nix-store` runs, else why not (host unreachable, login refused, host key, no
+    /// `nix-store` there).
+    pub async fn check(&self) -> Result<()> {
+        self.ask(Connect, "connecting").await
     }
 
     /// The store's target.
@@ -295,7 +308,14 @@ impl Store for SshStore {
         self.target.describe()
     }
 
+    /// Made up from the URL's options, as the protocol has no such file; but asked only once
+    /// the host answers, because this is what the health probe of a served store reads. An
+    /// open session counts as an answer without asking the actor, where the probe would
+    /// queue behind other requests.
     async fn cache_info(&self) -> Result<CacheInfo> {
+        if !self.logged_in.load(Ordering::Acquire) {
+            self.check().await?;
+        }
         Ok(CacheInfo {
             store_dir: self.store_dir().clone(),
             want_mass_query: self.target.want_mass_query,
