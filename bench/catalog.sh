@@ -9,7 +9,7 @@
 # waits until /metrics says the catalog holds every object, then times each index page with
 # curl: the first request of each page after discovery, then WARM more (median and max).
 # Pages: plain (/), search for a common word (q=hello, 1 in 12 objects), a rare search
-# (q=perl-4242., 1 object), an uppercase search matching most objects (q=O), sorted by size,
+# (q=perl-4242., 1 object), an uppercase search matching 5 in 12 names (q=O), sorted by size,
 # a search sorted by size, and a deep page (after= the 101st object from the end, by size).
 # Reports the daemon's peak RSS (VmHWM) and RSS at the end (VmRSS), and the discovery time.
 #

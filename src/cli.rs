@@ -16,7 +16,7 @@ pub mod defaults {
     /// `serve --max-list-frequency`, `max-list-frequency`.
     pub const MAX_LIST_FREQUENCY: &str = "2m";
     /// `serve --index-max-objects`, `index-max-objects`.
-    pub const INDEX_MAX_OBJECTS: usize = 1_000_000;
+    pub const INDEX_MAX_OBJECTS: usize = nixcached_actors::catalog::DEFAULT_MAX_OBJECTS;
     /// `serve --cache-size-mib`, `cache-size-mib`.
     pub const CACHE_SIZE_MIB: u64 = 64;
     /// `serve --cache-ttl`, `cache-ttl`.
@@ -157,7 +157,7 @@ pub struct ServeArgs {
     /// start of the next.
     #[arg(long, default_value = defaults::MAX_LIST_FREQUENCY, value_parser = parse_duration)]
     pub max_list_frequency: Duration,
-    /// Most objects the explorer index holds (about 0.65 KiB of memory each); objects beyond
+    /// Most objects the explorer index holds (about 0.65-0.7 KiB of memory each); objects beyond
     /// are served but not listed.
     #[arg(long, default_value_t = defaults::INDEX_MAX_OBJECTS, value_name = "N")]
     pub index_max_objects: usize,

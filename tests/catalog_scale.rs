@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -219,7 +218,6 @@ fn clients_asking_for_missing_objects_add_nothing_and_the_bound_binds() {
     }
     // Discovery runs again (every visit makes it due) and still finds the same 50.
     discover(&daemon, 50, Duration::from_secs(30));
-    assert_eq!(daemon.metric("nixcached_catalog_objects"), 50);
     assert_eq!(daemon.metric("nixcached_catalog_referenced"), referenced);
     drop(daemon);
 
@@ -245,7 +243,6 @@ fn clients_asking_for_missing_objects_add_nothing_and_the_bound_binds() {
         assert_eq!(code, 200);
     }
     discover(&daemon, 20, Duration::from_secs(30));
-    assert_eq!(daemon.metric("nixcached_catalog_objects"), 20);
 }
 
 #[test]
@@ -257,7 +254,6 @@ fn index_pages_of_a_hundred_thousand_objects() {
     let url = format!("file://{}", cache.display());
     let daemon = Daemon::start(&env, &["serve", &url]);
     discover(&daemon, N as u64, Duration::from_secs(240));
-    let by_digest: HashMap<&str, &Obj> = objs.iter().map(|o| (o.digest.as_str(), o)).collect();
 
     for sort in ["name", "size"] {
         for q in [
@@ -293,13 +289,4 @@ fn index_pages_of_a_hundred_thousand_objects() {
             }
         }
     }
-    // The orders hold across a page boundary too, as the objects themselves say.
-    let page = index(&daemon, "sort=size");
-    let sizes: Vec<u64> = page
-        .digests
-        .iter()
-        .map(|d| by_digest[d.as_str()].nar_size)
-        .collect();
-    assert!(sizes.windows(2).all(|w| w[0] >= w[1]), "{sizes:?}");
-    assert_eq!(daemon.metric("nixcached_catalog_objects"), N as u64);
 }

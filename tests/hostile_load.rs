@@ -122,7 +122,7 @@ fn stalled_readers_cost_little(daemon: &Daemon, nar_target: &str, want: &[u8], o
         .map(|_| stalled_get(daemon, nar_target))
         .collect();
     // Wait until every response has begun (a burst of new readers is taken in at the pace of
-    // the server's budgets), then let them fill what buffers they may.
+    // the server's workers and decoder slots), then let them fill what buffers they may.
     let started = Instant::now();
     let mut begun = 0;
     while started.elapsed() < Duration::from_secs(60) {
@@ -135,6 +135,11 @@ fn stalled_readers_cost_little(daemon: &Daemon, nar_target: &str, want: &[u8], o
     eprintln!(
         "{begun} of {READERS} responses begun after {:?}",
         started.elapsed()
+    );
+    // Fewer would make the memory figure below prove less than it says.
+    assert_eq!(
+        begun, READERS,
+        "not every stalled reader got its response started"
     );
     std::thread::sleep(Duration::from_secs(2));
     let rss = daemon.peak_rss_kib();
@@ -220,12 +225,7 @@ fn stalled_readers_of_a_file_cache_nar() {
         &format!("file://{}?compression=none", cache.display()),
         &[&sp],
     );
-    let info = std::fs::read_to_string(cache.join(format!("{}.narinfo", digest(&sp)))).unwrap();
-    let url = info
-        .lines()
-        .find_map(|l| l.strip_prefix("URL: "))
-        .unwrap()
-        .to_owned();
+    let url = url_in(&cache, &sp);
     let daemon = Daemon::start(&env, &["serve", &format!("file://{}", cache.display())]);
     stalled_readers_cost_little(
         &daemon,
@@ -241,13 +241,7 @@ fn stalled_readers_of_a_file_cache_nar() {
 #[test]
 fn stalled_readers_of_a_file_view_in_a_zstd_cache() {
     let env = NixEnv::new();
-    let (sp, _) = big_path(&env);
-    let data = std::fs::read(env.real(&sp).join("data")).unwrap();
-    let cache = env.path("cache");
-    env.copy_to(
-        &format!("file://{}?compression=zstd", cache.display()),
-        &[&sp],
-    );
+    let (sp, data, cache) = zstd_cache(&env);
     assert!(
         !cache.join(format!("{}.ls", digest(&sp))).exists(),
         "the file view must stream through the decompressor, not use a listing"
@@ -262,6 +256,28 @@ fn stalled_readers_of_a_file_view_in_a_zstd_cache() {
         &data,
         &[&format!("/{d}/file/small.txt"), &format!("/{d}.narinfo")],
     );
+}
+
+/// The `URL:` of the narinfo of `sp` in the folder cache `cache`.
+fn url_in(cache: &std::path::Path, sp: &str) -> String {
+    let info = std::fs::read_to_string(cache.join(format!("{}.narinfo", digest(sp)))).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .expect("URL line")
+        .to_owned()
+}
+
+/// [`big_path`] put by the real Nix into a zstd folder cache: (store path, its `data`
+/// file's bytes, the cache folder).
+fn zstd_cache(env: &NixEnv) -> (String, Vec<u8>, std::path::PathBuf) {
+    let (sp, _) = big_path(env);
+    let data = std::fs::read(env.real(&sp).join("data")).unwrap();
+    let cache = env.path("cache");
+    env.copy_to(
+        &format!("file://{}?compression=zstd", cache.display()),
+        &[&sp],
+    );
+    (sp, data, cache)
 }
 
 /// Descriptors of the daemon open on files under `dir`.
@@ -297,20 +313,9 @@ fn read_until_closed(mut conn: TcpStream) -> u64 {
 fn idle_readers_are_dropped() {
     const IDLE: usize = 10;
     let env = NixEnv::new();
-    let (sp, _) = big_path(&env);
-    let data = std::fs::read(env.real(&sp).join("data")).unwrap();
-    let cache = env.path("cache");
-    env.copy_to(
-        &format!("file://{}?compression=zstd", cache.display()),
-        &[&sp],
-    );
+    let (sp, data, cache) = zstd_cache(&env);
     let d = digest(&sp);
-    let info = std::fs::read_to_string(cache.join(format!("{d}.narinfo"))).unwrap();
-    let nar_url = info
-        .lines()
-        .find_map(|l| l.strip_prefix("URL: "))
-        .unwrap()
-        .to_owned();
+    let nar_url = url_in(&cache, &sp);
     let nar_file = std::fs::read(cache.join(&nar_url)).unwrap();
     let daemon = Daemon::start(
         &env,

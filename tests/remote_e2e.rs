@@ -4,80 +4,34 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::peers::{free_port, gcs_bucket, s3_bucket, s3_bucket_at, ssh_url, Moto};
+use common::upload::{mkfifo, Upload};
 use common::{Daemon, NixEnv};
 
 const BIN: &str = env!("CARGO_BIN_EXE_nixcached");
 
-/// An upload process, killed if the test fails before it exits.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_upload(
-    env: &NixEnv,
-    name: &str,
-    dest: &str,
-    extra: &[&str],
-) -> (Running, std::path::PathBuf) {
+/// An `upload --allow-finish` of a FIFO `NAME.fifo` into `dest`, with its own state folder.
+fn start_upload(env: &NixEnv, name: &str, dest: &str, extra: &[&str]) -> (Upload, PathBuf) {
     let fifo = env.path(&format!("{name}.fifo"));
-    assert!(Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .unwrap()
-        .success());
-    let child = env
-        .cmd(BIN)
-        .args([
-            "upload",
-            "-k",
-            "--allow-finish",
-            "--input",
-            fifo.to_str().unwrap(),
-        ])
-        .args([
-            "--state-dir",
-            env.path(&format!("state-{name}")).to_str().unwrap(),
-        ])
-        .args([
-            "--from",
-            &format!("local?root={}", env.store_arg()),
-            "--progress-interval",
-            "0",
-        ])
-        .args(extra)
-        .arg(dest)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let spool = format!("{}.spool", fifo.display());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !Path::new(&spool).is_dir() {
-        assert!(Instant::now() < deadline, "upload to {dest} did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (Running(child), fifo)
+    mkfifo(&fifo);
+    let state = env.path(&format!("state-{name}"));
+    let mut args = vec!["--allow-finish", "--state-dir", state.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    (Upload::start(env, &fifo, dest, &args), fifo)
 }
 
-fn wait_exit(mut child: Running, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        if let Some(s) = child.0.try_wait().unwrap() {
-            assert!(s.success(), "{what}: {s}");
-            return;
-        }
-        assert!(Instant::now() < deadline, "{what} did not finish");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn wait_exit(up: Upload, what: &str) {
+    let log = up.log.clone();
+    let status = up.wait();
+    assert!(
+        status.success(),
+        "{what}: {status}\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
 }
 
 #[test]

@@ -109,19 +109,15 @@ fn hashing(inner: ByteStream, expect: Option<(Hash, u64)>) -> (ByteStream, Tally
 /// answers 404, a half-written object reads as corrupt. Given as they are, the uploader would
 /// take them for faults of the path and give up on it; as backend errors they are retried.
 pub fn destination_error(e: StoreError) -> StoreError {
-    match e {
+    let transient = match e {
         StoreError::NotFound(_)
         | StoreError::Corrupt(_)
-        | StoreError::RangeNotSatisfiable { .. } => {
-            let what = e.to_string();
-            StoreError::backend("the destination answered", what)
-        }
-        StoreError::Invalid(_) | StoreError::Unsupported(_) => {
-            let what = e.to_string();
-            StoreError::backend_permanent("the destination refused a write", what)
-        }
-        other => other,
-    }
+        | StoreError::RangeNotSatisfiable { .. } => true,
+        // Only a change at the destination helps; the uploader still retries and says so.
+        StoreError::Invalid(_) | StoreError::Unsupported(_) => false,
+        other => return other,
+    };
+    StoreError::backend_flagged("the destination answered", e.to_string(), transient)
 }
 
 /// Copies the object with store-path digest `digest` from `source` into `dest`.

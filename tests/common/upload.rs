@@ -1,10 +1,12 @@
 //! `nixcached upload` and `send` as real processes, for the tests of the upload pipeline.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use nixcached_actors::formats::NarInfo;
 
 use super::NixEnv;
 
@@ -97,9 +99,21 @@ impl Upload {
             .success());
     }
 
-    /// Waits (at most two minutes) for the process to exit.
+    /// SIGHUP: asserts that the uploader finishes what it accepted and exits 0.
+    pub fn drain(self) {
+        self.signal("HUP");
+        let log = self.log.clone();
+        let status = self.wait();
+        assert!(
+            status.success(),
+            "SIGHUP: {status}\n{}",
+            fs::read_to_string(log).unwrap_or_default()
+        );
+    }
+
+    /// Waits (at most three minutes) for the process to exit.
     pub fn wait(mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + Duration::from_secs(120);
+        let deadline = Instant::now() + Duration::from_secs(180);
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
                 std::mem::forget(self);
@@ -239,48 +253,78 @@ impl Drop for SmallFs {
     }
 }
 
-/// Every narinfo in a folder cache points at a complete NAR (its `FileSize`), and its
-/// listing and its references' narinfos exist: the invariant a watcher must see at every
-/// instant.
+/// The invariant a reader of any cache must see at every instant: every narinfo among
+/// `objects` (key → size, one listing of the cache) points at a NAR of its `FileSize`, and
+/// its listing and its references' narinfos are there. `get` reads an object. Returns the
+/// narinfos checked, by key.
+pub fn check_cache(
+    objects: &BTreeMap<String, u64>,
+    get: impl Fn(&str) -> Vec<u8>,
+) -> Vec<(String, NarInfo)> {
+    let mut checked = Vec::new();
+    for key in objects.keys().filter(|k| k.ends_with(".narinfo")) {
+        let text = String::from_utf8(get(key)).unwrap();
+        let info = NarInfo::parse(&text).unwrap_or_else(|e| panic!("{key}: {e}\n{text}"));
+        assert_eq!(
+            objects.get(&info.url).copied(),
+            info.file_size,
+            "{key} points at {} ({:?} there)",
+            info.url,
+            objects.get(&info.url)
+        );
+        let ls = key.replace(".narinfo", ".ls");
+        assert!(objects.contains_key(&ls), "{key} appeared before {ls}");
+        for r in &info.references {
+            let want = format!("{}.narinfo", r.digest());
+            assert!(
+                objects.contains_key(&want),
+                "{key} appeared before its reference {r}"
+            );
+        }
+        checked.push((key.clone(), info));
+    }
+    checked
+}
+
+/// The objects of a folder cache (key → size). The top level is listed before `nar/`, so a
+/// narinfo listed has its NAR (written before it) in the listing too.
+pub fn folder_objects(dir: &Path) -> BTreeMap<String, u64> {
+    let mut objects = BTreeMap::new();
+    for sub in ["", "nar"] {
+        let Ok(rd) = fs::read_dir(dir.join(sub)) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(meta) = e.metadata() else { continue };
+            if meta.is_file() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let key = if sub.is_empty() {
+                    name
+                } else {
+                    format!("{sub}/{name}")
+                };
+                objects.insert(key, meta.len());
+            }
+        }
+    }
+    objects
+}
+
+/// [`check_cache`] on a folder cache; returns how many narinfos it holds.
 pub fn check_consistent(dir: &Path) -> usize {
     check_consistent_hashing(dir, &mut BTreeSet::new())
 }
 
-/// [`check_consistent`], also hashing each NAR once (the names in `hashed` are done) and
+/// [`check_consistent`], also hashing each NAR once (the narinfos in `hashed` are done) and
 /// comparing with the narinfo's `FileHash`.
 pub fn check_consistent_hashing(dir: &Path, hashed: &mut BTreeSet<String>) -> usize {
-    let mut n = 0;
-    let Ok(rd) = fs::read_dir(dir) else { return 0 };
-    for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        if !name.ends_with(".narinfo") {
-            continue;
-        }
-        let Ok(text) = fs::read_to_string(e.path()) else {
-            continue;
-        };
-        let info = nixcached_actors::formats::NarInfo::parse(&text).unwrap();
-        let nar = dir.join(&info.url);
-        let size = fs::metadata(&nar).map(|m| m.len()).ok();
-        assert_eq!(
-            size, info.file_size,
-            "{name} points at {} of {size:?} bytes",
-            info.url
-        );
-        if hashed.insert(name.clone()) {
+    let checked = check_cache(&folder_objects(dir), |k| fs::read(dir.join(k)).unwrap());
+    for (key, info) in &checked {
+        if hashed.insert(key.clone()) {
             let want = info.file_hash.as_ref().expect("FileHash").to_nix32();
-            let got = super::nix32_sha256(&fs::read(&nar).unwrap());
-            assert_eq!(got, want, "{name}: {} has other bytes", info.url);
+            let got = super::nix32_sha256(&fs::read(dir.join(&info.url)).unwrap());
+            assert_eq!(got, want, "{key}: {} has other bytes", info.url);
         }
-        let ls = name.replace(".narinfo", ".ls");
-        assert!(dir.join(&ls).is_file(), "{name} appeared before {ls}");
-        for r in &info.references {
-            assert!(
-                dir.join(format!("{}.narinfo", r.digest())).is_file(),
-                "{name} appeared before its reference {r}"
-            );
-        }
-        n += 1;
     }
-    n
+    checked.len()
 }

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::formats::{Digest, NarInfo};
-pub use discovery::{Discover, Discovery, DISCOVERY_CONCURRENCY};
+pub use discovery::{Discover, Discovery};
 use names::{Names, Needle};
 
 /// Objects a catalog holds unless told otherwise: a daemon holding that many peaked at
@@ -225,15 +225,14 @@ impl State {
     }
 
     fn unknown_references(&self) -> Vec<Digest> {
+        // Every referenced digest is a key of `referrers`, once.
         let mut out: Vec<Digest> = self
-            .objects
-            .iter()
-            .flat_map(|e| e.references.iter())
+            .referrers
+            .keys()
             .filter(|r| !self.ids.contains_key(*r) && !self.missing.contains(*r))
             .copied()
             .collect();
         out.sort_unstable();
-        out.dedup();
         out
     }
 
@@ -360,27 +359,22 @@ impl Catalog {
     /// the catalog is full.
     pub fn learn(&self, info: &NarInfo) -> bool {
         let mut st = self.lock();
-        st.objects.len() < self.max_objects && st.insert(info)
+        !self.full(&st) && st.insert(info)
     }
 
-    /// True when the catalog holds `digest`.
-    pub fn knows(&self, digest: &str) -> bool {
-        Digest::parse(digest).is_ok_and(|d| self.lock().ids.contains_key(&d))
+    /// True when `st` holds as many objects as this catalog may.
+    fn full(&self, st: &State) -> bool {
+        st.objects.len() >= self.max_objects
     }
 
     /// Objects held.
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.lock().objects.len()
     }
 
-    /// True when the catalog holds nothing.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// True when the catalog holds as many objects as it may.
-    pub fn is_full(&self) -> bool {
-        self.len() >= self.max_objects
+    fn is_full(&self) -> bool {
+        self.full(&self.lock())
     }
 
     /// Objects whose references include `digest`, as `(digest, name)` sorted by name.
@@ -441,7 +435,7 @@ impl Catalog {
             rows,
             matching,
             known: st.objects.len(),
-            full: st.objects.len() >= self.max_objects,
+            full: self.full(&st),
             listed: st.listed,
             discovering: st.discovering,
         }
@@ -510,7 +504,7 @@ impl Catalog {
     /// The digests of `listed` not held yet (none when the catalog is full).
     fn unknown(&self, mut listed: Vec<Digest>) -> Vec<Digest> {
         let st = self.lock();
-        if st.objects.len() >= self.max_objects {
+        if self.full(&st) {
             return Vec::new();
         }
         listed.retain(|d| !st.ids.contains_key(d));
@@ -521,7 +515,7 @@ impl Catalog {
     /// catalog is full: they could not be kept).
     fn unknown_references(&self) -> Vec<Digest> {
         let st = self.lock();
-        if st.objects.len() >= self.max_objects {
+        if self.full(&st) {
             return Vec::new();
         }
         st.unknown_references()

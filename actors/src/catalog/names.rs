@@ -43,7 +43,6 @@ impl Needle {
 #[derive(Debug, Default)]
 pub(super) struct Names {
     hay: Vec<u8>,
-    lines: usize,
 }
 
 impl Names {
@@ -54,7 +53,6 @@ impl Names {
             b => b.to_ascii_lowercase(),
         }));
         self.hay.push(b'\n');
-        self.lines += 1;
     }
 
     /// Bytes held.

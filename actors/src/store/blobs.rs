@@ -4,6 +4,10 @@ use async_trait::async_trait;
 
 use super::{Blob, ByteRange, ByteStream, Result, StoreError};
 
+/// How long a connection to a bucket may move no byte before its request is abandoned and
+/// retried, unless the URL's `stall-timeout` says otherwise.
+pub const DEFAULT_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Objects by key, the way buckets store them.
 ///
 /// Keys are relative, `/`-separated, and never contain `.` or `..` components; [`check_key`]

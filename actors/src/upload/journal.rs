@@ -72,6 +72,8 @@ pub struct Entry {
     pub retries: i64,
     /// The last of those failures.
     pub last_error: Option<String>,
+    /// When it was last accepted or settled (Unix seconds).
+    pub updated: i64,
 }
 
 /// The journal of one upload pipeline.
@@ -192,7 +194,7 @@ impl Journal {
     pub fn entry(&self, path: &str) -> Result<Option<Entry>, JournalError> {
         let conn = self.conn.lock().expect("journal");
         let r = conn.query_row(
-            "SELECT state, error, retries, last_error FROM paths WHERE path = ?1",
+            "SELECT state, error, retries, last_error, updated FROM paths WHERE path = ?1",
             params![path],
             |r| {
                 Ok(Entry {
@@ -200,6 +202,7 @@ impl Journal {
                     error: r.get(1)?,
                     retries: r.get(2)?,
                     last_error: r.get(3)?,
+                    updated: r.get(4)?,
                 })
             },
         );
@@ -232,40 +235,14 @@ impl Journal {
         path: &str,
         since: i64,
     ) -> Result<Option<Result<(), String>>, JournalError> {
-        let conn = self.conn.lock().expect("journal");
-        let r = conn.query_row(
-            "SELECT state, error, updated FROM paths WHERE path = ?1",
-            params![path],
-            |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, Option<String>>(1)?,
-                    r.get::<_, i64>(2)?,
-                ))
+        Ok(match self.entry(path)? {
+            Some(e) if e.updated >= since => match e.state {
+                State::Pending => None,
+                State::Done => Some(Ok(())),
+                State::Failed => Some(Err(e.error.unwrap_or_default())),
             },
-        );
-        match r {
-            Ok((_, _, updated)) if updated < since => Ok(None),
-            Ok((1, _, _)) => Ok(Some(Ok(()))),
-            Ok((2, error, _)) => Ok(Some(Err(error.unwrap_or_default()))),
-            Ok(_) | Err(rusqlite::Error::QueryReturnedNoRows) => Ok(None),
-            Err(e) => Err(self.err(e)),
-        }
-    }
-
-    /// The state of one path, if known.
-    pub fn state(&self, path: &str) -> Result<Option<(State, Option<String>)>, JournalError> {
-        let conn = self.conn.lock().expect("journal");
-        let r = conn.query_row(
-            "SELECT state, error FROM paths WHERE path = ?1",
-            params![path],
-            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?)),
-        );
-        match r {
-            Ok((s, e)) => Ok(Some((State::from_code(s), e))),
-            Err(rusqlite::Error::QueryReturnedNoRows) => Ok(None),
-            Err(e) => Err(self.err(e)),
-        }
+            _ => None,
+        })
     }
 }
 
@@ -458,10 +435,8 @@ mod tests {
             "a re-sent path is pending again"
         );
         j.set("/nix/store/b", State::Failed, Some("gone")).unwrap();
-        assert_eq!(
-            j.state("/nix/store/b").unwrap(),
-            Some((State::Failed, Some("gone".into())))
-        );
+        let b = j.entry("/nix/store/b").unwrap().unwrap();
+        assert_eq!((b.state, b.error), (State::Failed, Some("gone".into())));
     }
 
     #[test]
@@ -487,13 +462,8 @@ mod tests {
         j.note_retry("/nix/store/a", "late").unwrap();
         let e = j.entry("/nix/store/a").unwrap().unwrap();
         assert_eq!(
-            e,
-            Entry {
-                state: State::Done,
-                error: None,
-                retries: 2,
-                last_error: Some("connection reset".into()),
-            }
+            (e.state, e.error, e.retries, e.last_error),
+            (State::Done, None, 2, Some("connection reset".into()))
         );
         j.add(&["/nix/store/a".into()]).unwrap();
         let e = j.entry("/nix/store/a").unwrap().unwrap();

@@ -28,7 +28,7 @@ use serde::Deserialize;
 
 pub use endpoint::{Endpoint, GcsOptions};
 
-use super::blobs::{check_key, translate_range, Blobs};
+use super::blobs::{check_key, translate_range, Blobs, DEFAULT_STALL_TIMEOUT};
 use super::{slice_stream, Blob, ByteRange, ByteStream, Result, StoreError};
 use auth::Auth;
 use error::GcsError;
@@ -82,7 +82,7 @@ impl GcsBlobs {
             .user_agent(concat!("nixcached/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(10))
             // A NAR of gigabytes takes as long as it takes; only a stalled connection fails.
-            .read_timeout(options.stall_timeout.unwrap_or(Duration::from_secs(60)))
+            .read_timeout(options.stall_timeout.unwrap_or(DEFAULT_STALL_TIMEOUT))
             // Resumable uploads answer 308, which is not a redirect to follow.
             .redirect(reqwest::redirect::Policy::none())
             .build()

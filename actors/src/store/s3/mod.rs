@@ -212,9 +212,7 @@ impl Blobs for S3Blobs {
             ..PutMultipartOptions::default()
         };
         // Parts a fault left behind go before new ones are made.
-        if self.leftovers.len() > 0 {
-            self.leftovers.sweep().await;
-        }
+        self.leftovers.sweep().await;
         let upload = match self.store.put_multipart_opts(&path, opts).await {
             Ok(u) => u,
             Err(e) => return Err(self.fail("writing", key, e).await),
@@ -226,13 +224,10 @@ impl Blobs for S3Blobs {
             PARTS_IN_FLIGHT,
             self.leftovers.clone(),
         );
-        for chunk in first.freeze() {
-            if let Err(e) = parts.write(chunk).await {
-                parts.abort().await;
-                return Err(self.fail("writing", key, e).await);
-            }
-        }
-        while let Some(chunk) = data.next().await {
+        // The bytes read so far, then the rest, counted afresh.
+        let mut all = futures::stream::iter(first.freeze().into_iter().map(Ok)).chain(data);
+        let mut n = 0u64;
+        while let Some(chunk) = all.next().await {
             // An error from the source (a failed hash check, a dropped connection) must not
             // leave a truncated object behind: abort, so S3 never assembles the parts.
             let chunk = match chunk {

@@ -29,11 +29,6 @@ impl Leftovers {
         }
     }
 
-    /// How many uploads still wait for their abort.
-    pub(super) fn len(&self) -> usize {
-        self.uploads.lock().expect("leftovers").len()
-    }
-
     fn keep(&self, key: String, upload: Box<dyn MultipartUpload>) {
         self.uploads.lock().expect("leftovers").push((key, upload));
     }

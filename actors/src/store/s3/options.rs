@@ -10,10 +10,8 @@ use object_store::{BackoffConfig, ClientOptions, RetryConfig, StaticCredentialPr
 use super::credential_process::ProcessCredentials;
 use super::error::Target;
 use super::profile;
+use crate::store::blobs::DEFAULT_STALL_TIMEOUT;
 use crate::store::{Result, StoreError};
-
-/// How long a connection may move no byte before a request is abandoned, by default.
-const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How an S3 URL addresses its bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
