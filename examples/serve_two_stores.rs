@@ -131,6 +131,7 @@ fn options(store: Arc<dyn Store>) -> ServeOptions {
         workers: 0,
         transparent_zstd: false,
         ui: Default::default(),
+        budgets: Default::default(),
         upload_stats: Vec::new(),
     }
 }

@@ -262,6 +262,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 c.max_list_frequency,
                 c.index_max_objects,
             )?,
+            budgets: Default::default(),
             upload_stats: upload_stats.clone(),
         };
         if c.listen.is_empty() {

@@ -202,6 +202,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             args.max_list_frequency,
             args.index_max_objects,
         )?,
+        budgets: Default::default(),
         upload_stats: Vec::new(),
     };
     actix_web::rt::System::new().block_on(nixcached_actors::serve::run(opts))?;

@@ -226,6 +226,7 @@ impl Handler<Lookup> for LookupActor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::budget::{BudgetSizes, Budgets};
     use crate::store::binary_cache::BinaryCache;
     use crate::store::blobs::Blobs;
     use crate::store::memory::MemoryBlobs;
@@ -273,8 +274,13 @@ mod tests {
             .await
             .unwrap();
         let metrics = Arc::new(Metrics::default());
-        let fetcher =
-            Fetcher::new(Arc::new(cache), Duration::from_secs(5), metrics.clone()).start();
+        let fetcher = Fetcher::new(
+            Arc::new(cache),
+            Duration::from_secs(5),
+            metrics.clone(),
+            Budgets::start(BudgetSizes::default()),
+        )
+        .start();
         let shared = LookupShared::new(
             fetcher,
             &CacheSettings::default(),
@@ -317,8 +323,13 @@ mod tests {
     async fn remembered_misses_are_bounded() {
         let cache = BinaryCache::new(Arc::new(MemoryBlobs::new()));
         let metrics = Arc::new(Metrics::default());
-        let fetcher =
-            Fetcher::new(Arc::new(cache), Duration::from_secs(5), metrics.clone()).start();
+        let fetcher = Fetcher::new(
+            Arc::new(cache),
+            Duration::from_secs(5),
+            metrics.clone(),
+            Budgets::start(BudgetSizes::default()),
+        )
+        .start();
         let settings = CacheSettings {
             max_negative: 10,
             ..CacheSettings::default()

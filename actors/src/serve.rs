@@ -11,6 +11,7 @@ use std::time::Duration;
 use actix::Actor;
 use actix_web::{App, HttpServer};
 
+use crate::budget::{BudgetSizes, Budgets};
 use crate::catalog::{Catalog, Discovery};
 use crate::fetcher::Fetcher;
 use crate::formats::{PublicKey, SecretKey};
@@ -73,6 +74,8 @@ pub struct ServeOptions {
     pub transparent_zstd: bool,
     /// The explorer UI.
     pub ui: UiOptions,
+    /// How much of each kind of store work runs at once.
+    pub budgets: BudgetSizes,
     /// Upload pipelines of the same process, whose counters `/metrics` shows too.
     pub upload_stats: Vec<Arc<crate::upload::stats::UploadStats>>,
 }
@@ -131,7 +134,14 @@ pub async fn start_service(opts: &ServeOptions) -> io::Result<Arc<CacheService>>
     health
         .first_verdict(FIRST_ANSWER_WAIT.min(opts.backend_timeout))
         .await;
-    let fetcher = Fetcher::new(store.clone(), opts.backend_timeout, metrics.clone()).start();
+    let budgets = Budgets::start(opts.budgets);
+    let fetcher = Fetcher::new(
+        store.clone(),
+        opts.backend_timeout,
+        metrics.clone(),
+        budgets.clone(),
+    )
+    .start();
     let lookups = LookupShared::new(
         fetcher.clone(),
         &opts.cache,
@@ -154,7 +164,12 @@ pub async fn start_service(opts: &ServeOptions) -> io::Result<Arc<CacheService>>
         store,
         backend_timeout: opts.backend_timeout,
         transparent_zstd: opts.transparent_zstd,
-        nar_files: NarFiles::new(fetcher.clone(), opts.ui.tree_cache_bytes),
+        nar_files: NarFiles::new(
+            fetcher.clone(),
+            opts.ui.tree_cache_bytes,
+            budgets.explorer.clone(),
+        ),
+        budgets,
         lookups,
         health,
         priority: opts.priority,

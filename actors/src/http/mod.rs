@@ -67,6 +67,8 @@ pub struct CacheService {
     pub nar_files: NarFiles,
     /// Keys whose signatures the object page reports as verified.
     pub trusted_keys: Vec<PublicKey>,
+    /// How much of each kind of store work runs at once, shared by every worker's fetcher.
+    pub budgets: crate::budget::Budgets,
 }
 
 impl CacheService {
@@ -106,6 +108,7 @@ impl Ingress {
             service.store.clone(),
             service.backend_timeout,
             service.metrics.clone(),
+            service.budgets.clone(),
         )
         .start();
         Ingress {
@@ -342,10 +345,11 @@ async fn handle(
             HttpResponse::Ok()
                 .content_type("text/plain; version=0.0.4; charset=utf-8")
                 .body(format!(
-                    "{}{}{}# HELP nixcached_store_up Whether the store answers (0: degraded, see /healthz).\n# TYPE nixcached_store_up gauge\nnixcached_store_up {up}\n",
+                    "{}{}{}{}# HELP nixcached_store_up Whether the store answers (0: degraded, see /healthz).\n# TYPE nixcached_store_up gauge\nnixcached_store_up {up}\n",
                     svc.metrics.render(),
                     svc.catalog.render_metrics(),
                     svc.lookups.render_metrics(),
+                    svc.budgets.render_metrics(),
                 ))
         }
         Route::BadDigest => {

@@ -23,6 +23,7 @@ use actix::Addr;
 use moka::future::Cache;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
+use crate::budget::{self, Budget};
 use crate::fetcher::{FetchListing, Fetcher, OpenNar};
 use crate::formats::codec::WindowTooLarge;
 use crate::formats::nar::{self, Listing, NarError, Node};
@@ -71,6 +72,9 @@ pub struct FileBytes {
 /// Finds files inside the NARs of one store; keeps recently used trees in memory.
 pub struct NarFiles {
     fetcher: Addr<Fetcher>,
+    /// Whole-NAR passes at once (trees of NARs without a usable listing): each holds a
+    /// decoder and a blocking thread, and different NARs do not share one.
+    passes: Addr<Budget>,
     trees: Cache<Digest, Arc<ObjectTree>>,
     decoders: Arc<pulled::Pool>,
 }
@@ -115,8 +119,9 @@ fn weight(root: &Node) -> u64 {
 }
 
 impl NarFiles {
-    /// A finder over the store behind `fetcher`, keeping up to `max_bytes` of trees.
-    pub fn new(fetcher: Addr<Fetcher>, max_bytes: u64) -> NarFiles {
+    /// A finder over the store behind `fetcher`, keeping up to `max_bytes` of trees; whole
+    /// NAR passes spend slots of `passes`.
+    pub fn new(fetcher: Addr<Fetcher>, max_bytes: u64, passes: Addr<Budget>) -> NarFiles {
         let trees = Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|_: &Digest, t: &Arc<ObjectTree>| {
@@ -125,6 +130,7 @@ impl NarFiles {
             .build();
         NarFiles {
             fetcher,
+            passes,
             trees,
             decoders: pulled::Pool::new(DECODER_SLOTS, DECODER_IDLE),
         }
@@ -135,6 +141,7 @@ impl NarFiles {
     pub async fn tree(&self, info: &NarInfo) -> Result<Arc<ObjectTree>, StoreError> {
         let digest = *info.store_path.digest();
         let fetcher = self.fetcher.clone();
+        let passes = self.passes.clone();
         let info = info.clone();
         self.trees
             .try_get_with(digest, async move {
@@ -160,6 +167,7 @@ impl NarFiles {
                         Ok(Arc::new(ObjectTree { listing, ranged }))
                     }
                     Err(()) => {
+                        let _slot = budget::acquire(&passes, "explorer NAR pass").await?;
                         let listing = stream_listing(&fetcher, &info).await?;
                         Ok(Arc::new(ObjectTree {
                             listing,

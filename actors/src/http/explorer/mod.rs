@@ -178,6 +178,7 @@ mod tests {
             workers: 1,
             transparent_zstd: false,
             ui: Default::default(),
+            budgets: Default::default(),
             upload_stats: Vec::new(),
         };
         let svc = start_service(&opts).await.unwrap();

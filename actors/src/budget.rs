@@ -1,0 +1,232 @@
+//! Budgets: how much of one kind of work may run at once.
+//!
+//! A budget is an actor that owns a fixed number of slots. [`Acquire`] is answered with a
+//! [`Permit`] only when a slot is free, and the handler is atomic, so while it waits the
+//! requests behind it stay in the mailbox, in the order they came: callers wait in
+//! `send().await`. Dropping the permit frees its slot. Each kind of work has a budget of its
+//! own ([`Budgets`]), so one kind saturated (every NAR slot taken by a burst of opens) never
+//! stalls another (narinfo lookups keep answering).
+//!
+//! The queue is as long as there are callers waiting: actix lets every sender put one message
+//! past a mailbox's capacity, and each request here comes from its own. What bounds it is what
+//! bounds the callers (HTTP connections); a waiting request costs its message. A caller that
+//! gives up while waiting costs nothing more: the mailbox skips a request nobody waits for.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use actix::fut::wrap_future;
+use actix::{Actor, Addr, AtomicResponse, Context, Handler, Message};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::store::StoreError;
+
+/// Slots of each budget unless configured: enough to keep a backend busy, few enough that
+/// a burst cannot open thousands of connections or database handles at once.
+pub const DEFAULT_SLOTS: usize = 32;
+
+/// Ask for a slot; answered when one is free.
+#[derive(Debug, Message)]
+#[rtype(result = "Permit")]
+pub struct Acquire;
+
+/// A held slot of a budget; dropping it frees the slot.
+#[derive(Debug)]
+pub struct Permit {
+    _slot: OwnedSemaphorePermit,
+    counts: Arc<BudgetCounts>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.counts.in_use.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What a budget has done, for `/metrics` and tests.
+#[derive(Debug, Default)]
+pub struct BudgetCounts {
+    /// Slots held now.
+    pub in_use: AtomicU64,
+    /// Slots handed out since start.
+    pub granted: AtomicU64,
+}
+
+/// The actor owning one budget's slots.
+pub struct Budget {
+    slots: Arc<Semaphore>,
+    counts: Arc<BudgetCounts>,
+}
+
+impl Budget {
+    /// Starts a budget of `slots` slots (at least one); returns its address and its counters.
+    pub fn start(slots: usize) -> (Addr<Budget>, Arc<BudgetCounts>) {
+        let counts = Arc::new(BudgetCounts::default());
+        let addr = Budget {
+            slots: Arc::new(Semaphore::new(slots.max(1))),
+            counts: counts.clone(),
+        }
+        .start();
+        (addr, counts)
+    }
+}
+
+impl Actor for Budget {
+    type Context = Context<Self>;
+}
+
+impl Handler<Acquire> for Budget {
+    type Result = AtomicResponse<Self, Permit>;
+
+    fn handle(&mut self, _: Acquire, _: &mut Context<Self>) -> Self::Result {
+        let slots = self.slots.clone();
+        let counts = self.counts.clone();
+        AtomicResponse::new(Box::pin(wrap_future::<_, Self>(async move {
+            let slot = slots
+                .acquire_owned()
+                .await
+                .expect("a budget never closes its semaphore");
+            counts.in_use.fetch_add(1, Ordering::Relaxed);
+            counts.granted.fetch_add(1, Ordering::Relaxed);
+            Permit {
+                _slot: slot,
+                counts,
+            }
+        })))
+    }
+}
+
+/// Waits for a slot of `budget`; `what` names the budget in the error if it has stopped.
+pub async fn acquire(budget: &Addr<Budget>, what: &str) -> Result<Permit, StoreError> {
+    budget
+        .send(Acquire)
+        .await
+        .map_err(|e| StoreError::backend(format!("waiting for a {what} slot"), e.to_string()))
+}
+
+/// Slots per kind of work of one served store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BudgetSizes {
+    /// Metadata lookups at once: narinfos, listings, the store listing for the explorer (on
+    /// the local store, each holds an SQLite connection and a blocking thread).
+    pub metadata: usize,
+    /// NAR and build-log opens at once (until the stream is handed to the response; a
+    /// stream that is being read holds no slot, see `nar_files`).
+    pub nar_opens: usize,
+    /// Whole-NAR passes of the explorer at once (file trees of NARs without a usable `.ls`,
+    /// seeks to a file): each holds a decoder and a blocking thread.
+    pub explorer: usize,
+}
+
+impl Default for BudgetSizes {
+    fn default() -> Self {
+        BudgetSizes {
+            metadata: DEFAULT_SLOTS,
+            nar_opens: DEFAULT_SLOTS,
+            explorer: 4,
+        }
+    }
+}
+
+/// The budgets of one served store.
+#[derive(Clone)]
+pub struct Budgets {
+    /// See [`BudgetSizes::metadata`].
+    pub metadata: Addr<Budget>,
+    /// See [`BudgetSizes::nar_opens`].
+    pub nar_opens: Addr<Budget>,
+    /// See [`BudgetSizes::explorer`].
+    pub explorer: Addr<Budget>,
+    /// Their counters, in the same order, for `/metrics`.
+    pub counts: [Arc<BudgetCounts>; 3],
+}
+
+impl Budgets {
+    /// Starts the three budgets.
+    pub fn start(sizes: BudgetSizes) -> Budgets {
+        let (metadata, m) = Budget::start(sizes.metadata);
+        let (nar_opens, n) = Budget::start(sizes.nar_opens);
+        let (explorer, e) = Budget::start(sizes.explorer);
+        Budgets {
+            metadata,
+            nar_opens,
+            explorer,
+            counts: [m, n, e],
+        }
+    }
+}
+
+impl Budgets {
+    /// The budgets' gauges and counters in Prometheus' text format.
+    pub fn render_metrics(&self) -> String {
+        let names = ["metadata", "nar_opens", "explorer"];
+        let mut out = String::from(
+            "# HELP nixcached_budget_in_use Slots of each budget held now.\n# TYPE nixcached_budget_in_use gauge\n",
+        );
+        for (name, c) in names.iter().zip(&self.counts) {
+            let n = c.in_use.load(Ordering::Relaxed);
+            out.push_str(&format!(
+                "nixcached_budget_in_use{{budget=\"{name}\"}} {n}\n"
+            ));
+        }
+        out.push_str(
+            "# HELP nixcached_budget_granted_total Slots each budget handed out.\n# TYPE nixcached_budget_granted_total counter\n",
+        );
+        for (name, c) in names.iter().zip(&self.counts) {
+            let n = c.granted.load(Ordering::Relaxed);
+            out.push_str(&format!(
+                "nixcached_budget_granted_total{{budget=\"{name}\"}} {n}\n"
+            ));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// With 3 slots: exactly 3 of 10 callers hold a permit while they keep them, the others
+    /// wait in order; a caller that gives up is skipped; once the holders let go, every one
+    /// of the 10 gets its slot, in the order it asked.
+    #[actix::test]
+    async fn binds_at_its_slots_and_lets_everything_through_afterwards() {
+        let (budget, counts) = Budget::start(3);
+        let granted = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (release, released) = tokio::sync::watch::channel(false);
+        let mut tasks = Vec::new();
+        for i in 0..10 {
+            let budget = budget.clone();
+            let granted = granted.clone();
+            let mut released = released.clone();
+            tasks.push(tokio::spawn(async move {
+                let _permit = acquire(&budget, "test").await.unwrap();
+                granted.lock().unwrap().push(i);
+                released.wait_for(|r| *r).await.unwrap();
+            }));
+            // One at a time, so that the mailbox order is the spawn order.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(*granted.lock().unwrap(), vec![0, 1, 2], "exactly the slots");
+        assert_eq!(counts.in_use.load(Ordering::Relaxed), 3);
+        // A caller that gives up while queued: its request is never granted.
+        let quitter = tokio::spawn({
+            let budget = budget.clone();
+            async move { acquire(&budget, "test").await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        quitter.abort();
+        release.send(true).unwrap();
+        for t in tasks {
+            tokio::time::timeout(Duration::from_secs(5), t)
+                .await
+                .expect("every held-back request gets through")
+                .unwrap();
+        }
+        assert_eq!(*granted.lock().unwrap(), (0..10).collect::<Vec<_>>());
+        assert_eq!(counts.granted.load(Ordering::Relaxed), 10);
+        assert_eq!(counts.in_use.load(Ordering::Relaxed), 0);
+    }
+}
