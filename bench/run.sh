@@ -18,7 +18,11 @@
 #     `nixcached upload --from /nix/store --input PATHS --state-dir FRESH --compression C
 #     --jobs 2 --progress-interval 0 file://FRESH` of the same top path, C in zstd and xz,
 #     fresh destinations every time; checks both caches hold the same NARs.
-#  5. prints a summary (medians, min-max, ratios, targets) and stops everything it started.
+#  5. load: nginx and `nixcached serve file://CACHE` each take LOAD_RUNS rounds (order rotating)
+#     of wrk with LOAD_CONNS (1000) keep-alive connections for DURATION s, every other request
+#     a narinfo of the cache (200) and the others a digest nobody has (404): requests/s, p50 and
+#     p99 latency, answers by status, socket errors, and the daemon's peak RSS.
+#  6. prints a summary (medians, min-max, ratios, targets) and stops everything it started.
 #
 # Env (all optional):
 #   RUNS=5          serve rounds (each round: every server once; the median over rounds is reported)
@@ -26,7 +30,8 @@
 #   UPLOAD_RUNS=3   upload rounds for zstd;  XZ_RUNS=$UPLOAD_RUNS for xz (nix copy xz takes ~5 min)
 #   UPLOAD_COMPS="zstd xz"
 #   JOBS="1 2"      nixcached upload --jobs values, each timed (1 gives the per-core figure)
-#   PARTS="serve upload"   which parts to run
+#   PARTS="serve upload load"   which parts to run
+#   LOAD_RUNS=3 LOAD_CONNS=1000   rounds and connections of the load part
 #   QUIET_MAX=180   seconds to wait before each timed run for the shared machine to be idle
 #                   (<10 % CPU over 1 s); a run that never got a quiet machine is flagged
 #   WORK=${TMPDIR:-/tmp}/nixcached-bench   corpus GC root and the zstd cache (kept between runs);
@@ -43,7 +48,8 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(dirname "$HERE")
 RUNS=${RUNS:-5}; DURATION=${DURATION:-10}; QUIET_MAX=${QUIET_MAX:-180}
 UPLOAD_RUNS=${UPLOAD_RUNS:-3}; XZ_RUNS=${XZ_RUNS:-$UPLOAD_RUNS}; UPLOAD_COMPS=${UPLOAD_COMPS:-"zstd xz"}
-JOBS=${JOBS:-"1 2"}; PARTS=${PARTS:-"serve upload"}
+JOBS=${JOBS:-"1 2"}; PARTS=${PARTS:-"serve upload load"}
+LOAD_RUNS=${LOAD_RUNS:-3}; LOAD_CONNS=${LOAD_CONNS:-1000}
 WORK=${WORK:-${TMPDIR:-/tmp}/nixcached-bench}
 RESULTS=${RESULTS:-$HERE/results}
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
@@ -254,6 +260,61 @@ EOF
   for f in "$W"/daemon-*.log; do
     grep -Ei 'error|warn|panic' "$f" | head -5 | sed "s,^,$(basename "$f"): ," | tee -a "$RAW" >&2 || true
   done
+  for p in "${DAEMON_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  kill -QUIT "$NGINX_PID" 2>/dev/null || true; wait "$NGINX_PID" 2>/dev/null || true
+  DAEMON_PIDS=(); NGINX_PID=
+fi
+
+# --- load: many keep-alive connections, hits and misses --------------------------------------
+if has load; then
+  # LOAD_CONNS sockets for wrk, as many for each server.
+  ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+  say "load: nginx and nixcached serve file://, $LOAD_CONNS connections"
+  start_nginx "$CACHE"; NG=$NGINX_URL
+  start_daemon daemon-load "file://$CACHE"; DF=$DAEMON_URL; LOAD_PID=${DAEMON_PIDS[-1]}
+  find "$CACHE" -maxdepth 1 -name '*.narinfo' -printf '/%f\n' > "$W/load.paths"
+  cat > "$W/mix.lua" <<'EOF'
+-- Every other request a narinfo of the cache, the others a digest nobody has.
+local paths = {}
+for line in io.lines(os.getenv("NARINFO_LIST")) do paths[#paths + 1] = line end
+local alphabet = "0123456789abcdfghijklmnpqrsvwxyz"
+local threads, i, n = {}, 0, 0
+function setup(thread) table.insert(threads, thread) end
+function init(args) i = math.random(#paths); ok, missing, other = 0, 0, 0 end
+function request()
+  n = n + 1
+  if n % 2 == 0 then
+    i = i % #paths + 1
+    return wrk.format("GET", paths[i])
+  end
+  local d = {}
+  for k = 1, 32 do local r = math.random(32); d[k] = alphabet:sub(r, r) end
+  return wrk.format("GET", "/" .. table.concat(d) .. ".narinfo")
+end
+function response(status, headers, body)
+  if status == 200 then ok = ok + 1 elseif status == 404 then missing = missing + 1 else other = other + 1 end
+end
+function done(summary, latency, requests)
+  local o, m, x = 0, 0, 0
+  for _, t in ipairs(threads) do o = o + t:get("ok"); m = m + t:get("missing"); x = x + t:get("other") end
+  local e = summary.errors
+  io.write(string.format("RESULT rps=%.1f p50_ms=%.3f p99_ms=%.3f ok=%d missing=%d other=%d errs=%d\n",
+    summary.requests / (summary.duration / 1e6), latency:percentile(50) / 1000, latency:percentile(99) / 1000,
+    o, m, x, e.connect + e.read + e.write + e.timeout))
+end
+EOF
+  load_servers=("nginx $NG" "daemon-file $DF")
+  for r in $(seq "$LOAD_RUNS"); do
+    for i in "${!load_servers[@]}"; do   # rotate the order between rounds
+      read -r label url <<< "${load_servers[$(( (i + r - 1) % ${#load_servers[@]} ))]}"
+      wait_quiet "load $label round $r"
+      out=$(NARINFO_LIST="$W/load.paths" timeout $((DURATION + 60)) \
+        wrk -t2 -c"$LOAD_CONNS" -d"${DURATION}s" --timeout 5s -s "$W/mix.lua" "$url/" | grep '^RESULT' || true)
+      [ -n "$out" ] || out="RESULT FAILED"
+      echo "load server=$label conns=$LOAD_CONNS round=$r ${out#RESULT } busy_before=$BUSY%" | tee -a "$RAW" >&2
+    done
+  done
+  echo "load peak server=daemon-file rss_kib=$(awk '/^VmHWM:/ {print $2}' "/proc/$LOAD_PID/status")" | tee -a "$RAW" >&2
   for p in "${DAEMON_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
   kill -QUIT "$NGINX_PID" 2>/dev/null || true; wait "$NGINX_PID" 2>/dev/null || true
   DAEMON_PIDS=(); NGINX_PID=

@@ -22,6 +22,8 @@ serve = {}      # (label, test, figure) -> {round: value}
 busy = set()    # (label, round, test) measured on a busy machine
 dump, dump_wall = {}, {}
 up = {}         # (tool, comp) -> [dict]
+load = {}       # server -> [dict]
+load_rss = {}   # server -> peak RSS KiB
 notes, excluded = [], []
 for line in open(raw):
     line = line.rstrip('\n')
@@ -37,6 +39,18 @@ for line in open(raw):
                 excluded.append(f'{m[1]} round {m[2]} {m[3]} {m[4]}={m[5]} (machine busy)')
             continue
         serve.setdefault((m[1], m[3], m[4]), {})[int(m[2])] = float(m[5])
+        continue
+    if line.startswith('load server=') and 'FAILED' not in line:
+        kv = dict(x.split('=', 1) for x in line.split()[1:])
+        if int(kv.get('busy_before', '0%').rstrip('%')) >= 10 and not include_busy:
+            excluded.append(line + ' (machine busy)')
+        else:
+            load.setdefault(kv['server'], []).append(kv)
+        continue
+    if line.startswith('load peak '):
+        kv = dict(x.split('=', 1) for x in line.split()[2:])
+        if kv.get('rss_kib'):
+            load_rss[kv['server']] = int(kv['rss_kib'])
         continue
     if line.startswith('dump ') or (line.startswith('upload tool=') and 'FAILED' not in line):
         kv = dict(x.split('=', 1) for x in line.split()[1:])
@@ -175,6 +189,26 @@ if up:
             print(f"| {comp} | {jobs} | {span(wa)} | {span(wb)} | **{fmt(s, 2)}x** | {size(a, 'bytes_nar')} / {size(b, 'bytes_nar')} | "
                   f"{size(a, 'bytes_all')} / {size(b, 'bytes_all')} | > 1.0x | "
                   f"{'-' if s is None else ('**met**' if s > 1.0 else '**not met**')} |")
+if load:
+    conns = next(iter(load.values()))[0]['conns']
+    print(f'\n### Load: {conns} keep-alive connections, half narinfo hits, half misses (wrk, medians over rounds)\n')
+    print('| server | req/s (min-max, n) | p50 / p99 ms | answers 200 / 404 / other | socket errors | peak RSS |')
+    print('|---|---|---|---|---|---|')
+    for server in ('nginx', 'daemon-file'):
+        rows = load.get(server)
+        if not rows:
+            continue
+        rps = [float(r['rps']) for r in rows]
+        tot = {k: sum(int(r[k]) for r in rows) for k in ('ok', 'missing', 'other', 'errs')}
+        rss = load_rss.get(server)
+        print(f"| {server} | {fmt(med(rps))} ({num(min(rps))}-{num(max(rps))}, n={len(rps)}) | "
+              f"{med(float(r['p50_ms']) for r in rows):.2f} / {med(float(r['p99_ms']) for r in rows):.2f} | "
+              f"{tot['ok']:,} / {tot['missing']:,} / {tot['other']:,} | {tot['errs']:,} | "
+              f"{'-' if rss is None else f'{rss / 1024:.0f} MiB'} |")
+    a = [float(r['rps']) for r in load.get('nginx', [])]
+    b = [float(r['rps']) for r in load.get('daemon-file', [])]
+    if a and b:
+        print(f'\nRatio daemon/nginx (medians): **{med(b) / med(a):.2f}x**')
 if excluded:
     print('\nLeft out of the medians (taken on a busy machine; --include-busy keeps them):\n')
     for line in excluded:
