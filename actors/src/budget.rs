@@ -7,6 +7,14 @@
 //! own ([`Budgets`]), so one kind saturated (every NAR slot taken by a burst of opens) never
 //! stalls another (narinfo lookups keep answering).
 //!
+//! Taking a slot while one is free does not go through the actor: [`acquire`] first tries the
+//! slots directly (an atomic operation on the caller's thread), because a round trip to the
+//! actor's thread on every NAR open measurably slowed one-connection NAR throughput (the same
+//! cost that made each HTTP worker run its own fetcher). Only a caller that finds every slot
+//! taken asks the actor, and waits its turn there. A free slot can only exist while no request
+//! waits at the slots, so the fast path never overtakes a request the actor is serving; it may
+//! overtake one still in the mailbox, in the moment between a grant and the next request.
+//!
 //! The queue is as long as there are callers waiting: actix lets every sender put one message
 //! past a mailbox's capacity, and each request here comes from its own. What bounds it is what
 //! bounds the callers (HTTP connections); a waiting request costs its message. A caller that
@@ -58,16 +66,36 @@ pub struct Budget {
     counts: Arc<BudgetCounts>,
 }
 
+/// A started budget, as its users hold it.
+#[derive(Clone)]
+pub struct BudgetRef {
+    addr: Addr<Budget>,
+    slots: Arc<Semaphore>,
+    counts: Arc<BudgetCounts>,
+}
+
+impl BudgetRef {
+    /// Its counters.
+    pub fn counts(&self) -> &Arc<BudgetCounts> {
+        &self.counts
+    }
+}
+
 impl Budget {
-    /// Starts a budget of `slots` slots (at least one); returns its address and its counters.
-    pub fn start(slots: usize) -> (Addr<Budget>, Arc<BudgetCounts>) {
+    /// Starts a budget of `slots` slots (at least one).
+    pub fn start(slots: usize) -> BudgetRef {
         let counts = Arc::new(BudgetCounts::default());
+        let slots = Arc::new(Semaphore::new(slots.max(1)));
         let addr = Budget {
-            slots: Arc::new(Semaphore::new(slots.max(1))),
+            slots: slots.clone(),
             counts: counts.clone(),
         }
         .start();
-        (addr, counts)
+        BudgetRef {
+            addr,
+            slots,
+            counts,
+        }
     }
 }
 
@@ -96,9 +124,19 @@ impl Handler<Acquire> for Budget {
     }
 }
 
-/// Waits for a slot of `budget`; `what` names the budget in the error if it has stopped.
-pub async fn acquire(budget: &Addr<Budget>, what: &str) -> Result<Permit, StoreError> {
+/// A slot of `budget`: at once when one is free, else when the actor grants one; `what`
+/// names the budget in the error if it has stopped.
+pub async fn acquire(budget: &BudgetRef, what: &str) -> Result<Permit, StoreError> {
+    if let Ok(slot) = budget.slots.clone().try_acquire_owned() {
+        budget.counts.in_use.fetch_add(1, Ordering::Relaxed);
+        budget.counts.granted.fetch_add(1, Ordering::Relaxed);
+        return Ok(Permit {
+            _slot: slot,
+            counts: budget.counts.clone(),
+        });
+    }
     budget
+        .addr
         .send(Acquire)
         .await
         .map_err(|e| StoreError::backend(format!("waiting for a {what} slot"), e.to_string()))
@@ -132,26 +170,20 @@ impl Default for BudgetSizes {
 #[derive(Clone)]
 pub struct Budgets {
     /// See [`BudgetSizes::metadata`].
-    pub metadata: Addr<Budget>,
+    pub metadata: BudgetRef,
     /// See [`BudgetSizes::nar_opens`].
-    pub nar_opens: Addr<Budget>,
+    pub nar_opens: BudgetRef,
     /// See [`BudgetSizes::explorer`].
-    pub explorer: Addr<Budget>,
-    /// Their counters, in the same order, for `/metrics`.
-    pub counts: [Arc<BudgetCounts>; 3],
+    pub explorer: BudgetRef,
 }
 
 impl Budgets {
     /// Starts the three budgets.
     pub fn start(sizes: BudgetSizes) -> Budgets {
-        let (metadata, m) = Budget::start(sizes.metadata);
-        let (nar_opens, n) = Budget::start(sizes.nar_opens);
-        let (explorer, e) = Budget::start(sizes.explorer);
         Budgets {
-            metadata,
-            nar_opens,
-            explorer,
-            counts: [m, n, e],
+            metadata: Budget::start(sizes.metadata),
+            nar_opens: Budget::start(sizes.nar_opens),
+            explorer: Budget::start(sizes.explorer),
         }
     }
 }
@@ -160,10 +192,15 @@ impl Budgets {
     /// The budgets' gauges and counters in Prometheus' text format.
     pub fn render_metrics(&self) -> String {
         let names = ["metadata", "nar_opens", "explorer"];
+        let counts = [
+            &self.metadata.counts,
+            &self.nar_opens.counts,
+            &self.explorer.counts,
+        ];
         let mut out = String::from(
             "# HELP nixcached_budget_in_use Slots of each budget held now.\n# TYPE nixcached_budget_in_use gauge\n",
         );
-        for (name, c) in names.iter().zip(&self.counts) {
+        for (name, c) in names.iter().zip(counts) {
             let n = c.in_use.load(Ordering::Relaxed);
             out.push_str(&format!(
                 "nixcached_budget_in_use{{budget=\"{name}\"}} {n}\n"
@@ -172,7 +209,7 @@ impl Budgets {
         out.push_str(
             "# HELP nixcached_budget_granted_total Slots each budget handed out.\n# TYPE nixcached_budget_granted_total counter\n",
         );
-        for (name, c) in names.iter().zip(&self.counts) {
+        for (name, c) in names.iter().zip(counts) {
             let n = c.granted.load(Ordering::Relaxed);
             out.push_str(&format!(
                 "nixcached_budget_granted_total{{budget=\"{name}\"}} {n}\n"
@@ -192,7 +229,8 @@ mod tests {
     /// of the 10 gets its slot, in the order it asked.
     #[actix::test]
     async fn binds_at_its_slots_and_lets_everything_through_afterwards() {
-        let (budget, counts) = Budget::start(3);
+        let budget = Budget::start(3);
+        let counts = budget.counts().clone();
         let granted = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (release, released) = tokio::sync::watch::channel(false);
         let mut tasks = Vec::new();

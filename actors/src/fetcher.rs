@@ -8,9 +8,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::{Actor, Addr, Context, Handler, Message, ResponseFuture};
+use actix::{Actor, Context, Handler, Message, ResponseFuture};
 
-use crate::budget::{self, Budget, Budgets};
+use crate::budget::{self, BudgetRef, Budgets};
 use crate::formats::{CacheInfo, Digest, NarInfo};
 use crate::metrics::Metrics;
 use crate::store::{Blob, ByteRange, Store, StoreError, Vouched};
@@ -97,7 +97,7 @@ impl Fetcher {
         let fut = op(self.store.clone());
         let timeout = self.timeout;
         let metrics = self.metrics.clone();
-        let (budget, name): (Addr<Budget>, &str) = match kind {
+        let (budget, name): (BudgetRef, &str) = match kind {
             Kind::Metadata => (self.budgets.metadata.clone(), "metadata"),
             Kind::NarOpen => (self.budgets.nar_opens.clone(), "NAR"),
         };
@@ -353,7 +353,7 @@ mod tests {
             .collect();
         settle().await;
         assert_eq!(store.nars.inside(), 2, "NAR opens at the store");
-        assert_eq!(budgets.counts[1].in_use.load(Ordering::SeqCst), 2);
+        assert_eq!(budgets.nar_opens.counts().in_use.load(Ordering::SeqCst), 2);
 
         // NAR slots all held: lookups are another budget and still answer at once.
         let started = std::time::Instant::now();
@@ -402,10 +402,13 @@ mod tests {
         }
         assert_eq!(store.nars.most.load(Ordering::SeqCst), 2);
         assert_eq!(store.narinfos.most.load(Ordering::SeqCst), 4);
-        assert_eq!(budgets.counts[0].granted.load(Ordering::SeqCst), 42);
-        assert_eq!(budgets.counts[1].granted.load(Ordering::SeqCst), 20);
-        for c in &budgets.counts {
-            assert_eq!(c.in_use.load(Ordering::SeqCst), 0);
+        assert_eq!(budgets.metadata.counts().granted.load(Ordering::SeqCst), 42);
+        assert_eq!(
+            budgets.nar_opens.counts().granted.load(Ordering::SeqCst),
+            20
+        );
+        for b in [&budgets.metadata, &budgets.nar_opens, &budgets.explorer] {
+            assert_eq!(b.counts().in_use.load(Ordering::SeqCst), 0);
         }
     }
 }

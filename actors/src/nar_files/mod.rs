@@ -23,7 +23,7 @@ use actix::Addr;
 use moka::future::Cache;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
-use crate::budget::{self, Budget};
+use crate::budget::{self, BudgetRef};
 use crate::fetcher::{FetchListing, Fetcher, OpenNar};
 use crate::formats::codec::WindowTooLarge;
 use crate::formats::nar::{self, Listing, NarError, Node};
@@ -74,7 +74,7 @@ pub struct NarFiles {
     fetcher: Addr<Fetcher>,
     /// Whole-NAR passes at once (trees of NARs without a usable listing): each holds a
     /// decoder and a blocking thread, and different NARs do not share one.
-    passes: Addr<Budget>,
+    passes: BudgetRef,
     trees: Cache<Digest, Arc<ObjectTree>>,
     decoders: Arc<pulled::Pool>,
 }
@@ -121,7 +121,7 @@ fn weight(root: &Node) -> u64 {
 impl NarFiles {
     /// A finder over the store behind `fetcher`, keeping up to `max_bytes` of trees; whole
     /// NAR passes spend slots of `passes`.
-    pub fn new(fetcher: Addr<Fetcher>, max_bytes: u64, passes: Addr<Budget>) -> NarFiles {
+    pub fn new(fetcher: Addr<Fetcher>, max_bytes: u64, passes: BudgetRef) -> NarFiles {
         let trees = Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|_: &Digest, t: &Arc<ObjectTree>| {
