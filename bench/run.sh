@@ -22,7 +22,11 @@
 #     of wrk with LOAD_CONNS (1000) keep-alive connections for DURATION s, every other request
 #     a narinfo of the cache (200) and the others a digest nobody has (404): requests/s, p50 and
 #     p99 latency, answers by status, socket errors, and the daemon's peak RSS.
-#  6. prints a summary (medians, min-max, ratios, targets) and stops everything it started.
+#  6. slow: bench/slow-readers.py: SLOW_READERS (600) clients ask for a SLOW_MB (20) MB file and
+#     read nothing, served three ways (local store NAR, file:// NAR, explorer file view in a zstd
+#     cache): the daemon's peak RSS before and with them, threads, another client's request
+#     time, and whether every reader then gets the whole file.
+#  7. prints a summary (medians, min-max, ratios, targets) and stops everything it started.
 #
 # Env (all optional):
 #   RUNS=5          serve rounds (each round: every server once; the median over rounds is reported)
@@ -30,8 +34,9 @@
 #   UPLOAD_RUNS=3   upload rounds for zstd;  XZ_RUNS=$UPLOAD_RUNS for xz (nix copy xz takes ~5 min)
 #   UPLOAD_COMPS="zstd xz"
 #   JOBS="1 2"      nixcached upload --jobs values, each timed (1 gives the per-core figure)
-#   PARTS="serve upload load"   which parts to run
+#   PARTS="serve upload load slow"   which parts to run
 #   LOAD_RUNS=3 LOAD_CONNS=1000   rounds and connections of the load part
+#   SLOW_READERS=600 SLOW_MB=20   stalled readers and file size of the slow part
 #   QUIET_MAX=180   seconds to wait before each timed run for the shared machine to be idle
 #                   (<10 % CPU over 1 s); a run that never got a quiet machine is flagged
 #   WORK=${TMPDIR:-/tmp}/nixcached-bench   corpus GC root and the zstd cache (kept between runs);
@@ -48,8 +53,8 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(dirname "$HERE")
 RUNS=${RUNS:-5}; DURATION=${DURATION:-10}; QUIET_MAX=${QUIET_MAX:-180}
 UPLOAD_RUNS=${UPLOAD_RUNS:-3}; XZ_RUNS=${XZ_RUNS:-$UPLOAD_RUNS}; UPLOAD_COMPS=${UPLOAD_COMPS:-"zstd xz"}
-JOBS=${JOBS:-"1 2"}; PARTS=${PARTS:-"serve upload load"}
-LOAD_RUNS=${LOAD_RUNS:-3}; LOAD_CONNS=${LOAD_CONNS:-1000}
+JOBS=${JOBS:-"1 2"}; PARTS=${PARTS:-"serve upload load slow"}
+LOAD_RUNS=${LOAD_RUNS:-3}; LOAD_CONNS=${LOAD_CONNS:-1000}; SLOW_READERS=${SLOW_READERS:-600}; SLOW_MB=${SLOW_MB:-20}
 WORK=${WORK:-${TMPDIR:-/tmp}/nixcached-bench}
 RESULTS=${RESULTS:-$HERE/results}
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
@@ -318,6 +323,15 @@ EOF
   for p in "${DAEMON_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
   kill -QUIT "$NGINX_PID" 2>/dev/null || true; wait "$NGINX_PID" 2>/dev/null || true
   DAEMON_PIDS=(); NGINX_PID=
+fi
+
+# --- slow: stalled readers (bench/slow-readers.py) -------------------------------------------------
+if has slow; then
+  ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+  say "slow: $SLOW_READERS stalled readers of a ${SLOW_MB} MB file, three ways of serving it"
+  wait_quiet "slow readers"
+  python3 "$HERE/slow-readers.py" "$BIN" "$W/slow" "$SLOW_READERS" "$SLOW_MB" 2>&1 \
+    | grep '^slow ' | tee -a "$RAW" >&2 || echo "slow FAILED" | tee -a "$RAW" >&2
 fi
 
 # --- upload ----------------------------------------------------------------------------------

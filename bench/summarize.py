@@ -24,6 +24,7 @@ dump, dump_wall = {}, {}
 up = {}         # (tool, comp) -> [dict]
 load = {}       # server -> [dict]
 load_rss = {}   # server -> peak RSS KiB
+slow = []       # dict per stalled-readers scenario
 notes, excluded = [], []
 for line in open(raw):
     line = line.rstrip('\n')
@@ -46,6 +47,9 @@ for line in open(raw):
             excluded.append(line + ' (machine busy)')
         else:
             load.setdefault(kv['server'], []).append(kv)
+        continue
+    if line.startswith('slow scenario='):
+        slow.append(dict(x.split('=', 1) for x in line.split()[1:]))
         continue
     if line.startswith('load peak '):
         kv = dict(x.split('=', 1) for x in line.split()[2:])
@@ -209,6 +213,14 @@ if load:
     b = [float(r['rps']) for r in load.get('daemon-file', [])]
     if a and b:
         print(f'\nRatio daemon/nginx (medians): **{med(b) / med(a):.2f}x**')
+if slow:
+    print(f"\n### Stalled readers: {slow[0]['readers']} clients ask for a large file and read nothing (bench/slow-readers.py)\n")
+    print('| served as | responses begun | peak RSS before / with the readers | per reader | threads | another client\'s request | every reader then got it all |')
+    print('|---|---|---|---|---|---|---|')
+    for r in slow:
+        grown = (int(r['peak_rss_kib']) - int(r['base_rss_kib'])) / 1024
+        print(f"| {r['scenario']} | {r['begun']} | {int(r['base_rss_kib']) / 1024:.0f} / {int(r['peak_rss_kib']) / 1024:.0f} MiB "
+              f"(+{grown:.0f} MiB) | {r['per_reader_kib']} KiB | {r['threads']} | {float(r['other_ms']):.0f} ms | {r['all_read']} |")
 if excluded:
     print('\nLeft out of the medians (taken on a busy machine; --include-busy keeps them):\n')
     for line in excluded:
