@@ -28,7 +28,7 @@ use moka::future::Cache;
 use moka::notification::RemovalCause;
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::formats::hash::HashingCounter;
 use crate::formats::{Algo, Hash};
@@ -101,7 +101,15 @@ pub struct NarDiskCache {
     fetches: AtomicU64,
     /// The size bound: also the most one download may write when nothing else bounds it.
     max_bytes: u64,
+    /// Downloads running at once. Downloads are detached tasks (they go on when their
+    /// clients leave, so the file can be kept), so only this bounds how many connections and
+    /// part files clients asking for many different NARs can make the daemon open.
+    downloads: Arc<Semaphore>,
 }
+
+/// Upstream downloads that run at once per NAR cache; more wait their turn (their clients
+/// wait too, within the serve's `--backend-timeout`).
+pub const MAX_DOWNLOADS: usize = 16;
 
 impl std::fmt::Debug for NarDiskCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -117,6 +125,15 @@ impl NarDiskCache {
     /// A cache in `dir` (created) holding at most `max_bytes` of NAR files. Files already in
     /// the folder are indexed on first use.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<Arc<NarDiskCache>> {
+        Self::open_with_downloads(dir, max_bytes, MAX_DOWNLOADS)
+    }
+
+    /// Like [`NarDiskCache::open`], with at most `downloads` downloads at once.
+    pub fn open_with_downloads(
+        dir: &Path,
+        max_bytes: u64,
+        downloads: usize,
+    ) -> Result<Arc<NarDiskCache>> {
         std::fs::create_dir_all(dir).map_err(|e| {
             io_err(
                 format!(
@@ -151,6 +168,7 @@ impl NarDiskCache {
             part_counter: AtomicU64::new(0),
             fetches: AtomicU64::new(0),
             max_bytes,
+            downloads: Arc::new(Semaphore::new(downloads.max(1))),
         }))
     }
 
@@ -272,6 +290,13 @@ impl NarDiskCache {
     ) {
         let dest = self.path_of(&key);
         let r = async {
+            // Held until the download ends, kept or not.
+            let _slot = self
+                .downloads
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the download semaphore is never closed");
             let (mut body, len) = start.await?;
             expected.check_announced(len, &key)?;
             let mut file = tokio::fs::File::create(&part)

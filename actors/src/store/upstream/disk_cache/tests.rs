@@ -168,3 +168,67 @@ async fn eviction_deletes_files_past_the_bound() {
     let files = std::fs::read_dir(dir.path()).unwrap().count();
     assert!(files <= 2, "{files} files kept for a 2 KiB bound");
 }
+
+/// With room for 2 downloads, clients asking for 5 different NARs at once: exactly 2
+/// downloads run (the others wait, and so do their clients); once they end, every client gets
+/// its NAR, each downloaded once.
+#[tokio::test]
+async fn downloads_at_once_are_bounded_and_the_rest_get_through_afterwards() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = NarDiskCache::open_with_downloads(dir.path(), 1 << 20, 2).unwrap();
+    let (open, gate) = watch::channel(false);
+    let running = Arc::new(AtomicU64::new(0));
+    let most = Arc::new(AtomicU64::new(0));
+    let started = Arc::new(AtomicU64::new(0));
+    let body: &'static [u8] = b"nar bytes";
+    let clients: Vec<_> = (0..5)
+        .map(|i| {
+            let cache = cache.clone();
+            let (running, most, started) = (running.clone(), most.clone(), started.clone());
+            let mut gate = gate.clone();
+            tokio::spawn(async move {
+                let start = move || -> StartDownload {
+                    Box::pin(async move {
+                        // Counted when polled: that is when a download really begins.
+                        started.fetch_add(1, Ordering::SeqCst);
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        gate.wait_for(|o| *o).await.unwrap();
+                        running.fetch_sub(1, Ordering::SeqCst);
+                        let s: ByteStream = Box::pin(futures::stream::once(async move {
+                            Ok(Bytes::from_static(body))
+                        }));
+                        Ok((s, Some(body.len() as u64)))
+                    })
+                };
+                let expected = Expected {
+                    size: Some(body.len() as u64),
+                    hash: Some(Hash::sha256_of(body)),
+                };
+                let blob = cache
+                    .get(&format!("nar/{i}.nar"), None, expected, start)
+                    .await
+                    .unwrap();
+                read_all(blob).await.unwrap()
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(running.load(Ordering::SeqCst), 2, "downloads running");
+    assert_eq!(
+        started.load(Ordering::SeqCst),
+        2,
+        "none began beyond the bound"
+    );
+    open.send(true).unwrap();
+    for c in clients {
+        let got = tokio::time::timeout(Duration::from_secs(10), c)
+            .await
+            .expect("every held-back client gets its NAR")
+            .unwrap();
+        assert_eq!(got, body);
+    }
+    assert_eq!(started.load(Ordering::SeqCst), 5);
+    assert_eq!(most.load(Ordering::SeqCst), 2, "never more than 2 at once");
+    assert_eq!(cache.fetches(), 5);
+}
