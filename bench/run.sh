@@ -105,6 +105,13 @@ cleanup() {
   if [ -z "${KEEP:-}" ]; then chmod -R u+w "$W" 2>/dev/null || true; rm -rf "$W"; else echo "kept $W" >&2; fi
   exit $rc
 }
+# Stops the daemons and nginx a part started, and waits for them to go.
+stop_servers() {
+  local p
+  for p in "${DAEMON_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  kill -QUIT "$NGINX_PID" 2>/dev/null || true; wait "$NGINX_PID" 2>/dev/null || true
+  DAEMON_PIDS=(); NGINX_PID=
+}
 trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
 
@@ -265,9 +272,7 @@ EOF
   for f in "$W"/daemon-*.log; do
     grep -Ei 'error|warn|panic' "$f" | head -5 | sed "s,^,$(basename "$f"): ," | tee -a "$RAW" >&2 || true
   done
-  for p in "${DAEMON_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-  kill -QUIT "$NGINX_PID" 2>/dev/null || true; wait "$NGINX_PID" 2>/dev/null || true
-  DAEMON_PIDS=(); NGINX_PID=
+  stop_servers
 fi
 
 # --- load: many keep-alive connections, hits and misses --------------------------------------
@@ -320,9 +325,7 @@ EOF
     done
   done
   echo "load peak server=daemon-file rss_kib=$(awk '/^VmHWM:/ {print $2}' "/proc/$LOAD_PID/status")" | tee -a "$RAW" >&2
-  for p in "${DAEMON_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-  kill -QUIT "$NGINX_PID" 2>/dev/null || true; wait "$NGINX_PID" 2>/dev/null || true
-  DAEMON_PIDS=(); NGINX_PID=
+  stop_servers
 fi
 
 # --- slow: stalled readers (bench/slow-readers.py) -------------------------------------------------

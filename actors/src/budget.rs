@@ -45,6 +45,18 @@ pub struct Permit {
     counts: Arc<BudgetCounts>,
 }
 
+impl Permit {
+    /// Counts `slot` as granted.
+    fn grant(slot: OwnedSemaphorePermit, counts: &Arc<BudgetCounts>) -> Permit {
+        counts.in_use.fetch_add(1, Ordering::Relaxed);
+        counts.granted.fetch_add(1, Ordering::Relaxed);
+        Permit {
+            _slot: slot,
+            counts: counts.clone(),
+        }
+    }
+}
+
 impl Drop for Permit {
     fn drop(&mut self) {
         self.counts.in_use.fetch_sub(1, Ordering::Relaxed);
@@ -69,6 +81,8 @@ pub struct Budget {
 /// A started budget, as its users hold it.
 #[derive(Clone)]
 pub struct BudgetRef {
+    /// What the budget is for, in errors and metrics.
+    name: &'static str,
     addr: Addr<Budget>,
     slots: Arc<Semaphore>,
     counts: Arc<BudgetCounts>,
@@ -82,8 +96,8 @@ impl BudgetRef {
 }
 
 impl Budget {
-    /// Starts a budget of `slots` slots (at least one).
-    pub fn start(slots: usize) -> BudgetRef {
+    /// Starts a budget named `name` (in errors and metrics) of `slots` slots (at least one).
+    pub fn start(name: &'static str, slots: usize) -> BudgetRef {
         let counts = Arc::new(BudgetCounts::default());
         let slots = Arc::new(Semaphore::new(slots.max(1)));
         let addr = Budget {
@@ -92,6 +106,7 @@ impl Budget {
         }
         .start();
         BudgetRef {
+            name,
             addr,
             slots,
             counts,
@@ -114,32 +129,19 @@ impl Handler<Acquire> for Budget {
                 .acquire_owned()
                 .await
                 .expect("a budget never closes its semaphore");
-            counts.in_use.fetch_add(1, Ordering::Relaxed);
-            counts.granted.fetch_add(1, Ordering::Relaxed);
-            Permit {
-                _slot: slot,
-                counts,
-            }
+            Permit::grant(slot, &counts)
         })))
     }
 }
 
-/// A slot of `budget`: at once when one is free, else when the actor grants one; `what`
-/// names the budget in the error if it has stopped.
-pub async fn acquire(budget: &BudgetRef, what: &str) -> Result<Permit, StoreError> {
+/// A slot of `budget`: at once when one is free, else when the actor grants one.
+pub async fn acquire(budget: &BudgetRef) -> Result<Permit, StoreError> {
     if let Ok(slot) = budget.slots.clone().try_acquire_owned() {
-        budget.counts.in_use.fetch_add(1, Ordering::Relaxed);
-        budget.counts.granted.fetch_add(1, Ordering::Relaxed);
-        return Ok(Permit {
-            _slot: slot,
-            counts: budget.counts.clone(),
-        });
+        return Ok(Permit::grant(slot, &budget.counts));
     }
-    budget
-        .addr
-        .send(Acquire)
-        .await
-        .map_err(|e| StoreError::backend(format!("waiting for a {what} slot"), e.to_string()))
+    budget.addr.send(Acquire).await.map_err(|e| {
+        StoreError::backend(format!("waiting for a {} slot", budget.name), e.to_string())
+    })
 }
 
 /// Slots per kind of work of one served store.
@@ -151,8 +153,8 @@ pub struct BudgetSizes {
     /// NAR and build-log opens at once (until the stream is handed to the response; a
     /// stream that is being read holds no slot, see `nar_files`).
     pub nar_opens: usize,
-    /// Whole-NAR passes of the explorer at once (file trees of NARs without a usable `.ls`,
-    /// seeks to a file): each holds a decoder and a blocking thread.
+    /// Whole-NAR passes of the explorer at once (file trees of NARs without a usable `.ls`):
+    /// each holds a decoder and a blocking thread. (File views have their decoder slots.)
     pub explorer: usize,
 }
 
@@ -181,38 +183,33 @@ impl Budgets {
     /// Starts the three budgets.
     pub fn start(sizes: BudgetSizes) -> Budgets {
         Budgets {
-            metadata: Budget::start(sizes.metadata),
-            nar_opens: Budget::start(sizes.nar_opens),
-            explorer: Budget::start(sizes.explorer),
+            metadata: Budget::start("metadata", sizes.metadata),
+            nar_opens: Budget::start("nar_opens", sizes.nar_opens),
+            explorer: Budget::start("explorer", sizes.explorer),
         }
     }
-}
 
-impl Budgets {
     /// The budgets' gauges and counters in Prometheus' text format.
     pub fn render_metrics(&self) -> String {
-        let names = ["metadata", "nar_opens", "explorer"];
-        let counts = [
-            &self.metadata.counts,
-            &self.nar_opens.counts,
-            &self.explorer.counts,
-        ];
+        let all = [&self.metadata, &self.nar_opens, &self.explorer];
         let mut out = String::from(
             "# HELP nixcached_budget_in_use Slots of each budget held now.\n# TYPE nixcached_budget_in_use gauge\n",
         );
-        for (name, c) in names.iter().zip(counts) {
-            let n = c.in_use.load(Ordering::Relaxed);
+        for b in all {
+            let n = b.counts.in_use.load(Ordering::Relaxed);
             out.push_str(&format!(
-                "nixcached_budget_in_use{{budget=\"{name}\"}} {n}\n"
+                "nixcached_budget_in_use{{budget=\"{}\"}} {n}\n",
+                b.name
             ));
         }
         out.push_str(
             "# HELP nixcached_budget_granted_total Slots each budget handed out.\n# TYPE nixcached_budget_granted_total counter\n",
         );
-        for (name, c) in names.iter().zip(counts) {
-            let n = c.granted.load(Ordering::Relaxed);
+        for b in all {
+            let n = b.counts.granted.load(Ordering::Relaxed);
             out.push_str(&format!(
-                "nixcached_budget_granted_total{{budget=\"{name}\"}} {n}\n"
+                "nixcached_budget_granted_total{{budget=\"{}\"}} {n}\n",
+                b.name
             ));
         }
         out
@@ -229,7 +226,7 @@ mod tests {
     /// of the 10 gets its slot, in the order it asked.
     #[actix::test]
     async fn binds_at_its_slots_and_lets_everything_through_afterwards() {
-        let budget = Budget::start(3);
+        let budget = Budget::start("test", 3);
         let counts = budget.counts().clone();
         let granted = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (release, released) = tokio::sync::watch::channel(false);
@@ -239,7 +236,7 @@ mod tests {
             let granted = granted.clone();
             let mut released = released.clone();
             tasks.push(tokio::spawn(async move {
-                let _permit = acquire(&budget, "test").await.unwrap();
+                let _permit = acquire(&budget).await.unwrap();
                 granted.lock().unwrap().push(i);
                 released.wait_for(|r| *r).await.unwrap();
             }));
@@ -252,7 +249,7 @@ mod tests {
         // A caller that gives up while queued: its request is never granted.
         let quitter = tokio::spawn({
             let budget = budget.clone();
-            async move { acquire(&budget, "test").await }
+            async move { acquire(&budget).await }
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
         quitter.abort();

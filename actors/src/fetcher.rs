@@ -58,13 +58,6 @@ pub struct Fetcher {
     budgets: Budgets,
 }
 
-/// Which budget an operation spends.
-#[derive(Clone, Copy)]
-enum Kind {
-    Metadata,
-    NarOpen,
-}
-
 impl Fetcher {
     /// A fetcher for `store`; operations longer than `timeout` fail as backend errors. Every
     /// fetcher of one store shares its `budgets`.
@@ -82,12 +75,12 @@ impl Fetcher {
         }
     }
 
-    /// Runs `op` against the store once a slot of its `kind`'s budget is free, with the
+    /// Runs `op` against the store once a slot of `budget` is free, with the
     /// timeout (which starts with the slot: time spent waiting is not the store's) and error
     /// accounting.
     fn run<T: 'static, F>(
         &self,
-        kind: Kind,
+        budget: &BudgetRef,
         what: String,
         op: impl FnOnce(Arc<dyn Store>) -> F,
     ) -> ResponseFuture<Result<T, StoreError>>
@@ -97,12 +90,9 @@ impl Fetcher {
         let fut = op(self.store.clone());
         let timeout = self.timeout;
         let metrics = self.metrics.clone();
-        let (budget, name): (BudgetRef, &str) = match kind {
-            Kind::Metadata => (self.budgets.metadata.clone(), "metadata"),
-            Kind::NarOpen => (self.budgets.nar_opens.clone(), "NAR"),
-        };
+        let budget = budget.clone();
         Box::pin(async move {
-            let _slot = budget::acquire(&budget, name).await?;
+            let _slot = budget::acquire(&budget).await?;
             let r = match tokio::time::timeout(timeout, fut).await {
                 Ok(r) => r,
                 Err(_) => Err(StoreError::backend(
@@ -138,7 +128,7 @@ impl Handler<FetchNarInfo> for Fetcher {
         Metrics::add(&metrics.backend_narinfo_fetches, 1);
         let digest = msg.0;
         self.run(
-            Kind::Metadata,
+            &self.budgets.metadata,
             format!("fetching {digest}.narinfo"),
             move |s| async move {
                 let started = Instant::now();
@@ -159,7 +149,7 @@ impl Handler<OpenNar> for Fetcher {
     fn handle(&mut self, msg: OpenNar, _: &mut Context<Self>) -> Self::Result {
         Metrics::add(&self.metrics.backend_nar_opens, 1);
         self.run(
-            Kind::NarOpen,
+            &self.budgets.nar_opens,
             format!("opening {}", msg.url),
             move |s| async move { s.nar(&msg.url, msg.range).await },
         )
@@ -171,7 +161,7 @@ impl Handler<FetchCacheInfo> for Fetcher {
 
     fn handle(&mut self, _: FetchCacheInfo, _: &mut Context<Self>) -> Self::Result {
         self.run(
-            Kind::Metadata,
+            &self.budgets.metadata,
             "reading nix-cache-info".into(),
             |s| async move { s.cache_info().await },
         )
@@ -183,7 +173,7 @@ impl Handler<FetchListing> for Fetcher {
 
     fn handle(&mut self, msg: FetchListing, _: &mut Context<Self>) -> Self::Result {
         self.run(
-            Kind::Metadata,
+            &self.budgets.metadata,
             format!("reading {}.ls", msg.0),
             move |s| async move { s.listing(&msg.0).await },
         )
@@ -195,7 +185,7 @@ impl Handler<FetchLog> for Fetcher {
 
     fn handle(&mut self, msg: FetchLog, _: &mut Context<Self>) -> Self::Result {
         self.run(
-            Kind::NarOpen,
+            &self.budgets.nar_opens,
             format!("reading log/{}", msg.0),
             move |s| async move { s.log(&msg.0).await },
         )
@@ -207,9 +197,11 @@ impl Handler<ListObjects> for Fetcher {
 
     fn handle(&mut self, _: ListObjects, _: &mut Context<Self>) -> Self::Result {
         Metrics::add(&self.metrics.backend_listings, 1);
-        self.run(Kind::Metadata, "listing the store".into(), |s| async move {
-            s.list().await
-        })
+        self.run(
+            &self.budgets.metadata,
+            "listing the store".into(),
+            |s| async move { s.list().await },
+        )
     }
 }
 

@@ -262,6 +262,17 @@ mod tests {
 
     const NARINFO: &str = "StorePath: /nix/store/5r1dlyl2wyar1nn50ry8xi6apps79m0j-dir1\nURL: nar/x.nar\nCompression: none\nNarHash: sha256:1vn8cv29b1lzdb1pfpx4klpf2xja1iq8jbrvfk82f2ms1gc0gz4y\nNarSize: 1240\nReferences: \n";
 
+    /// A fetcher over `cache` with the default budgets.
+    fn fetcher_over(cache: BinaryCache, metrics: &Arc<Metrics>) -> Addr<Fetcher> {
+        Fetcher::new(
+            Arc::new(cache),
+            Duration::from_secs(5),
+            metrics.clone(),
+            Budgets::start(BudgetSizes::default()),
+        )
+        .start()
+    }
+
     #[actix::test]
     async fn concurrent_misses_share_one_fetch_across_workers_and_misses_are_remembered() {
         let slow = Arc::new(Slow {
@@ -274,13 +285,7 @@ mod tests {
             .await
             .unwrap();
         let metrics = Arc::new(Metrics::default());
-        let fetcher = Fetcher::new(
-            Arc::new(cache),
-            Duration::from_secs(5),
-            metrics.clone(),
-            Budgets::start(BudgetSizes::default()),
-        )
-        .start();
+        let fetcher = fetcher_over(cache, &metrics);
         let shared = LookupShared::new(
             fetcher,
             &CacheSettings::default(),
@@ -323,13 +328,7 @@ mod tests {
     async fn remembered_misses_are_bounded() {
         let cache = BinaryCache::new(Arc::new(MemoryBlobs::new()));
         let metrics = Arc::new(Metrics::default());
-        let fetcher = Fetcher::new(
-            Arc::new(cache),
-            Duration::from_secs(5),
-            metrics.clone(),
-            Budgets::start(BudgetSizes::default()),
-        )
-        .start();
+        let fetcher = fetcher_over(cache, &metrics);
         let settings = CacheSettings {
             max_negative: 10,
             ..CacheSettings::default()

@@ -167,7 +167,7 @@ impl NarFiles {
                         Ok(Arc::new(ObjectTree { listing, ranged }))
                     }
                     Err(()) => {
-                        let _slot = budget::acquire(&passes, "explorer NAR pass").await?;
+                        let _slot = budget::acquire(&passes).await?;
                         let listing = stream_listing(&fetcher, &info).await?;
                         Ok(Arc::new(ObjectTree {
                             listing,

@@ -69,8 +69,8 @@ pub struct SshConnection {
     session: Option<Session>,
     /// Import with `ImportPaths` even when the server has `AddToStoreNar`.
     legacy_import: bool,
-    /// Whether the last exchange left a session open, for [`SshConnection::logged_in`]
-    /// readers that must not queue behind a long request to find out.
+    /// Whether the last exchange left a session open, for the store's health probe, which
+    /// must not queue behind a long request to find out.
     logged_in: Arc<AtomicBool>,
 }
 

@@ -13,8 +13,8 @@ use std::future::Future;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::super::StoreError;
 use crate::formats::StorePath;
+use crate::store::StoreError;
 
 /// Minimum time between two listings of the remote store.
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(5);

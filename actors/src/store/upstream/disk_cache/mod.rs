@@ -104,7 +104,7 @@ pub struct NarDiskCache {
     /// Downloads running at once. Downloads are detached tasks (they go on when their
     /// clients leave, so the file can be kept), so only this bounds how many connections and
     /// part files clients asking for many different NARs can make the daemon open.
-    downloads: Arc<Semaphore>,
+    downloads: Semaphore,
 }
 
 /// Upstream downloads that run at once per NAR cache; more wait their turn (their clients
@@ -168,7 +168,7 @@ impl NarDiskCache {
             part_counter: AtomicU64::new(0),
             fetches: AtomicU64::new(0),
             max_bytes,
-            downloads: Arc::new(Semaphore::new(downloads.max(1))),
+            downloads: Semaphore::new(downloads.max(1)),
         }))
     }
 
@@ -293,8 +293,7 @@ impl NarDiskCache {
             // Held until the download ends, kept or not.
             let _slot = self
                 .downloads
-                .clone()
-                .acquire_owned()
+                .acquire()
                 .await
                 .expect("the download semaphore is never closed");
             let (mut body, len) = start.await?;
