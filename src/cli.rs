@@ -33,6 +33,12 @@ pub mod defaults {
     pub const UPSTREAM_TIMEOUT: &str = "5s";
     /// `serve --nar-cache-size-mib`, `nar-cache-size-mib`.
     pub const NAR_CACHE_SIZE_MIB: u64 = 10240;
+    /// `serve --metadata-slots`, `metadata-slots`.
+    pub const METADATA_SLOTS: usize = nixcached_actors::budget::DEFAULT_SLOTS;
+    /// `serve --nar-slots`, `nar-slots`.
+    pub const NAR_SLOTS: usize = nixcached_actors::budget::DEFAULT_SLOTS;
+    /// `serve --explorer-slots`, `explorer-slots`.
+    pub const EXPLORER_SLOTS: usize = nixcached_actors::budget::DEFAULT_EXPLORER_SLOTS;
     /// `upload --compression`, `compression`.
     pub const COMPRESSION: &str = "zstd";
     /// `upload --jobs`, `jobs`.
@@ -77,7 +83,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run an HTTP binary cache server for a store.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Upload store paths read from a file or pipe to a binary cache.
     Upload(UploadArgs),
     /// Queue store paths for upload (what a Nix post-build hook runs).
@@ -189,6 +195,16 @@ pub struct ServeArgs {
     /// HTTP worker threads (default: one per core).
     #[arg(long, default_value_t = 0)]
     pub workers: usize,
+    /// Store metadata lookups (narinfos, listings; on the local store each holds an SQLite
+    /// connection and a thread) running at once; more wait their turn.
+    #[arg(long, default_value_t = defaults::METADATA_SLOTS, value_name = "N")]
+    pub metadata_slots: usize,
+    /// NAR and build-log opens running at once (a NAR being sent holds none).
+    #[arg(long, default_value_t = defaults::NAR_SLOTS, value_name = "N")]
+    pub nar_slots: usize,
+    /// Explorer passes over whole NARs (file trees of NARs without a .ls) running at once.
+    #[arg(long, default_value_t = defaults::EXPLORER_SLOTS, value_name = "N")]
+    pub explorer_slots: usize,
     /// Send uncompressed NARs (narinfo `Compression: none`, as the local and ssh stores serve)
     /// zstd-encoded to clients that send `Accept-Encoding: zstd`: less bandwidth, more CPU.
     #[arg(long)]

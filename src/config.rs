@@ -129,6 +129,12 @@ pub struct CacheSection {
     pub nar_cache_size_mib: u64,
     /// Hosts besides the upstreams' own that NARs may come from (`--upstream-nar-host`).
     pub upstream_nar_hosts: Vec<String>,
+    /// Metadata lookups at once (`--metadata-slots`).
+    pub metadata_slots: usize,
+    /// NAR opens at once (`--nar-slots`).
+    pub nar_slots: usize,
+    /// Explorer whole-NAR passes at once (`--explorer-slots`).
+    pub explorer_slots: usize,
 }
 
 impl Default for CacheSection {
@@ -153,6 +159,9 @@ impl Default for CacheSection {
             nar_cache_dir: None,
             nar_cache_size_mib: defaults::NAR_CACHE_SIZE_MIB,
             upstream_nar_hosts: Vec::new(),
+            metadata_slots: defaults::METADATA_SLOTS,
+            nar_slots: defaults::NAR_SLOTS,
+            explorer_slots: defaults::EXPLORER_SLOTS,
         }
     }
 }
@@ -201,6 +210,8 @@ impl Config {
             if c.store.is_empty() {
                 bail!("config {origin}: every [[cache]] needs store (a store URL)");
             }
+            crate::serve::budget_sizes(c.metadata_slots, c.nar_slots, c.explorer_slots)
+                .map_err(|e| anyhow::anyhow!("config {origin}: [[cache]] {}: {e}", c.store))?;
             if !c.prefix.is_empty() && (!c.prefix.starts_with('/') || c.prefix.ends_with('/')) {
                 bail!(
                     "config {origin}: prefix {:?} must start with '/' and not end with one",
@@ -262,7 +273,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 c.max_list_frequency,
                 c.index_max_objects,
             )?,
-            budgets: Default::default(),
+            budgets: crate::serve::budget_sizes(c.metadata_slots, c.nar_slots, c.explorer_slots)
+                .with_context(|| format!("[[cache]] {}", c.store))?,
             upload_stats: upload_stats.clone(),
         };
         if c.listen.is_empty() {
@@ -325,6 +337,31 @@ mod tests {
         let e = Config::load(&p).unwrap_err().to_string();
         assert!(e.contains("line 4"), "{e}");
         assert!(e.contains("prioriti"), "{e}");
+    }
+
+    #[test]
+    fn slot_keys_size_the_budgets_and_zero_is_refused() {
+        let cfg = Config::parse(
+            "[[cache]]\nstore = \"/nix/store\"\nmetadata-slots = 7\nexplorer-slots = 1\n",
+            "t",
+        )
+        .unwrap();
+        let c = &cfg.caches[0];
+        let sizes =
+            crate::serve::budget_sizes(c.metadata_slots, c.nar_slots, c.explorer_slots).unwrap();
+        assert_eq!(
+            sizes,
+            nixcached_actors::budget::BudgetSizes {
+                metadata: 7,
+                explorer: 1,
+                ..Default::default()
+            }
+        );
+        let e = Config::parse("[[cache]]\nstore = \"/nix/store\"\nnar-slots = 0\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nar-slots must be at least 1"), "{e}");
+        assert!(e.contains("/nix/store"), "{e}");
     }
 
     #[test]

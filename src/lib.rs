@@ -20,7 +20,7 @@ pub fn run(cli: cli::Cli) -> anyhow::Result<()> {
         (None, None) => {
             anyhow::bail!("give a subcommand (serve, upload, send) or --config FILE; see --help")
         }
-        (Some(cli::Command::Serve(args)), None) => serve::run(args),
+        (Some(cli::Command::Serve(args)), None) => serve::run(*args),
         (Some(cli::Command::Upload(args)), None) => upload::run(args),
         (Some(cli::Command::Send(args)), None) => send::run(args),
     }

@@ -167,6 +167,29 @@ pub fn open_serve_store(url: Option<&str>, up: &UpstreamArgs) -> anyhow::Result<
     }
 }
 
+/// The budgets' sizes from flags or config keys, each at least 1 (a budget of none would make
+/// every request of its kind wait forever).
+pub fn budget_sizes(
+    metadata: usize,
+    nar_opens: usize,
+    explorer: usize,
+) -> anyhow::Result<nixcached_actors::budget::BudgetSizes> {
+    for (name, n) in [
+        ("metadata-slots", metadata),
+        ("nar-slots", nar_opens),
+        ("explorer-slots", explorer),
+    ] {
+        if n == 0 {
+            bail!("{name} must be at least 1 (it is how many requests of that kind run at once)");
+        }
+    }
+    Ok(nixcached_actors::budget::BudgetSizes {
+        metadata,
+        nar_opens,
+        explorer,
+    })
+}
+
 /// Runs `serve`.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let store = open_serve_store(args.store.as_deref(), &args.upstream)?;
@@ -202,7 +225,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             args.max_list_frequency,
             args.index_max_objects,
         )?,
-        budgets: Default::default(),
+        budgets: budget_sizes(args.metadata_slots, args.nar_slots, args.explorer_slots)
+            .context("serve")?,
         upload_stats: Vec::new(),
     };
     actix_web::rt::System::new().block_on(nixcached_actors::serve::run(opts))?;

@@ -445,3 +445,51 @@ fn nar_listings_are_the_ones_nix_writes() {
         }
     }
 }
+
+/// The budget flags size the budgets, as `/metrics` reports them, and a budget of no slots
+/// (which would make every request of its kind wait forever) is refused at start, naming the
+/// flag.
+#[test]
+fn budget_flags_size_the_budgets() {
+    let env = NixEnv::new();
+    let dir = env.path("cache");
+    fs::create_dir_all(&dir).unwrap();
+    let store = format!("file://{}", dir.display());
+    let d = Daemon::start(
+        &env,
+        &[
+            "serve",
+            "--metadata-slots",
+            "3",
+            "--nar-slots",
+            "5",
+            "--explorer-slots",
+            "2",
+            &store,
+        ],
+    );
+    let (code, body) = curl(&[&format!("{}/metrics", d.url)]);
+    assert_eq!(code, 200);
+    let body = String::from_utf8(body).unwrap();
+    for line in [
+        "nixcached_budget_slots{budget=\"metadata\"} 3",
+        "nixcached_budget_slots{budget=\"nar_opens\"} 5",
+        "nixcached_budget_slots{budget=\"explorer\"} 2",
+    ] {
+        assert!(body.contains(line), "no {line:?} in\n{body}");
+    }
+    let out = env.output(
+        env!("CARGO_BIN_EXE_nixcached"),
+        &[
+            "serve",
+            "--nar-slots",
+            "0",
+            "--listen",
+            "127.0.0.1:0",
+            &store,
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nar-slots must be at least 1"), "{err}");
+}

@@ -33,6 +33,10 @@ use crate::store::StoreError;
 /// a burst cannot open thousands of connections or database handles at once.
 pub const DEFAULT_SLOTS: usize = 32;
 
+/// Slots of the explorer's whole-NAR passes unless configured: each holds a decoder and a
+/// blocking thread, so fewer than the others.
+pub const DEFAULT_EXPLORER_SLOTS: usize = 4;
+
 /// Ask for a slot; answered when one is free.
 #[derive(Debug, Message)]
 #[rtype(result = "Permit")]
@@ -83,6 +87,8 @@ pub struct Budget {
 pub struct BudgetRef {
     /// What the budget is for, in errors and metrics.
     name: &'static str,
+    /// How many slots it has.
+    size: usize,
     addr: Addr<Budget>,
     slots: Arc<Semaphore>,
     counts: Arc<BudgetCounts>,
@@ -99,7 +105,8 @@ impl Budget {
     /// Starts a budget named `name` (in errors and metrics) of `slots` slots (at least one).
     pub fn start(name: &'static str, slots: usize) -> BudgetRef {
         let counts = Arc::new(BudgetCounts::default());
-        let slots = Arc::new(Semaphore::new(slots.max(1)));
+        let size = slots.max(1);
+        let slots = Arc::new(Semaphore::new(size));
         let addr = Budget {
             slots: slots.clone(),
             counts: counts.clone(),
@@ -107,6 +114,7 @@ impl Budget {
         .start();
         BudgetRef {
             name,
+            size,
             addr,
             slots,
             counts,
@@ -163,7 +171,7 @@ impl Default for BudgetSizes {
         BudgetSizes {
             metadata: DEFAULT_SLOTS,
             nar_opens: DEFAULT_SLOTS,
-            explorer: 4,
+            explorer: DEFAULT_EXPLORER_SLOTS,
         }
     }
 }
@@ -193,6 +201,15 @@ impl Budgets {
     pub fn render_metrics(&self) -> String {
         let all = [&self.metadata, &self.nar_opens, &self.explorer];
         let mut out = String::from(
+            "# HELP nixcached_budget_slots Slots of each budget (--metadata-slots, --nar-slots, --explorer-slots).\n# TYPE nixcached_budget_slots gauge\n",
+        );
+        for b in all {
+            out.push_str(&format!(
+                "nixcached_budget_slots{{budget=\"{}\"}} {}\n",
+                b.name, b.size
+            ));
+        }
+        out.push_str(
             "# HELP nixcached_budget_in_use Slots of each budget held now.\n# TYPE nixcached_budget_in_use gauge\n",
         );
         for b in all {

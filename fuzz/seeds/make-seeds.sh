@@ -48,14 +48,14 @@ APP=$(nix-build --store "$STORE" "$W/c.nix" -A app --no-out-link)
 nix-store --generate-binary-cache-key seed-1 "$W/sk" "$W/pk"
 PATHS=("$APP" "$TREE" "$FILE" "$LINK")
 
-for c in none xz zstd bzip2; do
+for c in none xz zstd bzip2 gzip br; do
   nix copy --from "$STORE" --to "file://$W/cache-$c?compression=$c&write-nar-listing=true&secret-key=$W/sk" \
     "${PATHS[@]}"
 done
 # A cache without signatures or listings too (the minimal narinfo).
 nix copy --from "$STORE" --to "file://$W/cache-plain?compression=none" "$FILE"
 
-mkdir -p "$OUT"/{narinfo,cache_info,nar_reader,listing,store_path,line_splitter,nar_path}
+mkdir -p "$OUT"/{narinfo,cache_info,nar_reader,compressed_nar,listing,store_path,line_splitter,nar_path}
 for d in "$W"/cache-*; do
   c=${d##*cache-}
   for f in "$d"/*.narinfo; do cp "$f" "$OUT/narinfo/$c-$(basename "$f")"; done
@@ -63,6 +63,17 @@ for d in "$W"/cache-*; do
   cp "$d/nix-cache-info" "$OUT/cache_info/$c"
 done
 for f in "$W"/cache-none/nar/*.nar "$W"/cache-plain/nar/*.nar; do cp "$f" "$OUT/nar_reader/"; done
+# compressed_nar: a selector byte (the codec's index in Compression::ALL; top bit set for the
+# round-trip mode) before the stream, as Nix compressed it.
+sel=0
+for c in none xz zstd bzip2 gzip br; do
+  for f in "$W/cache-$c"/nar/*; do
+    { printf "\\$(printf '%03o' $sel)"; cat "$f"; } > "$OUT/compressed_nar/$c-$(basename "$f")"
+  done
+  f=$(ls "$W"/cache-none/nar/*.nar | head -1)
+  { printf "\\$(printf '%03o' $((sel | 128)))"; cat "$f"; } > "$OUT/compressed_nar/roundtrip-$c"
+  sel=$((sel + 1))
+done
 # Store path and hash forms as Nix prints them: base names, full paths, every hash encoding.
 i=0
 for p in $(nix-store --store "$STORE" -qR "$APP") "$TREE" "$FILE" "$LINK"; do
