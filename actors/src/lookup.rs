@@ -154,14 +154,27 @@ impl LookupShared {
         s
     }
 
-    async fn lookup(self: Arc<Self>, digest: Digest) -> Result<Arc<ServedNarInfo>, StoreError> {
-        if let Some(hit) = self.positive.get(&digest).await {
+    /// What the caches already know of `digest` (found, or remembered missing), without a
+    /// message to the lookup actor: the HTTP handler answers hits itself and sends only
+    /// misses to the actor, which fetches them once however many ask.
+    pub async fn remembered(
+        &self,
+        digest: &Digest,
+    ) -> Option<Result<Arc<ServedNarInfo>, StoreError>> {
+        if let Some(hit) = self.positive.get(digest).await {
             Metrics::add(&self.metrics.cache_hits, 1);
-            return Ok(hit);
+            return Some(Ok(hit));
         }
-        if self.negative.contains_key(&digest) {
+        if self.negative.contains_key(digest) {
             Metrics::add(&self.metrics.cache_hits, 1);
-            return Err(StoreError::NotFound(format!("{digest}.narinfo")));
+            return Some(Err(StoreError::NotFound(format!("{digest}.narinfo"))));
+        }
+        None
+    }
+
+    async fn lookup(self: Arc<Self>, digest: Digest) -> Result<Arc<ServedNarInfo>, StoreError> {
+        if let Some(known) = self.remembered(&digest).await {
+            return known;
         }
         Metrics::add(&self.metrics.cache_misses, 1);
         let this = self.clone();

@@ -404,10 +404,13 @@ async fn narinfo(req: &HttpRequest, ing: &Ingress, digest: Digest, root: &str) -
         return respond(svc, Mode::Protocol, &format!("{digest}.narinfo"), e.into());
     }
     // The name for the log is formatted only on failure: this is the hottest path.
-    let looked_up = match ing.lookup.send(Lookup(digest)).await {
-        Ok(Ok(s)) => Ok(s),
-        Ok(Err(e)) => Err(Failure::from(e)),
-        Err(e) => Err(Failure::Mailbox(e)),
+    let looked_up = match svc.lookups.remembered(&digest).await {
+        Some(known) => known.map_err(Failure::from),
+        None => match ing.lookup.send(Lookup(digest)).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(Failure::from(e)),
+            Err(e) => Err(Failure::Mailbox(e)),
+        },
     };
     let served = match looked_up {
         Ok(s) => s,
