@@ -79,7 +79,7 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
-/// The three subcommands.
+/// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run an HTTP binary cache server for a store.
@@ -88,6 +88,28 @@ pub enum Command {
     Upload(UploadArgs),
     /// Queue store paths for upload (what a Nix post-build hook runs).
     Send(SendArgs),
+    /// Check a binary cache: missing or wrong NARs, dangling references, signatures, orphans.
+    Fsck(FsckArgs),
+}
+
+/// `nixcached fsck`.
+#[derive(Debug, Args)]
+pub struct FsckArgs {
+    /// Also stream every NAR and recompute FileHash, NarHash and NarSize (reads the whole cache).
+    #[arg(long)]
+    pub verify_content: bool,
+    /// Require a valid signature by one of these keys (NAME:BASE64, as in Nix's
+    /// trusted-public-keys; repeatable).
+    #[arg(long = "trusted-public-key", value_name = "NAME:KEY")]
+    pub trusted_public_keys: Vec<String>,
+    /// Narinfos checked at once.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub jobs: usize,
+    /// Print the report as JSON (for machines) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Cache to check: file:///DIR, s3://BUCKET[?…] or gs://BUCKET[?…].
+    pub cache: String,
 }
 
 /// The longest duration a flag or the config file may give: 100 years.

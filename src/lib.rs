@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod fsck;
 pub mod progress;
 pub mod send;
 pub mod serve;
@@ -18,11 +19,14 @@ pub fn run(cli: cli::Cli) -> anyhow::Result<()> {
         }
         (None, Some(file)) => config::run(config::Config::load(&file)?),
         (None, None) => {
-            anyhow::bail!("give a subcommand (serve, upload, send) or --config FILE; see --help")
+            anyhow::bail!(
+                "give a subcommand (serve, upload, send, fsck) or --config FILE; see --help"
+            )
         }
         (Some(cli::Command::Serve(args)), None) => serve::run(*args),
         (Some(cli::Command::Upload(args)), None) => upload::run(args),
         (Some(cli::Command::Send(args)), None) => send::run(args),
+        (Some(cli::Command::Fsck(args)), None) => fsck::run(args),
     }
 }
 
@@ -42,8 +46,12 @@ pub fn error_line(e: &anyhow::Error) -> String {
 }
 
 /// The exit code for an error: what [`nixcached_actors::send::SendError::exit_code`] says
-/// for `send`'s errors, 1 for everything else.
+/// for `send`'s errors, what [`fsck::FsckFailure::exit_code`] says for `fsck`'s, 1 for
+/// everything else.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
+    if let Some(f) = e.downcast_ref::<fsck::FsckFailure>() {
+        return f.exit_code();
+    }
     e.downcast_ref::<nixcached_actors::send::SendError>()
         .map_or(1, |s| s.exit_code())
 }

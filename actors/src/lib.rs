@@ -12,6 +12,7 @@ pub use nixcached_formats as formats;
 pub mod budget;
 pub mod catalog;
 pub mod fetcher;
+pub mod fsck;
 pub mod http;
 pub mod lookup;
 pub mod metrics;

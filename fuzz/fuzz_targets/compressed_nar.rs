@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
 /// same at any size, so a smaller one keeps executions fast.
 const WINDOW: u64 = 1 << 20;
 /// Decompressed bytes read at most, as serve reads at most `NarSize`.
-const OUT_CAP: u64 = 4 << 20;
+const OUT_CAP: u64 = 256 << 10;
 /// The codecs' own state besides the window: bzip2 needs up to 3.6 MiB, brotli's window is
 /// fixed by the format at up to 16 MiB, buffers are small.
 const CODEC_STATE: usize = 24 << 20;

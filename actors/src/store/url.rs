@@ -119,6 +119,32 @@ impl StoreUrl {
         }
     }
 
+    /// The objects of a binary cache (`file://`, `s3://`, `gs://`), for what works on the
+    /// objects themselves (`fsck`); other stores are refused with what to use instead.
+    pub fn open_blobs(&self) -> Result<Arc<dyn super::blobs::Blobs>, StoreError> {
+        match self {
+            StoreUrl::File { dir, create } => Ok(Arc::new(FileBlobs::open(dir.clone(), *create)?)),
+            StoreUrl::S3(options) => Ok(Arc::new(S3Blobs::open(options)?)),
+            StoreUrl::Gcs(options) => Ok(Arc::new(GcsBlobs::open(options)?)),
+            other => Err(invalid(format!(
+                "{} is not a binary cache in a folder or bucket; give file:///DIR, s3://BUCKET or gs://BUCKET",
+                other.scheme_name()
+            ))),
+        }
+    }
+
+    /// The kind of store, for messages.
+    fn scheme_name(&self) -> &'static str {
+        match self {
+            StoreUrl::Local(_) => "a local Nix store",
+            StoreUrl::File { .. } => "file://",
+            StoreUrl::Ssh(_) => "an ssh:// store",
+            StoreUrl::S3(_) => "s3://",
+            StoreUrl::Gcs(_) => "gs://",
+            StoreUrl::Http(_) => "an http(s):// cache",
+        }
+    }
+
     /// Opens the store.
     pub fn open(&self) -> Result<Arc<dyn Store>, StoreError> {
         match self {

@@ -1,0 +1,112 @@
+//! `nixcached fsck`: checks a binary cache and prints what is wrong (a table, or JSON).
+
+use anyhow::Context;
+use nixcached_actors::formats::PublicKey;
+use nixcached_actors::fsck::{fsck, FindingKind, FsckOptions, FsckReport};
+use nixcached_actors::store::url::StoreUrl;
+use thiserror::Error;
+
+use crate::cli::FsckArgs;
+
+/// Why `fsck` did not exit 0.
+#[derive(Debug, Error)]
+pub enum FsckFailure {
+    /// The cache was checked and has problems (the report says which).
+    #[error("{count} problem(s) found in {cache}; the report above lists each")]
+    Problems {
+        /// How many.
+        count: usize,
+        /// The cache URL.
+        cache: String,
+    },
+    /// The cache could not be checked at all.
+    #[error("cannot check {cache}: {source:#}")]
+    CannotCheck {
+        /// The cache URL.
+        cache: String,
+        /// Why.
+        source: anyhow::Error,
+    },
+}
+
+impl FsckFailure {
+    /// 1 for a cache with problems, 2 for a check that could not run, so scripts can tell
+    /// "broken" from "unknown".
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            FsckFailure::Problems { .. } => 1,
+            FsckFailure::CannotCheck { .. } => 2,
+        }
+    }
+}
+
+/// Runs `fsck`.
+pub fn run(args: FsckArgs) -> anyhow::Result<()> {
+    let cache = args.cache.clone();
+    let report = check(&args).map_err(|source| FsckFailure::CannotCheck {
+        cache: cache.clone(),
+        source,
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", table(&cache, &report, args.verify_content));
+    }
+    if report.is_clean() {
+        Ok(())
+    } else {
+        Err(FsckFailure::Problems {
+            count: report.findings.len(),
+            cache,
+        }
+        .into())
+    }
+}
+
+fn check(args: &FsckArgs) -> anyhow::Result<FsckReport> {
+    let trusted_keys = args
+        .trusted_public_keys
+        .iter()
+        .map(|k| {
+            PublicKey::parse(k.trim()).with_context(|| {
+                format!("trusted public key {k:?}: give it as NAME:BASE64, as in nix.conf's trusted-public-keys")
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if args.jobs == 0 {
+        anyhow::bail!("--jobs must be at least 1");
+    }
+    let blobs = StoreUrl::parse(&args.cache)?.open_blobs()?;
+    let opts = FsckOptions {
+        verify_content: args.verify_content,
+        trusted_keys,
+        jobs: args.jobs,
+    };
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    Ok(rt.block_on(fsck(blobs, &opts))?)
+}
+
+/// The report for a person: totals, a count per kind, then every finding.
+fn table(cache: &str, r: &FsckReport, verified: bool) -> String {
+    let mut s = format!(
+        "{cache}: {} narinfos, {} NAR files{}\n",
+        r.narinfos,
+        r.nar_files,
+        if verified {
+            format!(", {} NAR bytes verified", r.verified_bytes)
+        } else {
+            String::new()
+        }
+    );
+    s.push_str(&format!("{:<20} {:>8}\n", "problem", "count"));
+    for kind in FindingKind::ALL {
+        s.push_str(&format!("{:<20} {:>8}\n", kind.name(), r.count(kind)));
+    }
+    for f in &r.findings {
+        s.push_str(&format!("{:<20} {}: {}\n", f.kind.name(), f.key, f.detail));
+    }
+    if r.is_clean() {
+        s.push_str("no problems found\n");
+    }
+    s
+}
