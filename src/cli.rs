@@ -108,6 +108,11 @@ pub struct FsckArgs {
     /// Print the report as JSON (for machines) instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Remove the narinfos of broken paths and of every path referencing one (referrers
+    /// first), so that every narinfo left has its NAR and its references. NAR files are left
+    /// for garbage collection; unsigned paths and orphan NARs are only reported.
+    #[arg(long)]
+    pub repair: bool,
     /// Cache to check: file:///DIR, s3://BUCKET[?…] or gs://BUCKET[?…].
     pub cache: String,
 }

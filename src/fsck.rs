@@ -81,6 +81,7 @@ fn check(args: &FsckArgs) -> anyhow::Result<FsckReport> {
         verify_content: args.verify_content,
         trusted_keys,
         jobs: args.jobs,
+        repair: args.repair,
     };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     Ok(rt.block_on(fsck(blobs, &opts))?)
@@ -104,6 +105,15 @@ fn table(cache: &str, r: &FsckReport, verified: bool) -> String {
     }
     for f in &r.findings {
         s.push_str(&format!("{:<20} {}: {}\n", f.kind.name(), f.key, f.detail));
+    }
+    for key in &r.removed {
+        s.push_str(&format!("{:<20} {key}\n", "removed"));
+    }
+    if !r.removed.is_empty() {
+        s.push_str(&format!(
+            "repair removed {} narinfos; their NAR files stay until garbage collection\n",
+            r.removed.len()
+        ));
     }
     if r.is_clean() {
         s.push_str("no problems found\n");

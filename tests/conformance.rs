@@ -135,3 +135,46 @@ fn file_cache_refuses_symlinks_out_of_the_folder() {
     });
     assert!(!env.path("planted").exists());
 }
+
+/// Deleting objects, on every kind of bucket: the object is gone for `head`, `get` and
+/// `list`; deleting what is not there is not an error; other objects stay; keys that escape
+/// the cache are refused.
+#[test]
+fn delete_on_a_folder_an_s3_and_a_gcs_bucket() {
+    use nixcached_actors::store::url::StoreUrl;
+    let env = NixEnv::new();
+    let (s3_ep, s3) = common::peers::new_s3_bucket("delete");
+    let (gcs_ep, gcs) = common::peers::new_gcs_bucket("delete");
+    let urls = [
+        format!("file://{}?create_dir=1", env.path("delete").display()),
+        format!("s3://{s3}?endpoint={s3_ep}&region=us-east-1"),
+        format!("gs://{gcs}?endpoint={gcs_ep}"),
+    ];
+    for url in urls {
+        let blobs = StoreUrl::parse(&url).unwrap().open_blobs().unwrap();
+        block_on(async {
+            for key in ["nar/a.nar", "nar/b.nar", "x.narinfo"] {
+                blobs
+                    .put(key, bytes_stream(b"contents"), "application/octet-stream")
+                    .await
+                    .unwrap();
+            }
+            blobs.delete("nar/a.nar").await.unwrap();
+            assert_eq!(blobs.head("nar/a.nar").await.unwrap(), None, "{url}");
+            assert!(
+                matches!(
+                    blobs.get("nar/a.nar", None).await,
+                    Err(StoreError::NotFound(_))
+                ),
+                "{url}"
+            );
+            assert_eq!(blobs.list("nar/").await.unwrap(), ["nar/b.nar"], "{url}");
+            assert_eq!(blobs.head("x.narinfo").await.unwrap(), Some(8), "{url}");
+            blobs.delete("nar/a.nar").await.unwrap();
+            blobs.delete("never-was").await.unwrap();
+            for bad in ["../escape", "/abs", "nar/../../x"] {
+                assert!(blobs.delete(bad).await.is_err(), "{url}: {bad}");
+            }
+        });
+    }
+}

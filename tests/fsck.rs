@@ -160,6 +160,43 @@ fn fsck_reports_each_kind_of_damage_in_a_folder() {
     }
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("problem(s) found"), "{err}");
+
+    // Repair: every broken path and every referrer goes, referrers first; what is left is
+    // consistent (only orphan NARs and the unsigned path are reported) and Nix copies from it.
+    let out = fsck(&env, &["--json", "--verify-content", "--repair", &url]);
+    assert_eq!(out.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let removed: Vec<&str> = report["removed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    let key = |p: &str| format!("{}.narinfo", digest(p));
+    let mut sorted = removed.clone();
+    sorted.sort();
+    let mut want = vec![
+        key(&closure.app),
+        key(&closure.lib),
+        key(&short),
+        "00000000000000000000000000000000.narinfo".to_owned(),
+    ];
+    want.sort();
+    assert_eq!(sorted, want);
+    let pos = |k: &str| removed.iter().position(|r| *r == k).unwrap();
+    assert!(
+        pos(&key(&closure.app)) < pos(&key(&closure.lib)),
+        "app references lib, so it goes first: {removed:?}"
+    );
+    let (by_kind, code) = counts(&env, &["--verify-content", &url]);
+    assert_eq!(code, 1);
+    assert_eq!(by_kind, [("orphan-nar".to_owned(), 4)].into());
+    env.copy_from(
+        &url,
+        &env.path("fresh-store").display().to_string(),
+        None,
+        &unsigned,
+    );
 }
 
 #[test]

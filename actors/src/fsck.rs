@@ -5,9 +5,17 @@
 //! path it references must have a narinfo; with trusted keys, it must carry a signature by one;
 //! with `verify_content`, the NAR is streamed and its `FileHash`, `NarHash` and `NarSize`
 //! recomputed. NAR files no narinfo points at are orphans (an interrupted writer's, or what a
-//! collection has not removed yet). Nothing is changed.
+//! collection has not removed yet).
+//!
+//! Nothing is changed unless `repair` is asked for. Repair removes the narinfos of broken
+//! paths and of every path that references one (referrers first), so that at every moment
+//! each narinfo in the cache has its NAR and its references: Nix then builds or fetches those
+//! paths elsewhere instead of failing halfway through a closure. A finding is checked again
+//! just before its narinfo goes, so a writer that was mid-closure while the cache was listed
+//! is not undercut. NAR files are left for a collection to remove after its grace period,
+//! since a CDN or another server may still hand out the removed narinfos for a while.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
@@ -32,6 +40,8 @@ pub struct FsckOptions {
     pub trusted_keys: Vec<PublicKey>,
     /// Narinfos checked at once (at least 1).
     pub jobs: usize,
+    /// Remove the narinfos of broken paths and of their referrers.
+    pub repair: bool,
 }
 
 /// A kind of problem.
@@ -53,6 +63,14 @@ pub enum FindingKind {
     Unsigned,
     /// A NAR file no narinfo points at.
     OrphanNar,
+}
+
+impl FindingKind {
+    /// Whether a path with this finding cannot be substituted as it is (and repair removes
+    /// its narinfo); unsigned paths and orphan NARs are reported only.
+    pub fn is_broken(self) -> bool {
+        !matches!(self, FindingKind::Unsigned | FindingKind::OrphanNar)
+    }
 }
 
 impl FindingKind {
@@ -109,6 +127,8 @@ pub struct FsckReport {
     pub verified_bytes: u64,
     /// Every problem, sorted by kind and key.
     pub findings: Vec<Finding>,
+    /// The narinfos repair removed, in the order it removed them.
+    pub removed: Vec<String>,
 }
 
 impl FsckReport {
@@ -138,7 +158,7 @@ pub async fn fsck(blobs: Arc<dyn Blobs>, opts: &FsckOptions) -> Result<FsckRepor
         .map(|k| (k, ()))
         .collect();
 
-    let checked: Vec<(Vec<Finding>, Option<String>, u64)> = futures::stream::iter(digests)
+    let checked: Vec<Checked> = futures::stream::iter(digests)
         .map(|d| check_one(&cache, blobs.as_ref(), d, &known, opts))
         .buffer_unordered(opts.jobs.max(1))
         .collect()
@@ -150,12 +170,18 @@ pub async fn fsck(blobs: Arc<dyn Blobs>, opts: &FsckOptions) -> Result<FsckRepor
         ..Default::default()
     };
     let mut referenced = HashSet::new();
-    for (findings, url, verified) in checked {
-        report.findings.extend(findings);
-        report.verified_bytes += verified;
-        if let Some(u) = url {
+    let mut broken = Vec::new();
+    let mut graph = HashMap::new();
+    for c in checked {
+        if c.findings.iter().any(|f| f.kind.is_broken()) {
+            broken.push((c.digest, c.url.clone()));
+        }
+        report.findings.extend(c.findings);
+        report.verified_bytes += c.verified;
+        if let Some(u) = c.url {
             referenced.insert(u);
         }
+        graph.insert(c.digest, c.refs);
     }
     for key in nar_files.keys() {
         if !referenced.contains(key) {
@@ -167,17 +193,146 @@ pub async fn fsck(blobs: Arc<dyn Blobs>, opts: &FsckOptions) -> Result<FsckRepor
         }
     }
     report.findings.sort();
+    if opts.repair {
+        report.removed = repair(&cache, blobs.as_ref(), broken, &graph, opts).await?;
+    }
     Ok(report)
 }
 
-/// Checks one narinfo: its findings, its NAR's key, and the bytes verified.
+/// Removes the narinfos of the `broken` paths that are still broken when looked at again,
+/// and of everything that references them, referrers first.
+async fn repair(
+    cache: &BinaryCache,
+    blobs: &dyn Blobs,
+    broken: Vec<(Digest, Option<String>)>,
+    graph: &HashMap<Digest, Vec<Digest>>,
+    opts: &FsckOptions,
+) -> Result<Vec<String>, StoreError> {
+    let mut doomed = HashSet::new();
+    for (digest, _) in broken {
+        let known: HashSet<Digest> = HashSet::new();
+        // Checked again against the cache as it is now: the reference that was missing may
+        // have been written since (its writer was mid-closure), the NAR may have arrived.
+        let again = check_one(cache, blobs, digest, &known, opts).await;
+        let still = again
+            .findings
+            .iter()
+            .any(|f| f.kind.is_broken() && f.kind != FindingKind::DanglingReference)
+            || dangling_now(blobs, &again.refs, digest).await?;
+        if still {
+            doomed.insert(digest);
+        }
+    }
+    // Everything that references a doomed path goes too.
+    let mut referrers: HashMap<Digest, Vec<Digest>> = HashMap::new();
+    for (from, refs) in graph {
+        for r in refs {
+            if r != from {
+                referrers.entry(*r).or_default().push(*from);
+            }
+        }
+    }
+    let mut todo: Vec<Digest> = doomed.iter().copied().collect();
+    while let Some(d) = todo.pop() {
+        for r in referrers.get(&d).into_iter().flatten() {
+            if doomed.insert(*r) {
+                todo.push(*r);
+            }
+        }
+    }
+    // Referrers first: a path goes once no doomed path that references it is left.
+    let mut waiting: HashMap<Digest, usize> = doomed
+        .iter()
+        .map(|d| {
+            let n = referrers
+                .get(d)
+                .into_iter()
+                .flatten()
+                .filter(|r| doomed.contains(*r))
+                .count();
+            (*d, n)
+        })
+        .collect();
+    let mut ready: Vec<Digest> = waiting
+        .iter()
+        .filter(|(_, n)| **n == 0)
+        .map(|(d, _)| *d)
+        .collect();
+    ready.sort();
+    let mut removed = Vec::new();
+    while !waiting.is_empty() {
+        let Some(d) = ready.pop() else {
+            // A reference cycle (Nix makes none besides self-references): the rest at once.
+            let mut rest: Vec<Digest> = waiting.keys().copied().collect();
+            rest.sort();
+            ready = rest;
+            waiting.retain(|_, n| {
+                *n = 0;
+                true
+            });
+            continue;
+        };
+        if waiting.remove(&d).is_none() {
+            continue;
+        }
+        let key = format!("{d}.narinfo");
+        blobs.delete(&key).await?;
+        tracing::info!("removed {key}");
+        removed.push(key);
+        for r in graph.get(&d).into_iter().flatten() {
+            if let Some(n) = waiting.get_mut(r) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    ready.push(*r);
+                }
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// Whether a reference of `digest` has no narinfo in the cache now.
+async fn dangling_now(
+    blobs: &dyn Blobs,
+    refs: &[Digest],
+    digest: Digest,
+) -> Result<bool, StoreError> {
+    for r in refs {
+        if *r != digest && blobs.head(&format!("{r}.narinfo")).await?.is_none() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// What checking one narinfo gave.
+struct Checked {
+    digest: Digest,
+    findings: Vec<Finding>,
+    /// Its NAR's key, when the narinfo parsed.
+    url: Option<String>,
+    /// The paths it references.
+    refs: Vec<Digest>,
+    /// NAR bytes streamed.
+    verified: u64,
+}
+
+/// Checks one narinfo. References are checked against `known` (pass an empty set to leave
+/// them to the caller).
 async fn check_one(
     cache: &BinaryCache,
     blobs: &dyn Blobs,
     digest: Digest,
     known: &HashSet<Digest>,
     opts: &FsckOptions,
-) -> (Vec<Finding>, Option<String>, u64) {
+) -> Checked {
+    let mut checked = Checked {
+        digest,
+        findings: Vec::new(),
+        url: None,
+        refs: Vec::new(),
+        verified: 0,
+    };
     let key = format!("{digest}.narinfo");
     let mut out = Vec::new();
     let mut finding = |kind, detail: String| {
@@ -189,14 +344,15 @@ async fn check_one(
     };
     let info = match cache.narinfo(&digest).await {
         Ok(info) => info,
-        Err(StoreError::NotFound(_)) => return (out, None, 0), // removed while we looked
+        Err(StoreError::NotFound(_)) => return checked, // removed while we looked
         Err(e) => {
             finding(FindingKind::Unparsable, e.to_string());
-            return (out, None, 0);
+            checked.findings = out;
+            return checked;
         }
     };
     for r in &info.references {
-        if r.digest() != &digest && !known.contains(r.digest()) {
+        if r.digest() != &digest && !known.is_empty() && !known.contains(r.digest()) {
             finding(
                 FindingKind::DanglingReference,
                 format!("references {r}, which the cache has no narinfo for"),
@@ -247,7 +403,11 @@ async fn check_one(
             }
         }
     }
-    (out, Some(info.url.clone()), verified)
+    checked.findings = out;
+    checked.url = Some(info.url.clone());
+    checked.refs = info.references.iter().map(|r| *r.digest()).collect();
+    checked.verified = verified;
+    checked
 }
 
 /// Streams the NAR of `info` once, hashing the file as stored and the NAR inside it; the bytes
@@ -301,5 +461,74 @@ async fn verify_content(cache: &BinaryCache, info: &NarInfo) -> Result<u64, Stri
         Ok(file_size)
     } else {
         Err(format!("its NAR {}: {}", info.url, wrong.join("; ")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryBlobs;
+
+    const A: &str = "5r1dlyl2wyar1nn50ry8xi6apps79m0j";
+    const B: &str = "6r1dlyl2wyar1nn50ry8xi6apps79m0j";
+
+    fn narinfo(digest: &str, refs: &str) -> String {
+        format!(
+            "StorePath: /nix/store/{digest}-x\nURL: nar/{digest}.nar\nCompression: none\n\
+             NarHash: sha256:1vn8cv29b1lzdb1pfpx4klpf2xja1iq8jbrvfk82f2ms1gc0gz4y\n\
+             NarSize: 1240\nReferences: {refs}\n"
+        )
+    }
+
+    async fn put(blobs: &MemoryBlobs, key: &str, text: String) {
+        let stream: crate::store::ByteStream = Box::pin(futures::stream::once(async move {
+            Ok(bytes::Bytes::from(text))
+        }));
+        blobs.put(key, stream, "text/plain").await.unwrap();
+    }
+
+    /// A path whose reference is missing when the cache is listed, and whose writer finishes
+    /// the closure before repair gets to it, is kept; left missing, it goes.
+    #[tokio::test]
+    async fn repair_looks_again_before_it_removes() {
+        for writer_finishes in [true, false] {
+            let blobs = Arc::new(MemoryBlobs::new());
+            put(
+                &blobs,
+                &format!("{A}.narinfo"),
+                narinfo(A, &format!("{B}-x")),
+            )
+            .await;
+            put(&blobs, &format!("nar/{A}.nar"), "nar".into()).await;
+            let opts = FsckOptions {
+                jobs: 2,
+                ..Default::default()
+            };
+            let report = fsck(blobs.clone(), &opts).await.unwrap();
+            assert_eq!(report.count(FindingKind::DanglingReference), 1);
+            if writer_finishes {
+                put(&blobs, &format!("nar/{B}.nar"), "nar".into()).await;
+                put(&blobs, &format!("{B}.narinfo"), narinfo(B, "")).await;
+            }
+            let cache = BinaryCache::new(blobs.clone());
+            let digest = Digest::parse(A).unwrap();
+            let graph = HashMap::from([(digest, vec![Digest::parse(B).unwrap()])]);
+            let removed = repair(
+                &cache,
+                blobs.as_ref(),
+                vec![(digest, Some(format!("nar/{A}.nar")))],
+                &graph,
+                &opts,
+            )
+            .await
+            .unwrap();
+            if writer_finishes {
+                assert!(removed.is_empty(), "{removed:?}");
+                assert!(blobs.head(&format!("{A}.narinfo")).await.unwrap().is_some());
+            } else {
+                assert_eq!(removed, [format!("{A}.narinfo")]);
+                assert!(blobs.head(&format!("{A}.narinfo")).await.unwrap().is_none());
+            }
+        }
     }
 }

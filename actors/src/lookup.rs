@@ -271,6 +271,9 @@ mod tests {
         async fn list(&self, prefix: &str) -> crate::store::Result<Vec<String>> {
             self.inner.list(prefix).await
         }
+        async fn delete(&self, key: &str) -> crate::store::Result<()> {
+            self.inner.delete(key).await
+        }
     }
 
     const NARINFO: &str = "StorePath: /nix/store/5r1dlyl2wyar1nn50ry8xi6apps79m0j-dir1\nURL: nar/x.nar\nCompression: none\nNarHash: sha256:1vn8cv29b1lzdb1pfpx4klpf2xja1iq8jbrvfk82f2ms1gc0gz4y\nNarSize: 1240\nReferences: \n";

@@ -30,6 +30,10 @@ pub trait Blobs: Send + Sync + 'static {
     /// Every key directly under `prefix` (which is empty or ends in `/`), without descending.
     async fn list(&self, prefix: &str) -> Result<Vec<String>>;
 
+    /// Removes an object; one that does not exist is not an error (deletions are retried and
+    /// may race with another process's).
+    async fn delete(&self, key: &str) -> Result<()>;
+
     /// Why `range` of `key` cannot be served, asked after the backend refused it or it has no
     /// form there: 416 when the object exists and the range selects none of it, not found
     /// when the object does not exist.

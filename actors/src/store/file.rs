@@ -355,6 +355,15 @@ impl Blobs for FileBlobs {
         Ok(n)
     }
 
+    async fn delete(&self, key: &str) -> Result<()> {
+        let path = self.path_of(key)?;
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("removing", key, e)),
+        }
+    }
+
     async fn head(&self, key: &str) -> Result<Option<u64>> {
         let path = self.path_of(key)?;
         match tokio::fs::metadata(&path).await {

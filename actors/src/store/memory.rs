@@ -64,6 +64,12 @@ impl Blobs for MemoryBlobs {
         Ok(n)
     }
 
+    async fn delete(&self, key: &str) -> Result<()> {
+        check_key(key)?;
+        self.objects.lock().expect("objects").remove(key);
+        Ok(())
+    }
+
     async fn head(&self, key: &str) -> Result<Option<u64>> {
         check_key(key)?;
         Ok(self

@@ -264,6 +264,18 @@ impl Blobs for GcsBlobs {
         }
     }
 
+    async fn delete(&self, key: &str) -> Result<()> {
+        let name = self.name_of(key)?;
+        let url = self.object_url(&name);
+        match self.send(|| self.http.delete(&url)).await {
+            Ok(_) => Ok(()),
+            Err(e) => match self.fail("removing", key, e).await {
+                StoreError::NotFound(_) => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+
     async fn head(&self, key: &str) -> Result<Option<u64>> {
         let name = self.name_of(key)?;
         let url = self.object_url(&name);

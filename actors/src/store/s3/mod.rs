@@ -249,6 +249,17 @@ impl Blobs for S3Blobs {
         }
     }
 
+    async fn delete(&self, key: &str) -> Result<()> {
+        let path = self.path_of(key)?;
+        match self.store.delete(&path).await {
+            Ok(()) => Ok(()),
+            Err(e) => match self.fail("removing", key, e).await {
+                StoreError::NotFound(_) => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+
     async fn head(&self, key: &str) -> Result<Option<u64>> {
         let path = self.path_of(key)?;
         match self.store.head(&path).await {
