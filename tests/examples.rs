@@ -203,3 +203,57 @@ fn serve_two_stores_serves_a_folder_and_a_seeded_memory_cache_to_nix() {
 
     assert!(servers.stop().success(), "a clean stop on SIGTERM");
 }
+
+/// Runs `check_and_repair` and returns its exit code and output.
+fn check_and_repair(env: &NixEnv, args: &[&str]) -> (i32, String) {
+    let out = env
+        .cmd(example("check_and_repair").to_str().unwrap())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[test]
+fn check_and_repair_finds_a_missing_nar_and_repairs_the_closure() {
+    let env = NixEnv::new();
+    let closure = env.build_closure();
+    let dir = env.path("cache");
+    let cache = format!("file://{}", dir.display());
+    upload(&env, &cache, &[&closure.app]);
+    let (code, out) = check_and_repair(&env, &["--verify-content", &cache]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("3 narinfos, 3 NAR files"), "{out}");
+
+    // lib's NAR goes: lib is broken, and app, which references it, cannot be substituted.
+    let lib_narinfo = dir.join(format!(
+        "{}.narinfo",
+        &closure.lib.rsplit('/').next().unwrap()[..32]
+    ));
+    let url = std::fs::read_to_string(&lib_narinfo)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: ").map(str::to_owned))
+        .unwrap();
+    std::fs::remove_file(dir.join(url)).unwrap();
+    let (code, out) = check_and_repair(&env, &[&cache]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("missing-nar: 1"), "{out}");
+
+    let (code, out) = check_and_repair(&env, &["--repair", &cache]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out.matches("removed ").count(), 2, "lib and app: {out}");
+    let (code, out) = check_and_repair(&env, &[&cache]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("1 narinfos, 2 NAR files"), "{out}");
+    assert!(
+        out.contains("orphan-nar: 1"),
+        "app's NAR stays for gc: {out}"
+    );
+    // What is left is whole: Nix copies dep from it.
+    let fresh = env.path("fresh");
+    env.copy_from(&cache, fresh.to_str().unwrap(), None, &closure.dep);
+}
