@@ -136,11 +136,11 @@ fn file_cache_refuses_symlinks_out_of_the_folder() {
     assert!(!env.path("planted").exists());
 }
 
-/// Deleting objects, on every kind of bucket: the object is gone for `head`, `get` and
+/// Listing with sizes and times, and deleting objects, on every kind of bucket: the object is gone for `head`, `get` and
 /// `list`; deleting what is not there is not an error; other objects stay; keys that escape
 /// the cache are refused.
 #[test]
-fn delete_on_a_folder_an_s3_and_a_gcs_bucket() {
+fn list_meta_and_delete_on_a_folder_an_s3_and_a_gcs_bucket() {
     use nixcached_actors::store::url::StoreUrl;
     let env = NixEnv::new();
     let (s3_ep, s3) = common::peers::new_s3_bucket("delete");
@@ -158,6 +158,26 @@ fn delete_on_a_folder_an_s3_and_a_gcs_bucket() {
                     .put(key, bytes_stream(b"contents"), "application/octet-stream")
                     .await
                     .unwrap();
+            }
+            // Listings carry each object's size and a time of writing close to now.
+            let mut listed = blobs.list_meta("nar/").await.unwrap();
+            listed.sort_by(|a, b| a.key.cmp(&b.key));
+            assert_eq!(
+                listed
+                    .iter()
+                    .map(|m| (m.key.as_str(), m.size))
+                    .collect::<Vec<_>>(),
+                [("nar/a.nar", 8), ("nar/b.nar", 8)],
+                "{url}"
+            );
+            for m in &listed {
+                let written = m
+                    .modified
+                    .unwrap_or_else(|| panic!("{url}: no time for {}", m.key));
+                let age = std::time::SystemTime::now()
+                    .duration_since(written)
+                    .unwrap_or_default();
+                assert!(age < std::time::Duration::from_secs(300), "{url}: {m:?}");
             }
             blobs.delete("nar/a.nar").await.unwrap();
             assert_eq!(blobs.head("nar/a.nar").await.unwrap(), None, "{url}");

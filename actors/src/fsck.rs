@@ -151,11 +151,11 @@ pub async fn fsck(blobs: Arc<dyn Blobs>, opts: &FsckOptions) -> Result<FsckRepor
     let cache = BinaryCache::new(blobs.clone());
     let digests: Vec<Digest> = cache.list().await?;
     let known: HashSet<Digest> = digests.iter().copied().collect();
-    let nar_files: BTreeMap<String, ()> = blobs
-        .list("nar/")
+    let nar_files: BTreeMap<String, Option<std::time::SystemTime>> = blobs
+        .list_meta("nar/")
         .await?
         .into_iter()
-        .map(|k| (k, ()))
+        .map(|m| (m.key, m.modified))
         .collect();
 
     let checked: Vec<Checked> = futures::stream::iter(digests)
@@ -183,12 +183,23 @@ pub async fn fsck(blobs: Arc<dyn Blobs>, opts: &FsckOptions) -> Result<FsckRepor
         }
         graph.insert(c.digest, c.refs);
     }
-    for key in nar_files.keys() {
+    let now = std::time::SystemTime::now();
+    for (key, modified) in &nar_files {
         if !referenced.contains(key) {
+            // Its age tells a writer's file in progress (minutes) from a leftover (days).
+            let age = modified
+                .and_then(|m| now.duration_since(m).ok())
+                .map(|a| {
+                    format!(
+                        " (written {} ago)",
+                        humantime::format_duration(std::time::Duration::from_secs(a.as_secs()))
+                    )
+                })
+                .unwrap_or_default();
             report.findings.push(Finding {
                 kind: FindingKind::OrphanNar,
                 key: key.clone(),
-                detail: "no narinfo points at this NAR file".into(),
+                detail: format!("no narinfo points at this NAR file{age}"),
             });
         }
     }

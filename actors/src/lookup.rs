@@ -268,8 +268,11 @@ mod tests {
         async fn head(&self, key: &str) -> crate::store::Result<Option<u64>> {
             self.inner.head(key).await
         }
-        async fn list(&self, prefix: &str) -> crate::store::Result<Vec<String>> {
-            self.inner.list(prefix).await
+        async fn list_meta(
+            &self,
+            prefix: &str,
+        ) -> crate::store::Result<Vec<crate::store::blobs::ObjectMeta>> {
+            self.inner.list_meta(prefix).await
         }
         async fn delete(&self, key: &str) -> crate::store::Result<()> {
             self.inner.delete(key).await

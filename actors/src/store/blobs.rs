@@ -8,6 +8,17 @@ use super::{Blob, ByteRange, ByteStream, Result, StoreError};
 /// retried, unless the URL's `stall-timeout` says otherwise.
 pub const DEFAULT_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// An object as a listing shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// Its key, relative to the cache.
+    pub key: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// When it was last written, when the backend says.
+    pub modified: Option<std::time::SystemTime>,
+}
+
 /// Objects by key, the way buckets store them.
 ///
 /// Keys are relative, `/`-separated, and never contain `.` or `..` components; [`check_key`]
@@ -28,7 +39,18 @@ pub trait Blobs: Send + Sync + 'static {
     async fn head(&self, key: &str) -> Result<Option<u64>>;
 
     /// Every key directly under `prefix` (which is empty or ends in `/`), without descending.
-    async fn list(&self, prefix: &str) -> Result<Vec<String>>;
+    async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        Ok(self
+            .list_meta(prefix)
+            .await?
+            .into_iter()
+            .map(|m| m.key)
+            .collect())
+    }
+
+    /// [`Blobs::list`] with each object's size and last modification, for what decides by
+    /// age (grace periods of `fsck --repair` and garbage collection).
+    async fn list_meta(&self, prefix: &str) -> Result<Vec<ObjectMeta>>;
 
     /// Removes an object; one that does not exist is not an error (deletions are retried and
     /// may race with another process's).

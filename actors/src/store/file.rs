@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 
-use super::blobs::{check_key, Blobs};
+use super::blobs::{check_key, Blobs, ObjectMeta};
 use super::{Blob, ByteRange, ByteStream, Result, StoreError};
 
 /// Prefix of temporary files; they are hidden from listings and never served.
@@ -374,7 +374,7 @@ impl Blobs for FileBlobs {
         }
     }
 
-    async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+    async fn list_meta(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
         let dir = if prefix.is_empty() {
             self.root.clone()
         } else {
@@ -396,7 +396,15 @@ impl Blobs for FileBlobs {
             if name.starts_with(TMP_PREFIX) || !e.file_type().await.is_ok_and(|t| t.is_file()) {
                 continue;
             }
-            keys.push(format!("{prefix}{name}"));
+            // A file removed between the listing and this look is simply not listed.
+            let Ok(meta) = e.metadata().await else {
+                continue;
+            };
+            keys.push(ObjectMeta {
+                key: format!("{prefix}{name}"),
+                size: meta.len(),
+                modified: meta.modified().ok(),
+            });
         }
         Ok(keys)
     }

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 
-use super::blobs::{check_key, Blobs};
+use super::blobs::{check_key, Blobs, ObjectMeta};
 use super::{Blob, ByteRange, ByteStream, Result, StoreError};
 
 /// A bucket that lives in memory and is lost when dropped.
@@ -80,14 +80,18 @@ impl Blobs for MemoryBlobs {
             .map(|b| b.len() as u64))
     }
 
-    async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+    async fn list_meta(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
         Ok(self
             .objects
             .lock()
             .expect("objects")
-            .keys()
-            .filter(|k| k.starts_with(prefix) && !k[prefix.len()..].contains('/'))
-            .cloned()
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix) && !k[prefix.len()..].contains('/'))
+            .map(|(k, v)| ObjectMeta {
+                key: k.clone(),
+                size: v.len() as u64,
+                modified: None,
+            })
             .collect())
     }
 }

@@ -28,7 +28,7 @@ use serde::Deserialize;
 
 pub use endpoint::{Endpoint, GcsOptions};
 
-use super::blobs::{check_key, translate_range, Blobs, DEFAULT_STALL_TIMEOUT};
+use super::blobs::{check_key, translate_range, Blobs, ObjectMeta, DEFAULT_STALL_TIMEOUT};
 use super::{slice_stream, Blob, ByteRange, ByteStream, Result, StoreError};
 use auth::Auth;
 use error::GcsError;
@@ -71,6 +71,12 @@ struct Listing {
 #[derive(Deserialize)]
 struct Named {
     name: String,
+    /// Decimal, as the JSON API writes 64-bit numbers.
+    #[serde(default)]
+    size: Option<String>,
+    /// RFC 3339.
+    #[serde(default)]
+    updated: Option<String>,
 }
 
 impl GcsBlobs {
@@ -304,7 +310,7 @@ impl Blobs for GcsBlobs {
         })
     }
 
-    async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+    async fn list_meta(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
         let rel = prefix.trim_end_matches('/');
         if !rel.is_empty() {
             check_key(rel)?;
@@ -338,12 +344,30 @@ impl Blobs for GcsBlobs {
                 .map_err(|e| self.classify("listing", &what, GcsError::Http(e)))?;
             let listing: Listing = serde_json::from_slice(&body)
                 .map_err(|e| self.classify("listing", &what, GcsError::Protocol(e.to_string())))?;
-            keys.extend(
-                listing
-                    .items
-                    .into_iter()
-                    .filter_map(|o| o.name.strip_prefix(&own).map(str::to_owned)),
-            );
+            for o in listing.items {
+                let Some(key) = o.name.strip_prefix(&own) else {
+                    continue;
+                };
+                let size = o
+                    .size
+                    .as_deref()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| {
+                        self.classify(
+                            "listing",
+                            &what,
+                            GcsError::Protocol(format!("object {key:?} without a size")),
+                        )
+                    })?;
+                keys.push(ObjectMeta {
+                    key: key.to_owned(),
+                    size,
+                    modified: o
+                        .updated
+                        .as_deref()
+                        .and_then(|t| humantime::parse_rfc3339_weak(t).ok()),
+                });
+            }
             match listing.next_page_token {
                 Some(t) if !t.is_empty() => page = Some(t),
                 _ => return Ok(keys),

@@ -32,7 +32,7 @@ use object_store::{
     PutMultipartOptions, PutOptions, PutPayloadMut,
 };
 
-use super::blobs::{check_key, translate_range, Blobs};
+use super::blobs::{check_key, translate_range, Blobs, ObjectMeta};
 use super::{Blob, ByteRange, ByteStream, Result, StoreError};
 use error::{is_no_bucket, Target};
 use multipart::{Leftovers, Parts};
@@ -271,7 +271,7 @@ impl Blobs for S3Blobs {
         }
     }
 
-    async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+    async fn list_meta(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
         let rel = prefix.trim_end_matches('/');
         if !rel.is_empty() {
             check_key(rel)?;
@@ -308,7 +308,14 @@ impl Blobs for S3Blobs {
         Ok(listed
             .objects
             .into_iter()
-            .filter_map(|m| m.location.as_ref().strip_prefix(&strip).map(str::to_owned))
+            .filter_map(|m| {
+                let key = m.location.as_ref().strip_prefix(&strip)?.to_owned();
+                Some(ObjectMeta {
+                    key,
+                    size: m.size,
+                    modified: Some(std::time::SystemTime::from(m.last_modified)),
+                })
+            })
             .collect())
     }
 }
