@@ -90,6 +90,64 @@ pub enum Command {
     Send(SendArgs),
     /// Check a binary cache: missing or wrong NARs, dangling references, signatures, orphans.
     Fsck(FsckArgs),
+    /// Remove from a binary cache what no pin, --keep root or --max-age keeps (closure-safe).
+    Gc(GcArgs),
+    /// Pins kept in a binary cache (under pins/), whose closures gc never removes.
+    #[command(subcommand)]
+    Pin(PinCommand),
+}
+
+/// `nixcached gc`.
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// File of store paths (one per line) whose closures stay; repeatable.
+    #[arg(long = "keep", value_name = "FILE")]
+    pub keep: Vec<PathBuf>,
+    /// Keep what was uploaded within this long (with its closure); 0s keeps only pins.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub max_age: Option<Duration>,
+    /// Never remove anything younger than this (an uploader may be mid-closure), and remove
+    /// NAR files only this long after their narinfo (servers and CDNs may still hand it out).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub grace: Duration,
+    /// Print what would be removed and the bytes freed; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Narinfos read at once.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub jobs: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Cache: file:///DIR, s3://BUCKET[?…] or gs://BUCKET[?…].
+    pub cache: String,
+}
+
+/// `nixcached pin …`.
+#[derive(Debug, Subcommand)]
+pub enum PinCommand {
+    /// Pin store paths under NAME (replacing what NAME pinned).
+    Add {
+        /// Cache: file:///DIR, s3://BUCKET[?…] or gs://BUCKET[?…].
+        cache: String,
+        /// Pin name (letters, digits, . _ -).
+        name: String,
+        /// Store paths.
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
+    /// Remove the pin NAME.
+    Rm {
+        /// Cache.
+        cache: String,
+        /// Pin name.
+        name: String,
+    },
+    /// List pins and what they hold.
+    Ls {
+        /// Cache.
+        cache: String,
+    },
 }
 
 /// `nixcached fsck`.

@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod config;
 pub mod fsck;
+pub mod gc;
 pub mod progress;
 pub mod send;
 pub mod serve;
@@ -20,13 +21,15 @@ pub fn run(cli: cli::Cli) -> anyhow::Result<()> {
         (None, Some(file)) => config::run(config::Config::load(&file)?),
         (None, None) => {
             anyhow::bail!(
-                "give a subcommand (serve, upload, send, fsck) or --config FILE; see --help"
+                "give a subcommand (serve, upload, send, fsck, gc, pin) or --config FILE; see --help"
             )
         }
         (Some(cli::Command::Serve(args)), None) => serve::run(*args),
         (Some(cli::Command::Upload(args)), None) => upload::run(args),
         (Some(cli::Command::Send(args)), None) => send::run(args),
         (Some(cli::Command::Fsck(args)), None) => fsck::run(args),
+        (Some(cli::Command::Gc(args)), None) => gc::run(args),
+        (Some(cli::Command::Pin(cmd)), None) => gc::pin(cmd),
     }
 }
 

@@ -235,14 +235,7 @@ async fn repair(
         }
     }
     // Everything that references a doomed path goes too.
-    let mut referrers: HashMap<Digest, Vec<Digest>> = HashMap::new();
-    for (from, refs) in graph {
-        for r in refs {
-            if r != from {
-                referrers.entry(*r).or_default().push(*from);
-            }
-        }
-    }
+    let referrers = referrers_of(graph);
     let mut todo: Vec<Digest> = doomed.iter().copied().collect();
     while let Some(d) = todo.pop() {
         for r in referrers.get(&d).into_iter().flatten() {
@@ -251,7 +244,31 @@ async fn repair(
             }
         }
     }
-    // Referrers first: a path goes once no doomed path that references it is left.
+    remove_referrers_first(blobs, &doomed, &referrers, graph).await
+}
+
+/// Who references each path (self-references left out), from a map of each path's references.
+pub(crate) fn referrers_of(graph: &HashMap<Digest, Vec<Digest>>) -> HashMap<Digest, Vec<Digest>> {
+    let mut referrers: HashMap<Digest, Vec<Digest>> = HashMap::new();
+    for (from, refs) in graph {
+        for r in refs {
+            if r != from {
+                referrers.entry(*r).or_default().push(*from);
+            }
+        }
+    }
+    referrers
+}
+
+/// Removes the narinfos of `doomed`, each only once no doomed path that references it is
+/// left, so that no narinfo in the cache ever references a removed one; the keys removed, in
+/// order.
+pub(crate) async fn remove_referrers_first(
+    blobs: &dyn Blobs,
+    doomed: &HashSet<Digest>,
+    referrers: &HashMap<Digest, Vec<Digest>>,
+    graph: &HashMap<Digest, Vec<Digest>>,
+) -> Result<Vec<String>, StoreError> {
     let mut waiting: HashMap<Digest, usize> = doomed
         .iter()
         .map(|d| {

@@ -13,6 +13,7 @@ pub mod budget;
 pub mod catalog;
 pub mod fetcher;
 pub mod fsck;
+pub mod gc;
 pub mod http;
 pub mod lookup;
 pub mod metrics;

@@ -1,0 +1,392 @@
+//! Garbage collection of a binary cache (a folder, an S3 or GCS bucket), from the cache alone.
+//!
+//! What stays is the closure of the roots: pinned store paths (given by the caller, and the
+//! pins kept in the cache under `pins/`, one store path per line), narinfos written within
+//! `max_age`, and every narinfo younger than `grace` (an uploader may be mid-closure). The
+//! rest goes, always closure-consistent:
+//!
+//! 1. narinfos, referrers first, so that no narinfo in the cache ever references a removed
+//!    one. Their NAR and `.ls` files are first recorded in a tombstone (`gc/removed-…`), so a
+//!    run that stops halfway loses track of nothing;
+//! 2. those files in a later run, once the tombstone is older than `grace`: until then a CDN
+//!    or another server may still hand out the removed narinfos, and their NARs must answer;
+//! 3. NAR and `.ls` files nothing points at and no tombstone holds (an interrupted writer's),
+//!    once older than `grace`.
+//!
+//! Just before removing, the cache is listed again: a narinfo written meanwhile keeps its
+//! closure. With `dry_run` nothing is changed and the report says what would go.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use serde::Serialize;
+
+use crate::formats::{Digest, StorePath};
+use crate::fsck::{referrers_of, remove_referrers_first};
+use crate::store::binary_cache::BinaryCache;
+use crate::store::blobs::{Blobs, ObjectMeta};
+use crate::store::{ByteStream, Store, StoreError};
+
+/// Where tombstones live.
+const TOMBSTONES: &str = "gc/";
+/// Where pins live.
+const PINS: &str = "pins/";
+/// Largest pin object read (a pin is a list of store paths).
+const MAX_PIN_BYTES: usize = 16 << 20;
+
+/// What to keep.
+#[derive(Debug, Clone)]
+pub struct GcOptions {
+    /// Store paths whose closures stay (besides the cache's own pins).
+    pub roots: Vec<StorePath>,
+    /// Keep narinfos written within this long, with their closures.
+    pub max_age: Option<Duration>,
+    /// Nothing younger than this is removed, and NAR files go only this long after their
+    /// narinfo did.
+    pub grace: Duration,
+    /// Say what would go; change nothing.
+    pub dry_run: bool,
+    /// Narinfos read at once (at least 1).
+    pub jobs: usize,
+}
+
+/// What a collection did (or, dry, would do).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GcReport {
+    /// Narinfos in the cache.
+    pub narinfos: u64,
+    /// Narinfos kept.
+    pub kept: u64,
+    /// Narinfos that could not be read or parsed, left alone (`fsck` reports them).
+    pub unreadable: u64,
+    /// Narinfos removed, in order.
+    pub removed_narinfos: Vec<String>,
+    /// NAR, `.ls` and tombstone files removed.
+    pub removed_files: Vec<String>,
+    /// NAR and `.ls` files whose removal waits for the grace period.
+    pub deferred_files: u64,
+    /// Bytes removed.
+    pub freed_bytes: u64,
+    /// Whether this was a dry run (nothing changed).
+    pub dry_run: bool,
+}
+
+/// One narinfo as read.
+struct Read {
+    refs: Vec<Digest>,
+    files: Vec<String>,
+}
+
+/// Collects the cache in `blobs`.
+pub async fn gc(blobs: Arc<dyn Blobs>, opts: &GcOptions) -> Result<GcReport, StoreError> {
+    let now = SystemTime::now();
+    let age = |m: &ObjectMeta| {
+        m.modified
+            .and_then(|t| now.duration_since(t).ok())
+            .unwrap_or(Duration::ZERO)
+    };
+    let cache = BinaryCache::new(blobs.clone());
+    let top = blobs.list_meta("").await?;
+    let nar_files = blobs.list_meta("nar/").await?;
+    let tombstones = blobs.list_meta(TOMBSTONES).await?;
+    let sizes: HashMap<String, u64> = top
+        .iter()
+        .chain(&nar_files)
+        .chain(&tombstones)
+        .map(|m| (m.key.clone(), m.size))
+        .collect();
+
+    let narinfos: Vec<(Digest, &ObjectMeta)> = top
+        .iter()
+        .filter_map(|m| {
+            let d = Digest::parse(m.key.strip_suffix(".narinfo")?).ok()?;
+            Some((d, m))
+        })
+        .collect();
+    let mut report = GcReport {
+        narinfos: narinfos.len() as u64,
+        dry_run: opts.dry_run,
+        ..Default::default()
+    };
+    let (mut read, unreadable) = read_all(&cache, narinfos.iter().map(|(d, _)| *d), opts).await;
+    report.unreadable = unreadable.len() as u64;
+
+    // Roots: pins, recent and fresh narinfos, and what cannot be read (left to fsck).
+    let mut roots: Vec<Digest> = opts.roots.iter().map(|p| *p.digest()).collect();
+    roots.extend(pinned(&blobs).await?);
+    for (d, m) in &narinfos {
+        let a = age(m);
+        if a < opts.grace || opts.max_age.is_some_and(|max| a < max) {
+            roots.push(*d);
+        }
+    }
+    roots.extend(unreadable.iter().copied());
+    let mut kept = closure(&read, roots);
+
+    // Listed again just before removing: what was written meanwhile keeps its closure.
+    let again = blobs.list_meta("").await?;
+    let fresh: Vec<Digest> = again
+        .iter()
+        .filter_map(|m| Digest::parse(m.key.strip_suffix(".narinfo")?).ok())
+        .filter(|d| !read.contains_key(d) && !unreadable.contains(d))
+        .collect();
+    if !fresh.is_empty() {
+        let (more, more_unreadable) = read_all(&cache, fresh.iter().copied(), opts).await;
+        read.extend(more);
+        let extra: Vec<Digest> = fresh.into_iter().chain(more_unreadable).collect();
+        kept.extend(closure(
+            &read,
+            extra.into_iter().chain(kept.iter().copied()),
+        ));
+    }
+    report.kept = kept.len().min(narinfos.len()) as u64;
+
+    let doomed: HashSet<Digest> = narinfos
+        .iter()
+        .map(|(d, _)| *d)
+        .filter(|d| !kept.contains(d) && read.contains_key(d))
+        .collect();
+
+    // Files still pointed at by a narinfo that stays.
+    let live_files: HashSet<&str> = read
+        .iter()
+        .filter(|(d, _)| !doomed.contains(*d))
+        .flat_map(|(_, r)| r.files.iter().map(String::as_str))
+        .collect();
+
+    // Tombstones past the grace period: their files go (unless pointed at again), then they.
+    let mut pending: HashSet<String> = HashSet::new();
+    let mut remove_now: Vec<String> = Vec::new();
+    for t in &tombstones {
+        let keys = tombstone_keys(&blobs, &t.key).await?;
+        if age(t) >= opts.grace {
+            remove_now.extend(
+                keys.into_iter()
+                    .filter(|k| !live_files.contains(k.as_str())),
+            );
+            remove_now.push(t.key.clone());
+        } else {
+            report.deferred_files += keys.len() as u64;
+            pending.extend(keys);
+        }
+    }
+    // Files nothing points at and no tombstone holds: an interrupted writer's.
+    let dir_files = nar_files
+        .iter()
+        .chain(top.iter().filter(|m| m.key.ends_with(".ls")));
+    for m in dir_files {
+        let pointed =
+            live_files.contains(m.key.as_str()) || read.values().any(|r| r.files.contains(&m.key));
+        if !pointed && !pending.contains(&m.key) && age(m) >= opts.grace {
+            remove_now.push(m.key.clone());
+        }
+    }
+    remove_now.sort();
+    remove_now.dedup();
+
+    // The doomed narinfos' files, recorded before the narinfos go.
+    let mut doomed_files: Vec<String> = doomed
+        .iter()
+        .flat_map(|d| read[d].files.iter().cloned())
+        .filter(|k| !live_files.contains(k.as_str()) && sizes.contains_key(k))
+        .collect();
+    doomed_files.sort();
+    doomed_files.dedup();
+
+    if opts.dry_run {
+        let mut doomed_keys: Vec<String> = doomed.iter().map(|d| format!("{d}.narinfo")).collect();
+        doomed_keys.sort();
+        report.freed_bytes = doomed_keys
+            .iter()
+            .chain(&remove_now)
+            .filter_map(|k| sizes.get(k))
+            .sum();
+        report.removed_narinfos = doomed_keys;
+        report.removed_files = remove_now;
+        report.deferred_files += doomed_files.len() as u64;
+        return Ok(report);
+    }
+
+    for key in &remove_now {
+        blobs.delete(key).await?;
+        report.freed_bytes += sizes.get(key).copied().unwrap_or(0);
+        report.removed_files.push(key.clone());
+    }
+    if !doomed.is_empty() {
+        let stamp = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let text = doomed_files.join("\n") + "\n";
+        let stream: ByteStream = Box::pin(futures::stream::once(async move {
+            Ok(bytes::Bytes::from(text))
+        }));
+        blobs
+            .put(
+                &format!("{TOMBSTONES}removed-{stamp}"),
+                stream,
+                "text/plain",
+            )
+            .await?;
+        report.deferred_files += doomed_files.len() as u64;
+        let graph: HashMap<Digest, Vec<Digest>> =
+            read.iter().map(|(d, r)| (*d, r.refs.clone())).collect();
+        let referrers = referrers_of(&graph);
+        report.removed_narinfos =
+            remove_referrers_first(blobs.as_ref(), &doomed, &referrers, &graph).await?;
+        report.freed_bytes += report
+            .removed_narinfos
+            .iter()
+            .filter_map(|k| sizes.get(k))
+            .sum::<u64>();
+    }
+    Ok(report)
+}
+
+/// Reads narinfos: what each references and the files that belong to it (its NAR, its
+/// `.ls`); and which could not be read or parsed.
+async fn read_all(
+    cache: &BinaryCache,
+    digests: impl Iterator<Item = Digest>,
+    opts: &GcOptions,
+) -> (HashMap<Digest, Read>, Vec<Digest>) {
+    let results: Vec<(Digest, Result<Read, StoreError>)> = futures::stream::iter(digests)
+        .map(|d| async move {
+            let r = cache.narinfo(&d).await.map(|info| Read {
+                refs: info.references.iter().map(|r| *r.digest()).collect(),
+                files: vec![info.url.clone(), format!("{d}.ls")],
+            });
+            (d, r)
+        })
+        .buffer_unordered(opts.jobs.max(1))
+        .collect()
+        .await;
+    let mut read = HashMap::new();
+    let mut unreadable = Vec::new();
+    for (d, r) in results {
+        match r {
+            Ok(r) => {
+                read.insert(d, r);
+            }
+            // Removed by someone else meanwhile: nothing to keep or remove.
+            Err(StoreError::NotFound(_)) => {}
+            Err(_) => unreadable.push(d),
+        }
+    }
+    (read, unreadable)
+}
+
+/// Every path reachable from `roots` through references, the roots included.
+fn closure(
+    read: &HashMap<Digest, Read>,
+    roots: impl IntoIterator<Item = Digest>,
+) -> HashSet<Digest> {
+    let mut kept = HashSet::new();
+    let mut todo: Vec<Digest> = roots.into_iter().collect();
+    while let Some(d) = todo.pop() {
+        if kept.insert(d) {
+            if let Some(r) = read.get(&d) {
+                todo.extend(r.refs.iter().copied());
+            }
+        }
+    }
+    kept
+}
+
+/// The store paths pinned in the cache (`pins/NAME`: one store path per line).
+async fn pinned(blobs: &Arc<dyn Blobs>) -> Result<Vec<Digest>, StoreError> {
+    let mut out = Vec::new();
+    for m in blobs.list_meta(PINS).await? {
+        let text = small(blobs, &m.key).await?;
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            // `/nix/store/…-name` or the base name alone; the digest is what counts.
+            let base = line.rsplit('/').next().unwrap_or(line);
+            let path = StorePath::from_base_name(base).map_err(|e| {
+                StoreError::Corrupt(format!("{}: {line:?} is not a store path: {e}", m.key))
+            })?;
+            out.push(*path.digest());
+        }
+    }
+    Ok(out)
+}
+
+/// The keys a tombstone lists.
+async fn tombstone_keys(blobs: &Arc<dyn Blobs>, key: &str) -> Result<Vec<String>, StoreError> {
+    Ok(small(blobs, key)
+        .await?
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect())
+}
+
+async fn small(blobs: &Arc<dyn Blobs>, key: &str) -> Result<String, StoreError> {
+    let bytes = blobs
+        .get(key, None)
+        .await?
+        .into_bytes_capped(MAX_PIN_BYTES, key)
+        .await?;
+    String::from_utf8(bytes).map_err(|_| StoreError::Corrupt(format!("{key} is not text")))
+}
+
+/// Whether `name` may name a pin: one plain path segment.
+fn check_pin_name(name: &str) -> Result<(), StoreError> {
+    let ok = !name.is_empty()
+        && name.len() <= 200
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!(
+            "pin name {name:?}: use letters, digits, '.', '_' and '-' (not first)"
+        )))
+    }
+}
+
+/// Pins `paths` under `name` (replacing what `name` pinned).
+pub async fn pin_add(
+    blobs: &Arc<dyn Blobs>,
+    name: &str,
+    paths: &[StorePath],
+) -> Result<(), StoreError> {
+    check_pin_name(name)?;
+    let text: String = paths.iter().map(|p| format!("/nix/store/{p}\n")).collect();
+    let stream: ByteStream = Box::pin(futures::stream::once(async move {
+        Ok(bytes::Bytes::from(text))
+    }));
+    blobs
+        .put(&format!("{PINS}{name}"), stream, "text/plain")
+        .await?;
+    Ok(())
+}
+
+/// Removes the pin `name` (not an error when there is none).
+pub async fn pin_rm(blobs: &Arc<dyn Blobs>, name: &str) -> Result<(), StoreError> {
+    check_pin_name(name)?;
+    blobs.delete(&format!("{PINS}{name}")).await
+}
+
+/// Every pin and the store paths (as written) it holds.
+pub async fn pin_ls(blobs: &Arc<dyn Blobs>) -> Result<Vec<(String, Vec<String>)>, StoreError> {
+    let mut out = Vec::new();
+    for m in blobs.list_meta(PINS).await? {
+        let text = small(blobs, &m.key).await?;
+        let name = m.key.strip_prefix(PINS).unwrap_or(&m.key).to_owned();
+        out.push((
+            name,
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        ));
+    }
+    out.sort();
+    Ok(out)
+}
