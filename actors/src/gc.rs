@@ -14,7 +14,9 @@
 //!    once older than `grace`.
 //!
 //! Just before removing, the cache is listed again: a narinfo written meanwhile keeps its
-//! closure. With `dry_run` nothing is changed and the report says what would go.
+//! closure. Once the narinfos are gone it is listed a third time, and removed narinfos that a
+//! narinfo written during the removal references are put back (their files are still there).
+//! With `dry_run` nothing is changed and the report says what would go.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -65,6 +67,8 @@ pub struct GcReport {
     pub removed_narinfos: Vec<String>,
     /// NAR, `.ls` and tombstone files removed.
     pub removed_files: Vec<String>,
+    /// Narinfos put back because a narinfo written during the collection references them.
+    pub restored: Vec<String>,
     /// NAR and `.ls` files whose removal waits for the grace period.
     pub deferred_files: u64,
     /// Bytes removed.
@@ -231,6 +235,18 @@ pub async fn gc(blobs: Arc<dyn Blobs>, opts: &GcOptions) -> Result<GcReport, Sto
             )
             .await?;
         report.deferred_files += doomed_files.len() as u64;
+        // Their texts, to put back what a writer references after all (below).
+        let mut saved = HashMap::new();
+        for d in &doomed {
+            let key = format!("{d}.narinfo");
+            match small(&blobs, &key).await {
+                Ok(text) => {
+                    saved.insert(*d, text);
+                }
+                Err(StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
         let graph: HashMap<Digest, Vec<Digest>> =
             read.iter().map(|(d, r)| (*d, r.refs.clone())).collect();
         let referrers = referrers_of(&graph);
@@ -241,8 +257,87 @@ pub async fn gc(blobs: Arc<dyn Blobs>, opts: &GcOptions) -> Result<GcReport, Sto
             .iter()
             .filter_map(|k| sizes.get(k))
             .sum::<u64>();
+        report.restored = restore_referenced(&blobs, &cache, &read, &saved, &graph, opts).await?;
     }
     Ok(report)
+}
+
+/// After removing: a narinfo written since the last listing may reference a removed path
+/// (its uploader found it present moments before). Those removed narinfos, and what they
+/// reference among the removed, are put back, references first; their files are still there,
+/// since files go only a grace period after their narinfo.
+async fn restore_referenced(
+    blobs: &Arc<dyn Blobs>,
+    cache: &BinaryCache,
+    read: &HashMap<Digest, Read>,
+    saved: &HashMap<Digest, String>,
+    graph: &HashMap<Digest, Vec<Digest>>,
+    opts: &GcOptions,
+) -> Result<Vec<String>, StoreError> {
+    let now: Vec<Digest> = blobs
+        .list_meta("")
+        .await?
+        .iter()
+        .filter_map(|m| Digest::parse(m.key.strip_suffix(".narinfo")?).ok())
+        .filter(|d| !read.contains_key(d))
+        .collect();
+    if now.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (written, _) = read_all(cache, now.into_iter(), opts).await;
+    // Removed paths the new narinfos need, with their removed references.
+    let mut needed = HashSet::new();
+    let mut todo: Vec<Digest> = written
+        .values()
+        .flat_map(|r| r.refs.iter().copied())
+        .filter(|d| saved.contains_key(d))
+        .collect();
+    while let Some(d) = todo.pop() {
+        if needed.insert(d) {
+            todo.extend(
+                graph
+                    .get(&d)
+                    .into_iter()
+                    .flatten()
+                    .filter(|r| saved.contains_key(*r)),
+            );
+        }
+    }
+    // References first: a narinfo goes back once everything it references is back.
+    let mut restored = Vec::new();
+    let mut back = HashSet::new();
+    while back.len() < needed.len() {
+        let mut progress = false;
+        let mut ready: Vec<Digest> = needed
+            .iter()
+            .filter(|d| !back.contains(*d))
+            .filter(|d| {
+                graph
+                    .get(*d)
+                    .into_iter()
+                    .flatten()
+                    .all(|r| r == *d || !needed.contains(r) || back.contains(r))
+            })
+            .copied()
+            .collect();
+        ready.sort();
+        for d in ready {
+            let key = format!("{d}.narinfo");
+            let text = saved[&d].clone();
+            let stream: ByteStream = Box::pin(futures::stream::once(async move {
+                Ok(bytes::Bytes::from(text))
+            }));
+            blobs.put(&key, stream, "text/x-nix-narinfo").await?;
+            tracing::info!("put back {key}: a narinfo written during the collection references it");
+            restored.push(key);
+            back.insert(d);
+            progress = true;
+        }
+        if !progress {
+            break; // a cycle among them; Nix makes none
+        }
+    }
+    Ok(restored)
 }
 
 /// Reads narinfos: what each references and the files that belong to it (its NAR, its
@@ -389,4 +484,149 @@ pub async fn pin_ls(blobs: &Arc<dyn Blobs>) -> Result<Vec<(String, Vec<String>)>
     }
     out.sort();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryBlobs;
+    use crate::store::{Blob, ByteRange};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    const Q: &str = "5r1dlyl2wyar1nn50ry8xi6apps79m0j";
+    const P: &str = "6r1dlyl2wyar1nn50ry8xi6apps79m0j";
+    const X: &str = "7r1dlyl2wyar1nn50ry8xi6apps79m0j";
+
+    fn narinfo(digest: &str, refs: &str) -> String {
+        format!(
+            "StorePath: /nix/store/{digest}-x\nURL: nar/{digest}.nar\nCompression: none\n\
+             NarHash: sha256:1vn8cv29b1lzdb1pfpx4klpf2xja1iq8jbrvfk82f2ms1gc0gz4y\n\
+             NarSize: 1240\nReferences: {refs}\n"
+        )
+    }
+
+    fn text(t: String) -> ByteStream {
+        Box::pin(futures::stream::once(
+            async move { Ok(bytes::Bytes::from(t)) },
+        ))
+    }
+
+    /// When an uploader lands P (which references the old Q) in the cache.
+    #[derive(Clone, Copy, PartialEq, Debug)]
+    enum When {
+        /// While the collection reads the narinfos (before its second listing).
+        Reading,
+        /// While it removes narinfos (after its last look before removing).
+        Removing,
+    }
+
+    /// A cache where an uploader writes P's NAR and narinfo at the moment `when` says.
+    struct Racing {
+        inner: MemoryBlobs,
+        when: When,
+        fired: AtomicBool,
+    }
+
+    impl Racing {
+        async fn upload_p(&self) {
+            if !self.fired.swap(true, Ordering::SeqCst) {
+                let nar = format!("nar/{P}.nar");
+                self.inner.put(&nar, text("nar".into()), "").await.unwrap();
+                let ni = narinfo(P, &format!("{Q}-x"));
+                self.inner
+                    .put(&format!("{P}.narinfo"), text(ni), "")
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Blobs for Racing {
+        fn describe(&self) -> String {
+            "racing".into()
+        }
+        async fn get(&self, key: &str, range: Option<ByteRange>) -> crate::store::Result<Blob> {
+            if self.when == When::Reading && key.ends_with(".narinfo") {
+                self.upload_p().await;
+            }
+            self.inner.get(key, range).await
+        }
+        async fn put(&self, key: &str, data: ByteStream, ct: &str) -> crate::store::Result<u64> {
+            self.inner.put(key, data, ct).await
+        }
+        async fn head(&self, key: &str) -> crate::store::Result<Option<u64>> {
+            self.inner.head(key).await
+        }
+        async fn list_meta(&self, prefix: &str) -> crate::store::Result<Vec<ObjectMeta>> {
+            self.inner.list_meta(prefix).await
+        }
+        async fn delete(&self, key: &str) -> crate::store::Result<()> {
+            let r = self.inner.delete(key).await;
+            if self.when == When::Removing && key.ends_with(".narinfo") {
+                self.upload_p().await;
+            }
+            r
+        }
+    }
+
+    /// An upload that references an old path and lands mid-collection never leaves its
+    /// narinfo without the old path's: landing before the last look, the old path is kept;
+    /// landing while narinfos are removed, the old path's narinfo is put back.
+    #[tokio::test]
+    async fn an_upload_landing_mid_collection_keeps_what_it_references() {
+        for when in [When::Reading, When::Removing] {
+            let blobs = Arc::new(Racing {
+                inner: MemoryBlobs::new(),
+                when,
+                fired: AtomicBool::new(false),
+            });
+            for (d, refs) in [(Q, ""), (X, "")] {
+                blobs
+                    .inner
+                    .put(&format!("nar/{d}.nar"), text("nar".into()), "")
+                    .await
+                    .unwrap();
+                blobs
+                    .inner
+                    .put(&format!("{d}.narinfo"), text(narinfo(d, refs)), "")
+                    .await
+                    .unwrap();
+            }
+            let opts = GcOptions {
+                roots: Vec::new(),
+                max_age: None,
+                grace: Duration::ZERO,
+                dry_run: false,
+                jobs: 1,
+            };
+            let dyn_blobs: Arc<dyn Blobs> = blobs.clone();
+            let report = gc(dyn_blobs, &opts).await.unwrap();
+            assert!(
+                blobs.fired.load(Ordering::SeqCst),
+                "{when:?}: P was never written"
+            );
+            let q = format!("{Q}.narinfo");
+            assert!(
+                blobs.inner.head(&q).await.unwrap().is_some(),
+                "{when:?}: Q's narinfo is gone while P references it: {report:?}"
+            );
+            assert!(
+                blobs
+                    .inner
+                    .head(&format!("{X}.narinfo"))
+                    .await
+                    .unwrap()
+                    .is_none(),
+                "{when:?}: X should go: {report:?}"
+            );
+            match when {
+                When::Reading => {
+                    assert!(!report.removed_narinfos.contains(&q), "{report:?}");
+                    assert!(report.restored.is_empty(), "{report:?}");
+                }
+                When::Removing => assert_eq!(report.restored, [q], "{report:?}"),
+            }
+        }
+    }
 }
