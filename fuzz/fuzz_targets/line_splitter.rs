@@ -28,7 +28,7 @@ struct Input {
     reads: Vec<u32>,
 }
 
-const MAX_DATA: usize = 4 << 20;
+const MAX_DATA: usize = 256 << 10;
 
 /// The tokens the rules give for the whole input.
 fn model(data: &[u8], allow_finish: bool) -> Vec<Token> {
