@@ -145,8 +145,10 @@ impl FsckReport {
 
 /// Checks the binary cache in `blobs`.
 ///
-/// Fails only when the cache cannot be listed or `nix-cache-info` is unreadable for a reason
-/// other than its absence; everything wrong with single objects is a finding.
+/// Fails when the cache cannot be listed or an object cannot be read for a reason other than
+/// its content (an outage, a timeout, a refused request): that is not a finding, and repair
+/// must never remove a narinfo because the bucket was briefly unreachable. Everything wrong
+/// with single objects is a finding.
 pub async fn fsck(blobs: Arc<dyn Blobs>, opts: &FsckOptions) -> Result<FsckReport, StoreError> {
     let cache = BinaryCache::new(blobs.clone());
     let digests: Vec<Digest> = cache.list().await?;
@@ -159,10 +161,10 @@ pub async fn fsck(blobs: Arc<dyn Blobs>, opts: &FsckOptions) -> Result<FsckRepor
         .collect();
 
     let checked: Vec<Checked> = futures::stream::iter(digests)
-        .map(|d| check_one(&cache, blobs.as_ref(), d, &known, opts))
+        .map(|d| check_one(&cache, blobs.as_ref(), d, Some(&known), opts))
         .buffer_unordered(opts.jobs.max(1))
-        .collect()
-        .await;
+        .try_collect()
+        .await?;
 
     let mut report = FsckReport {
         narinfos: checked.len() as u64,
@@ -174,7 +176,7 @@ pub async fn fsck(blobs: Arc<dyn Blobs>, opts: &FsckOptions) -> Result<FsckRepor
     let mut graph = HashMap::new();
     for c in checked {
         if c.findings.iter().any(|f| f.kind.is_broken()) {
-            broken.push((c.digest, c.url.clone()));
+            broken.push(c.digest);
         }
         report.findings.extend(c.findings);
         report.verified_bytes += c.verified;
@@ -215,16 +217,15 @@ pub async fn fsck(blobs: Arc<dyn Blobs>, opts: &FsckOptions) -> Result<FsckRepor
 async fn repair(
     cache: &BinaryCache,
     blobs: &dyn Blobs,
-    broken: Vec<(Digest, Option<String>)>,
+    broken: Vec<Digest>,
     graph: &HashMap<Digest, Vec<Digest>>,
     opts: &FsckOptions,
 ) -> Result<Vec<String>, StoreError> {
     let mut doomed = HashSet::new();
-    for (digest, _) in broken {
-        let known: HashSet<Digest> = HashSet::new();
+    for digest in broken {
         // Checked again against the cache as it is now: the reference that was missing may
         // have been written since (its writer was mid-closure), the NAR may have arrived.
-        let again = check_one(cache, blobs, digest, &known, opts).await;
+        let again = check_one(cache, blobs, digest, None, opts).await?;
         let still = again
             .findings
             .iter()
@@ -345,15 +346,15 @@ struct Checked {
     verified: u64,
 }
 
-/// Checks one narinfo. References are checked against `known` (pass an empty set to leave
-/// them to the caller).
+/// Checks one narinfo. References are checked against `known` (`None` leaves them to the
+/// caller). Fails when the store could not be asked (see [`fsck`]).
 async fn check_one(
     cache: &BinaryCache,
     blobs: &dyn Blobs,
     digest: Digest,
-    known: &HashSet<Digest>,
+    known: Option<&HashSet<Digest>>,
     opts: &FsckOptions,
-) -> Checked {
+) -> Result<Checked, StoreError> {
     let mut checked = Checked {
         digest,
         findings: Vec::new(),
@@ -372,15 +373,16 @@ async fn check_one(
     };
     let info = match cache.narinfo(&digest).await {
         Ok(info) => info,
-        Err(StoreError::NotFound(_)) => return checked, // removed while we looked
-        Err(e) => {
+        Err(StoreError::NotFound(_)) => return Ok(checked), // removed while we looked
+        Err(e @ (StoreError::Corrupt(_) | StoreError::Invalid(_))) => {
             finding(FindingKind::Unparsable, e.to_string());
             checked.findings = out;
-            return checked;
+            return Ok(checked);
         }
+        Err(e) => return Err(e),
     };
     for r in &info.references {
-        if r.digest() != &digest && !known.is_empty() && !known.contains(r.digest()) {
+        if r.digest() != &digest && known.is_some_and(|k| !k.contains(r.digest())) {
             finding(
                 FindingKind::DanglingReference,
                 format!("references {r}, which the cache has no narinfo for"),
@@ -410,10 +412,7 @@ async fn check_one(
             FindingKind::MissingNar,
             format!("its NAR {} does not exist", info.url),
         ),
-        Err(e) => finding(
-            FindingKind::MissingNar,
-            format!("its NAR {} cannot be read: {e}", info.url),
-        ),
+        Err(e) => return Err(e),
         Ok(Some(size)) => {
             if let Some(want) = info.file_size.filter(|w| *w != size) {
                 finding(
@@ -435,7 +434,7 @@ async fn check_one(
     checked.url = Some(info.url.clone());
     checked.refs = info.references.iter().map(|r| *r.digest()).collect();
     checked.verified = verified;
-    checked
+    Ok(checked)
 }
 
 /// Streams the NAR of `info` once, hashing the file as stored and the NAR inside it; the bytes
@@ -515,6 +514,64 @@ mod tests {
         blobs.put(key, stream, "text/plain").await.unwrap();
     }
 
+    /// A cache whose `head` fails as a backend outage does.
+    struct Down(MemoryBlobs);
+
+    #[async_trait::async_trait]
+    impl Blobs for Down {
+        fn describe(&self) -> String {
+            "down".into()
+        }
+        async fn get(
+            &self,
+            key: &str,
+            range: Option<crate::store::ByteRange>,
+        ) -> crate::store::Result<crate::store::Blob> {
+            self.0.get(key, range).await
+        }
+        async fn put(
+            &self,
+            key: &str,
+            data: crate::store::ByteStream,
+            ct: &str,
+        ) -> crate::store::Result<u64> {
+            self.0.put(key, data, ct).await
+        }
+        async fn head(&self, _: &str) -> crate::store::Result<Option<u64>> {
+            Err(StoreError::backend("checking", "connection refused"))
+        }
+        async fn list_meta(
+            &self,
+            prefix: &str,
+        ) -> crate::store::Result<Vec<crate::store::blobs::ObjectMeta>> {
+            self.0.list_meta(prefix).await
+        }
+        async fn delete(&self, key: &str) -> crate::store::Result<()> {
+            self.0.delete(key).await
+        }
+    }
+
+    /// A store that cannot be asked is not a broken cache: fsck fails instead of reporting
+    /// missing NARs, and repair removes nothing.
+    #[tokio::test]
+    async fn an_outage_is_an_error_not_a_finding() {
+        let blobs = Arc::new(Down(MemoryBlobs::new()));
+        put(&blobs.0, &format!("{A}.narinfo"), narinfo(A, "")).await;
+        let opts = FsckOptions {
+            jobs: 1,
+            repair: true,
+            ..Default::default()
+        };
+        let e = fsck(blobs.clone(), &opts).await.unwrap_err();
+        assert!(e.to_string().contains("connection refused"), "{e}");
+        assert!(blobs
+            .0
+            .head(&format!("{A}.narinfo"))
+            .await
+            .unwrap()
+            .is_some());
+    }
+
     /// A path whose reference is missing when the cache is listed, and whose writer finishes
     /// the closure before repair gets to it, is kept; left missing, it goes.
     #[tokio::test]
@@ -541,15 +598,9 @@ mod tests {
             let cache = BinaryCache::new(blobs.clone());
             let digest = Digest::parse(A).unwrap();
             let graph = HashMap::from([(digest, vec![Digest::parse(B).unwrap()])]);
-            let removed = repair(
-                &cache,
-                blobs.as_ref(),
-                vec![(digest, Some(format!("nar/{A}.nar")))],
-                &graph,
-                &opts,
-            )
-            .await
-            .unwrap();
+            let removed = repair(&cache, blobs.as_ref(), vec![digest], &graph, &opts)
+                .await
+                .unwrap();
             if writer_finishes {
                 assert!(removed.is_empty(), "{removed:?}");
                 assert!(blobs.head(&format!("{A}.narinfo")).await.unwrap().is_some());

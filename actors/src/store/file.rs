@@ -90,8 +90,9 @@ impl FileBlobs {
     }
 }
 
-/// Bytes read per call: big enough that a hand-off to a blocking thread is rare, small enough that a client that stops reading holds little (the HTTP layer keeps about one
-/// chunk per response, in a buffer that grows by doubling: 600 stalled readers measured ~0.5
+/// Bytes read per call: big enough that a hand-off to a blocking thread is rare, small enough
+/// that a client that stops reading holds little (the HTTP layer keeps about one chunk per
+/// response, in a buffer that grows by doubling: 600 stalled readers measured ~0.5
 /// MiB each at 256 KiB, ~1.2 MiB at 1 MiB).
 const READ_CHUNK: u64 = 128 << 10;
 
