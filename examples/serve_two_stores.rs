@@ -133,6 +133,7 @@ fn options(store: Arc<dyn Store>) -> ServeOptions {
         ui: Default::default(),
         budgets: Default::default(),
         upload_stats: Vec::new(),
+        access_records: None,
     }
 }
 

@@ -103,9 +103,19 @@ pub struct GcArgs {
     /// File of store paths (one per line) whose closures stay; repeatable.
     #[arg(long = "keep", value_name = "FILE")]
     pub keep: Vec<PathBuf>,
-    /// Keep what was uploaded within this long (with its closure); 0s keeps only pins.
+    /// Keep what was uploaded or served (see --access-records) within this long, with its
+    /// closure; older paths go. 0s keeps only pins and --keep roots.
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     pub max_age: Option<Duration>,
+    /// Besides, remove least recently used paths (uploaded or served) until the cache holds at
+    /// most this much: 500G, 20GiB, 1T, 750M or bytes. Pins, --keep roots and paths younger
+    /// than --grace always stay, so the cache may stay above it.
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    pub max_size: Option<u64>,
+    /// Access records of `serve` (a file, or the folder `serve` keeps them in: its state
+    /// folder's access/), so that served paths count as used; repeatable, for several servers.
+    #[arg(long = "access-records", value_name = "PATH")]
+    pub access_records: Vec<PathBuf>,
     /// Never remove anything younger than this (an uploader may be mid-closure), and remove
     /// NAR files only this long after their narinfo (servers and CDNs may still hand it out).
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
@@ -175,13 +185,32 @@ pub struct FsckArgs {
     pub cache: String,
 }
 
+/// Parses a size: a number of bytes, or with a unit K, M, G, T (powers of 1024, as `du -h`;
+/// `KiB`, `MB` and the like are read the same way).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let bad = || format!("invalid size {s:?}; write for example 500G, 20GiB, 750M or 1048576");
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(1u64 << shift).ok_or_else(bad)
+}
+
 /// The longest duration a flag or the config file may give: 100 years.
 const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
-/// Parses durations as Go writes them (`300ms`, `30s`, `2m`, `1h`, `1h30m`); a bare number
-/// is seconds.
+/// Parses durations as Go writes them (`300ms`, `30s`, `2m`, `1h`, `1h30m`), and days
+/// (`30d`); a bare number is seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration {s:?}; write for example 30s, 2m, 1h or 500ms");
+    let bad = || format!("invalid duration {s:?}; write for example 30s, 2m, 1h, 7d or 500ms");
     // Checked conversions: a value from a config file or flag must never panic the process
     // (infinite, NaN, negative or beyond what a Duration holds are errors).
     // At most a century, so adding one to a clock reading cannot overflow either.
@@ -213,6 +242,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "s" => 1.0,
             "m" => 60.0,
             "h" => 3600.0,
+            // Not Go's, but what retention periods are written in.
+            "d" => 86400.0,
             _ => return Err(bad()),
         };
         total = total
@@ -294,6 +325,14 @@ pub struct ServeArgs {
     /// zstd-encoded to clients that send `Accept-Encoding: zstd`: less bandwidth, more CPU.
     #[arg(long)]
     pub transparent_zstd: bool,
+    /// Folder for the access records (when each path was last served; give it to
+    /// `gc --access-records`). Default: $STATE_DIRECTORY, else $XDG_STATE_HOME/nixcached,
+    /// else ~/.local/state/nixcached; the records are in its access/ folder.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Keep no access records.
+    #[arg(long)]
+    pub no_access_records: bool,
     #[command(flatten)]
     pub upstream: UpstreamArgs,
     /// Store to serve: /nix/store, local?root=DIR, file:///DIR, s3://BUCKET, gs://BUCKET,
@@ -432,6 +471,19 @@ pub struct SendArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("750M"), Ok(750 << 20));
+        assert_eq!(parse_size("20GiB"), Ok(20 << 30));
+        assert_eq!(parse_size("1t"), Ok(1 << 40));
+        for bad in ["", "G", "1.5G", "-1", "1X", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
+    }
 
     #[test]
     fn durations() {

@@ -5,6 +5,8 @@
 //! [server]                       # shared listeners for caches without their own
 //! listen = ["127.0.0.1:38380"]
 //! idle-timeout = "5m"            # drop a client that reads nothing of a response this long
+//! state-dir = "/var/lib/nixcached"   # access records (when each path was last served) go
+//! access-records = true          # under access/ in it, for `gc --access-records`
 //!
 //! [[cache]]                      # served at http://127.0.0.1:38380/
 //! store = "/nix/store"
@@ -70,6 +72,10 @@ pub struct ServerSection {
     pub idle_timeout: Duration,
     /// HTTP workers per server (0: one per core).
     pub workers: usize,
+    /// Folder for the access records (as `serve --state-dir`).
+    pub state_dir: Option<PathBuf>,
+    /// Whether to keep access records (default yes).
+    pub access_records: bool,
 }
 
 impl Default for ServerSection {
@@ -80,6 +86,8 @@ impl Default for ServerSection {
             grace: defaults::duration(defaults::GRACE),
             idle_timeout: defaults::duration(defaults::IDLE_TIMEOUT),
             workers: 0,
+            state_dir: None,
+            access_records: true,
         }
     }
 }
@@ -276,6 +284,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             budgets: crate::serve::budget_sizes(c.metadata_slots, c.nar_slots, c.explorer_slots)
                 .with_context(|| format!("[[cache]] {}", c.store))?,
             upload_stats: upload_stats.clone(),
+            access_records: cfg.server.access_records.then(|| {
+                crate::serve::access_records_path(cfg.server.state_dir.as_deref(), &c.store)
+            }),
         };
         if c.listen.is_empty() {
             shared.push((c.prefix.clone(), opts));

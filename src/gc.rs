@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use nixcached_actors::access::read_access_records;
 use nixcached_actors::formats::StorePath;
 use nixcached_actors::gc::{gc, pin_add, pin_ls, pin_rm, GcOptions, GcReport};
 use nixcached_actors::store::blobs::Blobs;
@@ -27,11 +28,12 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// Runs `gc`.
 pub fn run(args: GcArgs) -> anyhow::Result<()> {
-    if args.keep.is_empty() && args.max_age.is_none() {
+    if args.keep.is_empty() && args.max_age.is_none() && args.max_size.is_none() {
         bail!(
             "gc needs a retention policy: --keep FILE (store paths whose closures stay), \
-             --max-age DURATION (what was uploaded since), or both; pins in the cache always \
-             stay, and --max-age 0s keeps only them"
+             --max-age DURATION (what was uploaded or served since), --max-size SIZE (least \
+             recently used go past it), or several; pins in the cache always stay, and \
+             --max-age 0s keeps only them"
         );
     }
     if args.jobs == 0 {
@@ -45,9 +47,20 @@ pub fn run(args: GcArgs) -> anyhow::Result<()> {
             roots.push(store_path(line).with_context(|| format!("in {}", file.display()))?);
         }
     }
+    let mut served = std::collections::HashMap::new();
+    for path in &args.access_records {
+        for (d, t) in read_access_records(path)
+            .with_context(|| "give --access-records the file or folder serve keeps them in")?
+        {
+            let e = served.entry(d).or_insert(t);
+            *e = (*e).max(t);
+        }
+    }
     let opts = GcOptions {
         roots,
         max_age: args.max_age,
+        max_size: args.max_size,
+        served,
         grace: args.grace,
         dry_run: args.dry_run,
         jobs: args.jobs,
@@ -71,8 +84,9 @@ fn summary(cache: &str, r: &GcReport) -> String {
         s.push_str(&format!("{verb} {k}\n"));
     }
     s.push_str(&format!(
-        "{cache}: {} narinfos, {} kept, {} unreadable (left alone); {verb} {} narinfos and {} files, {} bytes; {} NAR/.ls files wait for the grace period\n",
+        "{cache}: {} narinfos, {} bytes; {} kept, {} unreadable (left alone); {verb} {} narinfos and {} files, {} bytes; {} NAR/.ls files wait for the grace period\n",
         r.narinfos,
+        r.total_bytes,
         r.kept,
         r.unreadable,
         r.removed_narinfos.len(),

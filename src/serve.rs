@@ -190,6 +190,16 @@ pub fn budget_sizes(
     })
 }
 
+/// Where `serve` keeps the access records of the store `url`: `access/<url as a file name>.log`
+/// in the state folder.
+pub fn access_records_path(state_dir: Option<&std::path::Path>, url: &str) -> PathBuf {
+    state_dir
+        .map(PathBuf::from)
+        .unwrap_or_else(crate::upload::default_state_dir)
+        .join("access")
+        .join(nixcached_actors::access::file_name_for(url))
+}
+
 /// Runs `serve`.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let store = open_serve_store(args.store.as_deref(), &args.upstream)?;
@@ -228,6 +238,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         budgets: budget_sizes(args.metadata_slots, args.nar_slots, args.explorer_slots)
             .context("serve")?,
         upload_stats: Vec::new(),
+        access_records: (!args.no_access_records).then(|| {
+            access_records_path(
+                args.state_dir.as_deref(),
+                args.store.as_deref().unwrap_or("default"),
+            )
+        }),
     };
     actix_web::rt::System::new().block_on(nixcached_actors::serve::run(opts))?;
     tracing::info!("stopped");

@@ -17,7 +17,9 @@ use nixcached_actors::upload::{PipelineConfig, UploadConfig};
 
 use crate::cli::UploadArgs;
 
-fn default_state_dir() -> PathBuf {
+/// The state folder when none is given: `$STATE_DIRECTORY` (systemd), else
+/// `$XDG_STATE_HOME/nixcached`, else `~/.local/state/nixcached`.
+pub fn default_state_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("STATE_DIRECTORY") {
         // systemd's StateDirectory= may list several; the first is ours.
         let first = d

@@ -230,7 +230,19 @@ fn gc_on_s3_and_gcs_buckets_written_by_upload() {
                 &cache,
             ],
         );
+        // Over a size of nothing, all would go, referrers first.
+        let r = gc(
+            &env,
+            &["--max-size", "0", "--grace", "0s", "--dry-run", &cache],
+        );
+        let would = strings(&r["removed_narinfos"]);
+        assert_eq!(would.len(), 4, "{cache}: {r}");
         run(&env, &["pin", "add", &cache, "app", &closure.app]);
+        let r = gc(
+            &env,
+            &["--max-size", "0", "--grace", "0s", "--dry-run", &cache],
+        );
+        assert_eq!(strings(&r["removed_narinfos"]), [key(&other)], "{cache}");
         let r = gc(&env, &["--max-age", "0s", "--grace", "0s", &cache]);
         assert_eq!(strings(&r["removed_narinfos"]), [key(&other)], "{cache}");
         assert_eq!(nothing_broken(&env, &cache), 1, "{cache}");
@@ -241,5 +253,189 @@ fn gc_on_s3_and_gcs_buckets_written_by_upload() {
             "{cache}: {r}"
         );
         assert_eq!(nothing_broken(&env, &cache), 0, "{cache}");
+        // The real Nix substitutes what was kept, through the server.
+        let daemon = common::Daemon::start(&env, &["serve", "--no-access-records", &cache]);
+        let fresh = env.path(&fresh_name("fresh"));
+        env.copy_from(&daemon.url, fresh.to_str().unwrap(), None, &closure.app);
     }
+}
+
+/// Sets the time `path` (a file in the cache folder) was written to `secs` seconds ago.
+fn written_ago(path: &std::path::Path, secs: u64) {
+    let t = std::time::SystemTime::now() - std::time::Duration::from_secs(secs);
+    fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+}
+
+/// Every file of the folder cache `dir` written `secs` ago.
+fn all_written_ago(dir: &std::path::Path, secs: u64) {
+    for entry in walk(dir) {
+        written_ago(&entry, secs);
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+const DAY: u64 = 24 * 3600;
+
+#[test]
+fn gc_max_size_removes_least_recently_used_first_never_half_a_closure() {
+    let s = setup();
+    let c = &s.cache;
+    all_written_ago(&s.dir, 2 * DAY);
+    // app (the top referrer) is the oldest, then other; lib was written most recently, and
+    // dep, older than lib, counts as used when lib was, since lib references it.
+    written_ago(&s.dir.join(key(&s.closure.app)), 5 * DAY);
+    written_ago(&s.dir.join(key(&s.other)), 3 * DAY);
+    written_ago(&s.dir.join(key(&s.closure.lib)), DAY);
+    written_ago(&s.dir.join(key(&s.closure.dep)), 4 * DAY);
+
+    let r = gc(&s.env, &["--max-size", "1T", "--grace", "0s", c]);
+    assert_eq!(r["removed_narinfos"].as_array().unwrap().len(), 0, "{r}");
+    let total = r["total_bytes"].as_u64().unwrap();
+    let on_disk: u64 = walk(&s.dir)
+        .iter()
+        .map(|p| fs::metadata(p).unwrap().len())
+        .sum();
+    assert_eq!(total, on_disk, "total_bytes counts every object");
+
+    assert_eq!(r["kept_bytes"], total, "{r}");
+
+    // One byte too many: the least recently used path goes, app; not dep, the oldest
+    // written, since lib still needs it.
+    let r = gc(
+        &s.env,
+        &["--max-size", &(total - 1).to_string(), "--grace", "1h", c],
+    );
+    assert_eq!(
+        strings(&r["removed_narinfos"]),
+        [key(&s.closure.app)],
+        "{r}"
+    );
+    // Its NAR waits for the grace period but counts as gone: a second run with the same
+    // limit removes nothing more.
+    let r = gc(
+        &s.env,
+        &["--max-size", &(total - 1).to_string(), "--grace", "0s", c],
+    );
+    assert_eq!(r["removed_narinfos"].as_array().unwrap().len(), 0, "{r}");
+    // One byte less than what is left: now other.
+    let left = r["kept_bytes"].as_u64().unwrap();
+    assert!(left < total, "{r}");
+    let r = gc(
+        &s.env,
+        &["--max-size", &(left - 1).to_string(), "--grace", "0s", c],
+    );
+    assert_eq!(strings(&r["removed_narinfos"]), [key(&s.other)], "{r}");
+    nothing_broken(&s.env, c);
+    // Down to nothing but a pin: lib's closure stays whole, it alone.
+    run(&s.env, &["pin", "add", c, "lib", &s.closure.lib]);
+    let r = gc(&s.env, &["--max-size", "0", "--grace", "0s", c]);
+    assert_eq!(r["removed_narinfos"].as_array().unwrap().len(), 0, "{r}");
+    assert_eq!(r["kept"], 2, "{r}");
+    run(&s.env, &["pin", "rm", c, "lib"]);
+    let r = gc(
+        &s.env,
+        &["--max-size", "0", "--grace", "0s", "--dry-run", c],
+    );
+    assert_eq!(
+        strings(&r["removed_narinfos"]).len(),
+        2,
+        "without the pin both would go: {r}"
+    );
+    let fresh = s.env.path("fresh");
+    s.env
+        .copy_from(c, fresh.to_str().unwrap(), None, &s.closure.lib);
+}
+
+#[test]
+fn gc_max_age_keeps_what_serve_served_and_the_explorer_says_when() {
+    let s = setup();
+    let c = &s.cache;
+    all_written_ago(&s.dir, 2 * DAY);
+    let state = s.env.path("serve-state");
+    let state_arg = state.to_str().unwrap();
+    let daemon = common::Daemon::start(&s.env, &["serve", "--state-dir", state_arg, c]);
+    // Nix fetches other through the server.
+    let fresh = s.env.path("fresh");
+    s.env
+        .copy_from(&daemon.url, fresh.to_str().unwrap(), None, &s.other);
+    let digest = &key(&s.other)[..32];
+    let page = |url: &str| {
+        let (code, body) = common::curl(&[
+            "-H",
+            "Accept: text/html",
+            &format!("{url}/{digest}.narinfo"),
+        ]);
+        assert_eq!(code, 200);
+        String::from_utf8(body).unwrap()
+    };
+    let html = page(&daemon.url);
+    assert!(
+        html.contains("id=\"last-served\">20") && html.contains(" ago)"),
+        "the object page says when it was served: {html}"
+    );
+    // Stopped, the server writes out its records.
+    assert!(daemon.signal_and_wait("TERM").success());
+    let records = state.join("access");
+    let text: String = walk(&records)
+        .iter()
+        .map(|p| fs::read_to_string(p).unwrap())
+        .collect();
+    assert!(text.contains(digest), "{text}");
+
+    // Without the records everything is two days old and would go; with them, other stays.
+    let r = gc(
+        &s.env,
+        &["--max-age", "1d", "--grace", "0s", "--dry-run", c],
+    );
+    assert_eq!(strings(&r["removed_narinfos"]).len(), 4, "{r}");
+    let r = gc(
+        &s.env,
+        &[
+            "--max-age",
+            "1d",
+            "--grace",
+            "0s",
+            "--access-records",
+            records.to_str().unwrap(),
+            c,
+        ],
+    );
+    let mut removed = strings(&r["removed_narinfos"]);
+    removed.sort();
+    let mut want = vec![
+        key(&s.closure.app),
+        key(&s.closure.lib),
+        key(&s.closure.dep),
+    ];
+    want.sort();
+    assert_eq!(removed, want, "{r}");
+    assert_eq!(
+        nothing_broken(&s.env, c),
+        3,
+        "their NARs wait for the grace period"
+    );
+
+    // A restarted server still knows when other was served.
+    let daemon = common::Daemon::start(&s.env, &["serve", "--state-dir", state_arg, c]);
+    assert!(page(&daemon.url).contains("id=\"last-served\">20"));
+    let again = s.env.path("again");
+    s.env
+        .copy_from(&daemon.url, again.to_str().unwrap(), None, &s.other);
 }

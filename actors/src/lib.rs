@@ -9,6 +9,7 @@
 /// API of this crate (messages, stores) speaks in its types.
 pub use nixcached_formats as formats;
 
+pub mod access;
 pub mod budget;
 pub mod catalog;
 pub mod fetcher;

@@ -29,9 +29,27 @@ pub struct ServedNarInfo {
     /// Set once the explorer's catalog has been told about this narinfo, so a cached narinfo
     /// costs the catalog's lock once, not on every request for it.
     pub cataloged: std::sync::atomic::AtomicBool,
+    /// When (unix seconds) this narinfo last went to the access records, so a cached narinfo
+    /// costs the records' lock at most once a minute.
+    recorded_at: std::sync::atomic::AtomicU64,
 }
 
 impl ServedNarInfo {
+    /// Whether serving this narinfo now should be noted in the access records: not when it
+    /// was noted within the last minute.
+    pub fn due_for_access_record(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.recorded_at.load(Ordering::Relaxed);
+        now >= last.saturating_add(60)
+            && self
+                .recorded_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+
     /// Renders and tags a narinfo.
     pub fn new(info: NarInfo) -> ServedNarInfo {
         let text = Bytes::from(info.render());
@@ -45,6 +63,7 @@ impl ServedNarInfo {
             text,
             etag,
             cataloged: Default::default(),
+            recorded_at: Default::default(),
         }
     }
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use actix::Actor;
 use actix_web::{App, HttpServer};
 
+use crate::access::AccessLog;
 use crate::budget::{BudgetSizes, Budgets};
 use crate::catalog::{Catalog, Discovery};
 use crate::fetcher::Fetcher;
@@ -78,6 +79,9 @@ pub struct ServeOptions {
     pub budgets: BudgetSizes,
     /// Upload pipelines of the same process, whose counters `/metrics` shows too.
     pub upload_stats: Vec<Arc<crate::upload::stats::UploadStats>>,
+    /// Where to keep the access records (when each path was last served, for `gc --max-age`
+    /// and the explorer); `None` keeps none.
+    pub access_records: Option<PathBuf>,
 }
 
 /// Settings of the explorer UI.
@@ -152,6 +156,22 @@ pub async fn start_service(opts: &ServeOptions) -> io::Result<Arc<CacheService>>
     let catalog = Catalog::new(opts.ui.catalog_max_objects);
     let discovery =
         Discovery::new(catalog.clone(), fetcher.clone(), opts.ui.max_list_frequency).start();
+    let access = match &opts.access_records {
+        Some(path) => {
+            let log = Arc::new(AccessLog::open(path, crate::access::DEFAULT_MAX_PATHS)?);
+            let flushed = log.clone();
+            actix_web::rt::spawn(async move {
+                let mut every = tokio::time::interval(crate::access::FLUSH_EVERY);
+                every.tick().await;
+                loop {
+                    every.tick().await;
+                    flush_access(&flushed).await;
+                }
+            });
+            Some(log)
+        }
+        None => None,
+    };
     let mut trusted_keys = opts.ui.trusted_keys.clone();
     for k in &opts.keys {
         let public = k.public();
@@ -179,7 +199,19 @@ pub async fn start_service(opts: &ServeOptions) -> io::Result<Arc<CacheService>>
         catalog,
         discovery,
         trusted_keys,
+        access,
     }))
+}
+
+/// Writes out access records off the async threads; a failure is logged, and what it did not
+/// write goes out with the next flush.
+async fn flush_access(log: &Arc<AccessLog>) {
+    let log = log.clone();
+    match tokio::task::spawn_blocking(move || log.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("{e}; retrying at the next flush"),
+        Err(e) => tracing::warn!("writing access records: {e}"),
+    }
 }
 
 fn systemd_listener() -> io::Result<Either> {
@@ -305,8 +337,10 @@ pub async fn run_groups(groups: Vec<ServerGroup>) -> io::Result<()> {
     }))
     .await;
     let mut servers = Vec::new();
+    let mut all_services = Vec::new();
     for (group, services) in groups.into_iter().zip(started) {
         let services: Vec<(String, Arc<CacheService>)> = services?;
+        all_services.extend(services.iter().map(|(_, s)| s.clone()));
         let listeners = bind(&group.listen)?;
         let svcs = services.clone();
         let mut server = HttpServer::new(move || {
@@ -360,7 +394,14 @@ pub async fn run_groups(groups: Vec<ServerGroup>) -> io::Result<()> {
         tracing::info!("{sig}: shutting down (finishing in-flight responses)");
         futures::future::join_all(handles.iter().map(|h| h.stop(true))).await;
     });
-    for r in futures::future::join_all(servers).await {
+    let results = futures::future::join_all(servers).await;
+    // What was served since the last flush is not lost with the process.
+    for svc in &all_services {
+        if let Some(log) = &svc.access {
+            flush_access(log).await;
+        }
+    }
+    for r in results {
         r?;
     }
     Ok(())

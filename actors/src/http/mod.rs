@@ -69,6 +69,8 @@ pub struct CacheService {
     pub trusted_keys: Vec<PublicKey>,
     /// How much of each kind of store work runs at once, shared by every worker's fetcher.
     pub budgets: crate::budget::Budgets,
+    /// When each path was last served, when records are kept.
+    pub access: Option<Arc<crate::access::AccessLog>>,
 }
 
 impl CacheService {
@@ -419,6 +421,15 @@ async fn narinfo(req: &HttpRequest, ing: &Ingress, digest: Digest, root: &str) -
     learn(svc, &served);
     if wants_html(req) && !req.query_string().contains("format=text") {
         return explorer::narinfo_page(svc, root, &served);
+    }
+    // Clients fetching the narinfo (not browsers looking at it, nor HEAD probes of writers)
+    // count as use for `gc --max-age`.
+    if req.method() == actix_web::http::Method::GET {
+        if let Some(log) = &svc.access {
+            if served.due_for_access_record() {
+                log.served(&digest);
+            }
+        }
     }
     let mut b = HttpResponse::Ok();
     b.insert_header((header::ETAG, served.etag.as_str()))

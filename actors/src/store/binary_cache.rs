@@ -50,8 +50,8 @@ impl BinaryCache {
         &self.blobs
     }
 
-    /// Reads a small text object whole, refusing one longer than `max` bytes.
-    async fn small(&self, key: &str, max: usize) -> Result<String> {
+    /// Reads a small text object whole, refusing one longer than `max` bytes or not UTF-8.
+    pub async fn read_small(&self, key: &str, max: usize) -> Result<String> {
         let bytes = self
             .blobs
             .get(key, None)
@@ -65,7 +65,7 @@ impl BinaryCache {
     /// Writes `nix-cache-info` for `store_dir` when the cache has none; refuses a cache that
     /// belongs to another store directory, whose paths could never be substituted here.
     pub async fn ensure_cache_info(&self, store_dir: &StoreDir) -> Result<CacheInfo> {
-        match self.small(CACHE_INFO_KEY, MAX_CACHE_INFO_BYTES).await {
+        match self.read_small(CACHE_INFO_KEY, MAX_CACHE_INFO_BYTES).await {
             Ok(text) => {
                 let info =
                     CacheInfo::parse(&text).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -101,7 +101,7 @@ impl Store for BinaryCache {
     }
 
     async fn cache_info(&self) -> Result<CacheInfo> {
-        match self.small(CACHE_INFO_KEY, MAX_CACHE_INFO_BYTES).await {
+        match self.read_small(CACHE_INFO_KEY, MAX_CACHE_INFO_BYTES).await {
             Ok(text) => CacheInfo::parse(&text).map_err(|e| StoreError::Corrupt(e.to_string())),
             // A cache without the file is still usable; Nix assumes the default store.
             Err(StoreError::NotFound(_)) => Ok(CacheInfo::default()),
@@ -111,7 +111,7 @@ impl Store for BinaryCache {
 
     async fn narinfo(&self, digest: &Digest) -> Result<NarInfo> {
         let key = format!("{digest}.narinfo");
-        let text = self.small(&key, MAX_NARINFO_BYTES).await?;
+        let text = self.read_small(&key, MAX_NARINFO_BYTES).await?;
         let info = NarInfo::parse(&text).map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))?;
         if info.store_path.digest() != digest {
             return Err(StoreError::Corrupt(format!(
@@ -128,7 +128,8 @@ impl Store for BinaryCache {
     }
 
     async fn listing(&self, digest: &Digest) -> Result<String> {
-        self.small(&format!("{digest}.ls"), MAX_LISTING_BYTES).await
+        self.read_small(&format!("{digest}.ls"), MAX_LISTING_BYTES)
+            .await
     }
 
     async fn log(&self, drv: &str) -> Result<Blob> {

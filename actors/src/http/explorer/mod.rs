@@ -180,6 +180,7 @@ mod tests {
             ui: Default::default(),
             budgets: Default::default(),
             upload_stats: Vec::new(),
+            access_records: None,
         };
         let svc = start_service(&opts).await.unwrap();
         let app = actix_web::test::init_service(

@@ -53,6 +53,10 @@ pub(super) struct NarInfoPage<'a> {
     pub(super) browse_href: String,
     pub(super) text_href: String,
     pub(super) listing_href: String,
+    /// When a client last fetched this narinfo, from the access records.
+    pub(super) last_served: Option<String>,
+    /// Whether access records are kept at all.
+    pub(super) records: bool,
 }
 
 /// Verdict on each signature of `info` against the trusted keys.
@@ -119,6 +123,21 @@ pub fn narinfo_page(svc: &CacheService, root: &str, served: &ServedNarInfo) -> H
         browse_href: format!("{root}/{digest}/browse/"),
         text_href: format!("{root}/{digest}.narinfo?format=text"),
         listing_href: format!("{root}/{digest}.ls"),
+        records: svc.access.is_some(),
+        last_served: svc
+            .access
+            .as_ref()
+            .and_then(|a| a.last_served(digest))
+            .map(|t| {
+                let ago = std::time::SystemTime::now()
+                    .duration_since(t)
+                    .map(|d| {
+                        humantime::format_duration(std::time::Duration::from_secs(d.as_secs()))
+                            .to_string()
+                    })
+                    .unwrap_or_else(|_| "0s".into());
+                format!("{} ({ago} ago)", humantime::format_rfc3339_seconds(t))
+            }),
     };
     render(svc, "narinfo.html", &ctx)
 }
