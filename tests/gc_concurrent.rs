@@ -118,9 +118,7 @@ fn gc_with_two_servers_and_two_uploaders_on_one_bucket() {
             let bc = BinaryCache::new(blobs);
             let mut looks = 0;
             while !stop.load(Ordering::SeqCst) {
-                if let Err(e) = common::block_on(look(&bc)) {
-                    return Err(e);
-                }
+                common::block_on(look(&bc))?;
                 looks += 1;
             }
             Ok(looks)
