@@ -121,7 +121,7 @@ fn gc_with_two_servers_and_two_uploaders_on_one_bucket() {
                 common::block_on(look(&bc))?;
                 looks += 1;
             }
-            Ok(looks)
+            Ok::<_, String>(looks)
         })
     };
     // Clients: a narinfo a server hands out has a NAR that server hands out too.
