@@ -96,142 +96,303 @@ pub struct GcReport {
     pub dry_run: bool,
 }
 
-/// One narinfo as read: what it references and its NAR file (its `.ls` is named for its
-/// digest). Kept small, since a collection holds one per narinfo in the cache.
-struct Read {
-    refs: Box<[Digest]>,
-    nar: Box<str>,
+/// No index: a file not listed, a path not in the cache.
+const NONE: u32 = u32::MAX;
+
+/// What became of a narinfo.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum State {
+    /// Listed, not read yet.
+    Listed,
+    /// Read and parsed.
+    Read,
+    /// Could not be read or parsed: left alone (`fsck` reports it), and kept with what it
+    /// might reference.
+    Unreadable,
+    /// Gone between the listing and the read.
+    Gone,
 }
 
-impl Read {
-    /// The files that belong to the path `d`: its NAR and its `.ls`.
-    fn files(&self, d: &Digest) -> [String; 2] {
-        [self.nar.to_string(), format!("{d}.ls")]
+/// One narinfo of the cache, compactly: a collection holds one per narinfo, so at a million
+/// paths every byte here is a megabyte.
+struct PathRec {
+    digest: Digest,
+    /// Its narinfo's size.
+    size: u64,
+    /// When its narinfo was written (unix seconds; `u64::MAX`: unknown, taken as now).
+    written: u64,
+    state: State,
+    /// Its NAR file (an index into the NAR listing; `NONE` when not listed).
+    nar: u32,
+    /// Its `.ls` file (an index into the `.ls` listing; `NONE` when none).
+    ls: u32,
+    /// The paths it references that the cache has (indices; itself excluded).
+    refs: Box<[u32]>,
+}
+
+/// A NAR or `.ls` file as listed.
+struct FileRec {
+    key: Box<str>,
+    size: u64,
+    modified: Option<SystemTime>,
+}
+
+fn unix(t: Option<SystemTime>) -> u64 {
+    t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map_or(u64::MAX, |d| d.as_secs())
+}
+
+/// The files under a prefix, sorted by key for lookups by binary search.
+async fn list_files(blobs: &Arc<dyn Blobs>, prefix: &str) -> Result<Vec<FileRec>, StoreError> {
+    let mut files: Vec<FileRec> = blobs
+        .list_meta(prefix)
+        .await?
+        .into_iter()
+        .map(|m| FileRec {
+            key: m.key.into_boxed_str(),
+            size: m.size,
+            modified: m.modified,
+        })
+        .collect();
+    files.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+    files.shrink_to_fit();
+    Ok(files)
+}
+
+fn find(files: &[FileRec], key: &str) -> u32 {
+    files
+        .binary_search_by(|f| (*f.key).cmp(key))
+        .map_or(NONE, |i| i as u32)
+}
+
+/// The cache's paths and their files.
+struct Cache {
+    paths: Vec<PathRec>,
+    ids: HashMap<Digest, u32>,
+    nars: Vec<FileRec>,
+    listings: Vec<FileRec>,
+    /// Bytes of everything else at the top (`nix-cache-info`, logs, …).
+    other_bytes: u64,
+}
+
+impl Cache {
+    /// Adds the narinfos among `metas` not known yet; the indices added.
+    fn add_narinfos(&mut self, metas: Vec<ObjectMeta>, count_other: bool) -> Vec<u32> {
+        let mut added = Vec::new();
+        for m in metas {
+            let Some(d) = m
+                .key
+                .strip_suffix(".narinfo")
+                .and_then(|s| Digest::parse(s).ok())
+            else {
+                if count_other && !m.key.ends_with(".ls") {
+                    self.other_bytes += m.size;
+                }
+                continue;
+            };
+            if self.ids.contains_key(&d) {
+                continue;
+            }
+            let id = self.paths.len() as u32;
+            self.ids.insert(d, id);
+            let ls = find(&self.listings, &format!("{d}.ls"));
+            self.paths.push(PathRec {
+                digest: d,
+                size: m.size,
+                written: unix(m.modified),
+                state: State::Listed,
+                nar: NONE,
+                ls,
+                refs: Box::new([]),
+            });
+            added.push(id);
+        }
+        added
+    }
+
+    /// Reads the narinfos `ids`, `jobs` at a time.
+    async fn read(&mut self, cache: &BinaryCache, ids: &[u32], jobs: usize) {
+        let digests: Vec<(u32, Digest)> =
+            ids.iter().map(|i| (*i, self.paths[*i as usize].digest)).collect();
+        let mut results = futures::stream::iter(digests)
+            .map(|(id, d)| async move { (id, cache.narinfo(&d).await) })
+            .buffer_unordered(jobs.max(1));
+        while let Some((id, r)) = results.next().await {
+            let (state, nar, refs) = match r {
+                Ok(info) => {
+                    let me = self.paths[id as usize].digest;
+                    let refs: Box<[u32]> = info
+                        .references
+                        .iter()
+                        .filter(|r| *r.digest() != me)
+                        .filter_map(|r| self.ids.get(r.digest()).copied())
+                        .collect();
+                    (State::Read, find(&self.nars, &info.url), refs)
+                }
+                Err(StoreError::NotFound(_)) => (State::Gone, NONE, Box::default()),
+                Err(_) => (State::Unreadable, NONE, Box::default()),
+            };
+            let p = &mut self.paths[id as usize];
+            (p.state, p.nar, p.refs) = (state, nar, refs);
+        }
+    }
+
+    /// Bytes of path `id`: its narinfo, NAR and `.ls`.
+    fn bytes(&self, id: u32) -> u64 {
+        let p = &self.paths[id as usize];
+        let file = |files: &[FileRec], i: u32| files.get(i as usize).map_or(0, |f| f.size);
+        p.size + file(&self.nars, p.nar) + file(&self.listings, p.ls)
+    }
+
+    /// Every path reachable from `roots` through references, the roots included.
+    fn closure(&self, kept: &mut [bool], roots: impl IntoIterator<Item = u32>) {
+        let mut todo: Vec<u32> = roots.into_iter().collect();
+        while let Some(id) = todo.pop() {
+            if !std::mem::replace(&mut kept[id as usize], true) {
+                todo.extend(self.paths[id as usize].refs.iter().copied());
+            }
+        }
+    }
+
+    /// The files of path `id` that are listed: its NAR and its `.ls`.
+    fn files(&self, id: u32) -> impl Iterator<Item = &str> {
+        let p = &self.paths[id as usize];
+        let nar = self.nars.get(p.nar as usize).map(|f| &*f.key);
+        let ls = self.listings.get(p.ls as usize).map(|f| &*f.key);
+        nar.into_iter().chain(ls)
     }
 }
 
 /// Collects the cache in `blobs`.
 pub async fn gc(blobs: Arc<dyn Blobs>, opts: &GcOptions) -> Result<GcReport, StoreError> {
     let now = SystemTime::now();
-    let age = |m: &ObjectMeta| {
-        m.modified
-            .and_then(|t| now.duration_since(t).ok())
+    let now_secs = unix(Some(now)).min(u64::MAX - 1);
+    let age_secs = |written: u64| now_secs.saturating_sub(written.min(now_secs));
+    let age = |m: Option<SystemTime>| {
+        m.and_then(|t| now.duration_since(t).ok())
             .unwrap_or(Duration::ZERO)
     };
-    let cache = BinaryCache::new(blobs.clone());
-    let top = blobs.list_meta("").await?;
-    let nar_files = blobs.list_meta("nar/").await?;
-    let tombstones = blobs.list_meta(TOMBSTONES).await?;
-    // Borrowed keys: at a million objects a second copy of every key would cost ~100 MB.
-    let sizes: HashMap<&str, u64> = top
-        .iter()
-        .chain(&nar_files)
-        .chain(&tombstones)
-        .map(|m| (m.key.as_str(), m.size))
-        .collect();
+    let grace = opts.grace.as_secs();
+    let bc = BinaryCache::new(blobs.clone());
 
-    let narinfos: Vec<(Digest, &ObjectMeta)> = top
+    // The listings, kept compact: NAR and `.ls` files sorted by key, one record per narinfo.
+    let nars = list_files(&blobs, "nar/").await?;
+    let top = blobs.list_meta("").await?;
+    let mut listings: Vec<FileRec> = top
         .iter()
-        .filter_map(|m| {
-            let d = Digest::parse(m.key.strip_suffix(".narinfo")?).ok()?;
-            Some((d, m))
+        .filter(|m| m.key.ends_with(".ls"))
+        .map(|m| FileRec {
+            key: m.key.as_str().into(),
+            size: m.size,
+            modified: m.modified,
         })
         .collect();
+    listings.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+    let tombstones = blobs.list_meta(TOMBSTONES).await?;
+    let mut c = Cache {
+        paths: Vec::new(),
+        ids: HashMap::new(),
+        nars,
+        listings,
+        other_bytes: 0,
+    };
+    let first = c.add_narinfos(top, true);
+    c.paths.shrink_to_fit();
+    let listed = c.paths.len();
     let mut report = GcReport {
-        narinfos: narinfos.len() as u64,
-        total_bytes: sizes.values().sum(),
+        narinfos: listed as u64,
         dry_run: opts.dry_run,
         ..Default::default()
     };
-    let (mut read, unreadable) = read_all(&cache, narinfos.iter().map(|(d, _)| *d), opts).await;
-    report.unreadable = unreadable.len() as u64;
+    report.total_bytes = c.paths.iter().map(|p| p.size).sum::<u64>()
+        + c.nars.iter().map(|f| f.size).sum::<u64>()
+        + c.listings.iter().map(|f| f.size).sum::<u64>()
+        + tombstones.iter().map(|t| t.size).sum::<u64>()
+        + c.other_bytes;
+    c.read(&bc, &first, opts.jobs).await;
 
     // Roots: pins, fresh narinfos, and what cannot be read (left to fsck).
-    let mut roots: Vec<Digest> = opts.roots.iter().map(|p| *p.digest()).collect();
-    roots.extend(pinned(&blobs).await?);
-    roots.extend(
-        narinfos
-            .iter()
-            .filter(|(_, m)| age(m) < opts.grace)
-            .map(|(d, _)| *d),
-    );
-    roots.extend(unreadable.iter().copied());
-    let mut kept = closure(&read, roots);
-
-    // Listed again just before deciding: what was written meanwhile keeps its closure.
-    let again = blobs.list_meta("").await?;
-    let fresh: Vec<Digest> = again
+    let mut roots: Vec<u32> = opts
+        .roots
         .iter()
-        .filter_map(|m| Digest::parse(m.key.strip_suffix(".narinfo")?).ok())
-        .filter(|d| !read.contains_key(d) && !unreadable.contains(d))
+        .map(|p| *p.digest())
+        .chain(pinned(&blobs).await?)
+        .filter_map(|d| c.ids.get(&d).copied())
         .collect();
-    drop(again);
+    roots.extend(
+        c.paths
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| age_secs(p.written) < grace || p.state == State::Unreadable)
+            .map(|(i, _)| i as u32),
+    );
+
+    // Listed again just before deciding: what was written meanwhile is a root too.
+    let fresh = c.add_narinfos(blobs.list_meta("").await?, false);
     if !fresh.is_empty() {
-        let (more, more_unreadable) = read_all(&cache, fresh.iter().copied(), opts).await;
-        read.extend(more);
-        let extra: Vec<Digest> = fresh.into_iter().chain(more_unreadable).collect();
-        let more_kept = closure(&read, extra.into_iter().chain(kept.iter().copied()));
-        kept.extend(more_kept);
+        c.read(&bc, &fresh, opts.jobs).await;
+        roots.extend(&fresh);
     }
+    let n = c.paths.len();
+    let mut kept = vec![false; n];
+    c.closure(&mut kept, roots);
 
     // When each path was last used: written or served, whichever is later.
-    let last_use: HashMap<Digest, SystemTime> = narinfos
+    let last_use: Vec<u64> = c
+        .paths
         .iter()
-        .map(|(d, m)| {
-            let written = m.modified.unwrap_or(now);
-            let used = opts.served.get(d).map_or(written, |s| written.max(*s));
-            (*d, used)
+        .map(|p| {
+            let written = p.written.min(now_secs);
+            opts.served
+                .get(&p.digest)
+                .map_or(written, |s| written.max(unix(Some(*s)).min(now_secs)))
         })
         .collect();
+    let present = |i: usize| c.paths[i].state == State::Read;
+
     // Tombstones, read first: their files are on their way out whatever this run decides.
     let mut stones: Vec<(&ObjectMeta, Vec<String>)> = Vec::with_capacity(tombstones.len());
     for t in &tombstones {
-        stones.push((t, tombstone_keys(&cache, &t.key).await?));
+        stones.push((t, tombstone_keys(&bc, &t.key).await?));
     }
     let pending: HashSet<&str> = stones
         .iter()
-        .filter(|(t, _)| age(t) < opts.grace)
+        .filter(|(t, _)| age(t.modified) < opts.grace)
         .flat_map(|(_, keys)| keys.iter().map(String::as_str))
         .collect();
     // Files nothing points at and no tombstone holds: an interrupted writer's.
-    let pointed_files: HashSet<&str> = read.values().map(|r| &*r.nar).collect();
-    let orphans: Vec<&str> = nar_files
-        .iter()
-        .chain(top.iter().filter(|m| m.key.ends_with(".ls")))
-        .filter(|m| {
-            let pointed = match m.key.strip_suffix(".ls") {
-                Some(d) => Digest::parse(d).is_ok_and(|d| read.contains_key(&d)),
-                None => pointed_files.contains(m.key.as_str()),
-            };
-            !pointed && !pending.contains(m.key.as_str()) && age(m) >= opts.grace
-        })
-        .map(|m| m.key.as_str())
-        .collect();
-
-    let mut doomed: HashSet<Digest> = HashSet::new();
-    if opts.max_age.is_some() || opts.max_size.is_none() {
-        let recent = opts.max_age.map_or_else(HashSet::new, |max| {
-            closure(
-                &read,
-                last_use
-                    .iter()
-                    .filter(|(_, t)| now.duration_since(**t).unwrap_or(Duration::ZERO) < max)
-                    .map(|(d, _)| *d),
-            )
-        });
-        doomed.extend(
-            read.keys()
-                .filter(|d| !kept.contains(*d) && !recent.contains(*d))
-                .copied(),
-        );
+    let mut nar_pointed = vec![false; c.nars.len()];
+    for p in c.paths.iter().filter(|p| p.nar != NONE) {
+        nar_pointed[p.nar as usize] = true;
     }
-    let path_bytes = |d: &Digest| -> u64 {
-        let narinfo = format!("{d}.narinfo");
-        [narinfo.as_str(), &read[d].nar, &format!("{d}.ls")]
-            .iter()
-            .filter_map(|k| sizes.get(k))
-            .sum()
-    };
+    let orphans: Vec<&str> = c
+        .nars
+        .iter()
+        .zip(&nar_pointed)
+        .filter(|(_, pointed)| !**pointed)
+        .map(|(f, _)| f)
+        .chain(c.listings.iter().filter(|f| {
+            let d = f.key.strip_suffix(".ls").and_then(|d| Digest::parse(d).ok());
+            !d.and_then(|d| c.ids.get(&d))
+                .is_some_and(|i| c.paths[*i as usize].state != State::Gone)
+        }))
+        .filter(|f| !pending.contains(&*f.key) && age(f.modified) >= opts.grace)
+        .map(|f| &*f.key)
+        .collect();
+    drop(nar_pointed);
+
+    let mut doomed = vec![false; n];
+    if opts.max_age.is_some() || opts.max_size.is_none() {
+        let mut recent = vec![false; n];
+        if let Some(max) = opts.max_age {
+            let max = max.as_secs();
+            let used = (0..n).filter(|i| age_secs(last_use[*i]) < max);
+            c.closure(&mut recent, used.map(|i| i as u32));
+        }
+        for i in 0..n {
+            doomed[i] = present(i) && !kept[i] && !recent[i];
+        }
+    }
     if let Some(max_size) = opts.max_size {
         // What stays once what is on its way out is gone.
         let leaving: HashSet<&str> = stones
@@ -239,81 +400,102 @@ pub async fn gc(blobs: Arc<dyn Blobs>, opts: &GcOptions) -> Result<GcReport, Sto
             .flat_map(|(t, keys)| keys.iter().map(String::as_str).chain([t.key.as_str()]))
             .chain(orphans.iter().copied())
             .collect();
+        let size_of = |k: &str| {
+            let of = |files: &[FileRec]| files.get(find(files, k) as usize).map(|f| f.size);
+            of(&c.nars)
+                .or_else(|| of(&c.listings))
+                .or_else(|| tombstones.iter().find(|t| t.key == k).map(|t| t.size))
+                .unwrap_or(0)
+        };
         let mut left = report
             .total_bytes
-            .saturating_sub(leaving.iter().filter_map(|k| sizes.get(k)).sum::<u64>());
-        for d in &doomed {
-            left = left.saturating_sub(path_bytes(d));
+            .saturating_sub(leaving.iter().map(|k| size_of(k)).sum::<u64>());
+        for i in (0..n).filter(|i| doomed[*i]) {
+            left = left.saturating_sub(c.bytes(i as u32));
         }
         if left > max_size {
-            let more = least_recently_used(
-                &read,
-                &kept,
-                &doomed,
-                &last_use,
-                path_bytes,
-                left - max_size,
-            );
-            doomed.extend(more);
+            let candidate: Vec<bool> = (0..n).map(|i| present(i) && !kept[i] && !doomed[i]).collect();
+            let refs: Vec<&[u32]> = c.paths.iter().map(|p| &*p.refs).collect();
+            let more = least_recently_used(&refs, &candidate, &last_use, |i| c.bytes(i), left - max_size);
+            for (i, m) in more.into_iter().enumerate() {
+                doomed[i] |= m;
+            }
         }
     }
-    report.kept = narinfos.iter().filter(|(d, _)| !doomed.contains(d)).count() as u64;
+    report.kept = (0..listed).filter(|i| !doomed[*i]).count() as u64;
 
-    // NAR files still pointed at by a narinfo that stays.
-    let live_files: HashSet<&str> = read
-        .iter()
-        .filter(|(d, _)| !doomed.contains(*d))
-        .map(|(_, r)| &*r.nar)
-        .collect();
+    // Files pointed at by a narinfo that stays.
+    let mut live_nar = vec![false; c.nars.len()];
+    for (i, p) in c.paths.iter().enumerate() {
+        if p.nar != NONE && !doomed[i] {
+            live_nar[p.nar as usize] = true;
+        }
+    }
+    let is_live = |key: &str| -> bool {
+        match key.strip_suffix(".ls").map(Digest::parse) {
+            Some(Ok(d)) => c.ids.get(&d).is_some_and(|i| {
+                let i = *i as usize;
+                c.paths[i].state != State::Gone && !doomed[i]
+            }),
+            _ => {
+                let i = find(&c.nars, key);
+                i != NONE && live_nar[i as usize]
+            }
+        }
+    };
 
     // Tombstones past the grace period: their files go (unless pointed at again), then they.
     let mut remove_now: Vec<String> = orphans.iter().map(|k| k.to_string()).collect();
     for (t, keys) in &stones {
-        if age(t) >= opts.grace {
-            remove_now.extend(
-                keys.iter()
-                    .filter(|k| !is_live(k, &live_files, &read, &doomed))
-                    .cloned(),
-            );
+        if age(t.modified) >= opts.grace {
+            remove_now.extend(keys.iter().filter(|k| !is_live(k)).cloned());
             remove_now.push(t.key.clone());
         }
     }
     report.deferred_files += pending.len() as u64;
     remove_now.sort();
     remove_now.dedup();
+    let size_of_file = |k: &str| -> u64 {
+        let of = |files: &[FileRec]| files.get(find(files, k) as usize).map(|f| f.size);
+        of(&c.nars)
+            .or_else(|| of(&c.listings))
+            .or_else(|| tombstones.iter().find(|t| t.key == k).map(|t| t.size))
+            .unwrap_or(0)
+    };
 
     // The doomed narinfos' files, recorded before the narinfos go.
-    let mut doomed_files: Vec<String> = doomed
+    let doomed_ids: Vec<u32> = (0..n as u32).filter(|i| doomed[*i as usize]).collect();
+    let mut doomed_files: Vec<String> = doomed_ids
         .iter()
-        .flat_map(|d| read[d].files(d))
-        .filter(|k| !live_files.contains(k.as_str()) && sizes.contains_key(k.as_str()))
+        .flat_map(|i| c.files(*i))
+        .filter(|k| !is_live(k))
+        .map(str::to_owned)
         .collect();
     doomed_files.sort();
     doomed_files.dedup();
 
     // What the cache holds once this run and the grace periods are over.
-    let doomed_narinfos: Vec<String> = doomed.iter().map(|d| format!("{d}.narinfo")).collect();
-    let leaving: HashSet<&str> = doomed_narinfos
+    let doomed_bytes: u64 = doomed_ids.iter().map(|i| c.paths[*i as usize].size).sum();
+    let leaving: HashSet<&str> = remove_now
         .iter()
-        .chain(&remove_now)
         .chain(&doomed_files)
         .map(String::as_str)
         .chain(pending.iter().copied())
         .chain(stones.iter().map(|(t, _)| t.key.as_str()))
         .collect();
-    report.kept_bytes = report
-        .total_bytes
-        .saturating_sub(leaving.iter().filter_map(|k| sizes.get(k)).sum());
+    report.kept_bytes = report.total_bytes.saturating_sub(
+        doomed_bytes + leaving.iter().map(|k| size_of_file(k)).sum::<u64>(),
+    );
     drop(leaving);
 
     if opts.dry_run {
-        let mut doomed_keys = doomed_narinfos;
-        doomed_keys.sort();
-        report.freed_bytes = doomed_keys
+        let mut doomed_keys: Vec<String> = doomed_ids
             .iter()
-            .chain(&remove_now)
-            .filter_map(|k| sizes.get(k.as_str()))
-            .sum();
+            .map(|i| format!("{}.narinfo", c.paths[*i as usize].digest))
+            .collect();
+        doomed_keys.sort();
+        report.freed_bytes =
+            doomed_bytes + remove_now.iter().map(|k| size_of_file(k)).sum::<u64>();
         report.removed_narinfos = doomed_keys;
         report.removed_files = remove_now;
         report.deferred_files += doomed_files.len() as u64;
@@ -322,10 +504,10 @@ pub async fn gc(blobs: Arc<dyn Blobs>, opts: &GcOptions) -> Result<GcReport, Sto
 
     for key in &remove_now {
         blobs.delete(key).await?;
-        report.freed_bytes += sizes.get(key.as_str()).copied().unwrap_or(0);
+        report.freed_bytes += size_of_file(key);
         report.removed_files.push(key.clone());
     }
-    if !doomed.is_empty() {
+    if !doomed_ids.is_empty() {
         let stamp = now
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
@@ -342,32 +524,36 @@ pub async fn gc(blobs: Arc<dyn Blobs>, opts: &GcOptions) -> Result<GcReport, Sto
             )
             .await?;
         report.deferred_files += doomed_files.len() as u64;
+        drop(doomed_files);
         // Their texts, to put back what a writer references after all (below). Read again
         // rather than kept from the first read: only the doomed need them, and holding every
         // narinfo's text would cost hundreds of megabytes in a large cache.
         let mut saved = HashMap::new();
-        for d in &doomed {
-            let key = format!("{d}.narinfo");
-            match cache.read_small(&key, MAX_NARINFO_BYTES).await {
+        for i in &doomed_ids {
+            let d = c.paths[*i as usize].digest;
+            match bc.read_small(&format!("{d}.narinfo"), MAX_NARINFO_BYTES).await {
                 Ok(text) => {
-                    saved.insert(*d, text);
+                    saved.insert(d, text);
                 }
                 Err(StoreError::NotFound(_)) => {}
                 Err(e) => return Err(e),
             }
         }
         // Only the doomed: removal order and restoring look at nothing else.
-        let graph: HashMap<Digest, Vec<Digest>> =
-            doomed.iter().map(|d| (*d, read[d].refs.to_vec())).collect();
+        let graph: HashMap<Digest, Vec<Digest>> = doomed_ids
+            .iter()
+            .map(|i| {
+                let p = &c.paths[*i as usize];
+                let refs = p.refs.iter().map(|r| c.paths[*r as usize].digest).collect();
+                (p.digest, refs)
+            })
+            .collect();
+        let doomed_set: HashSet<Digest> = graph.keys().copied().collect();
         let referrers = referrers_of(&graph);
         report.removed_narinfos =
-            remove_referrers_first(blobs.as_ref(), &doomed, &referrers, &graph).await?;
-        report.freed_bytes += report
-            .removed_narinfos
-            .iter()
-            .filter_map(|k| sizes.get(k.as_str()))
-            .sum::<u64>();
-        report.restored = restore_referenced(&blobs, &cache, &read, &saved, &graph, opts).await?;
+            remove_referrers_first(blobs.as_ref(), &doomed_set, &referrers, &graph).await?;
+        report.freed_bytes += doomed_bytes;
+        report.restored = restore_referenced(&blobs, &bc, &c.ids, &saved, &graph, opts).await?;
     }
     Ok(report)
 }
@@ -379,7 +565,7 @@ pub async fn gc(blobs: Arc<dyn Blobs>, opts: &GcOptions) -> Result<GcReport, Sto
 async fn restore_referenced(
     blobs: &Arc<dyn Blobs>,
     cache: &BinaryCache,
-    read: &HashMap<Digest, Read>,
+    known: &HashMap<Digest, u32>,
     saved: &HashMap<Digest, String>,
     graph: &HashMap<Digest, Vec<Digest>>,
     opts: &GcOptions,
@@ -389,19 +575,28 @@ async fn restore_referenced(
         .await?
         .iter()
         .filter_map(|m| Digest::parse(m.key.strip_suffix(".narinfo")?).ok())
-        .filter(|d| !read.contains_key(d))
+        .filter(|d| !known.contains_key(d))
         .collect();
     if now.is_empty() {
         return Ok(Vec::new());
     }
-    let (written, _) = read_all(cache, now.into_iter(), opts).await;
     // Removed paths the new narinfos need, with their removed references.
+    let mut todo: Vec<Digest> = futures::stream::iter(now)
+        .map(|d| async move { cache.narinfo(&d).await })
+        .buffer_unordered(opts.jobs.max(1))
+        .filter_map(|r| async move { r.ok() })
+        .flat_map(|info| {
+            futures::stream::iter(
+                info.references
+                    .iter()
+                    .map(|r| *r.digest())
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .filter(|d| futures::future::ready(saved.contains_key(d)))
+        .collect()
+        .await;
     let mut needed = HashSet::new();
-    let mut todo: Vec<Digest> = written
-        .values()
-        .flat_map(|r| r.refs.iter().copied())
-        .filter(|d| saved.contains_key(d))
-        .collect();
     while let Some(d) = todo.pop() {
         if needed.insert(d) {
             todo.extend(
@@ -450,130 +645,77 @@ async fn restore_referenced(
     Ok(restored)
 }
 
-/// Reads narinfos: what each references and the files that belong to it (its NAR, its
-/// `.ls`); and which could not be read or parsed.
-async fn read_all(
-    cache: &BinaryCache,
-    digests: impl Iterator<Item = Digest>,
-    opts: &GcOptions,
-) -> (HashMap<Digest, Read>, Vec<Digest>) {
-    let results: Vec<(Digest, Result<Read, StoreError>)> = futures::stream::iter(digests)
-        .map(|d| async move {
-            let r = cache.narinfo(&d).await.map(|info| Read {
-                refs: info.references.iter().map(|r| *r.digest()).collect(),
-                nar: info.url.as_str().into(),
-            });
-            (d, r)
-        })
-        .buffer_unordered(opts.jobs.max(1))
-        .collect()
-        .await;
-    let mut read = HashMap::new();
-    let mut unreadable = Vec::new();
-    for (d, r) in results {
-        match r {
-            Ok(r) => {
-                read.insert(d, r);
-            }
-            // Removed by someone else meanwhile: nothing to keep or remove.
-            Err(StoreError::NotFound(_)) => {}
-            Err(_) => unreadable.push(d),
-        }
-    }
-    (read, unreadable)
-}
-
-/// Whether a tombstoned file is pointed at again by a narinfo that stays (its `.ls` by the
-/// path itself).
-fn is_live(
-    key: &str,
-    live_files: &HashSet<&str>,
-    read: &HashMap<Digest, Read>,
-    doomed: &HashSet<Digest>,
-) -> bool {
-    match key.strip_suffix(".ls").map(Digest::parse) {
-        Some(Ok(d)) => read.contains_key(&d) && !doomed.contains(&d),
-        _ => live_files.contains(key),
-    }
-}
-
-/// The least recently used paths among those neither `kept` nor already `doomed`, enough of
-/// them to free `wanted` bytes (or all there are), closed under referrers: a path goes only
-/// with every path that references it.
+/// The least recently used of the `candidate` paths, enough of them to free `wanted` bytes
+/// (or all there are), closed under referrers: a path goes only with every candidate that
+/// references it.
 ///
-/// A path counts as used when the most recently used path whose closure holds it was, so
+/// A path counts as used when the most recently used candidate whose closure holds it was, so
 /// taking paths in that order takes referrers no later than what they reference.
 fn least_recently_used(
-    read: &HashMap<Digest, Read>,
-    kept: &HashSet<Digest>,
-    doomed: &HashSet<Digest>,
-    last_use: &HashMap<Digest, SystemTime>,
-    bytes: impl Fn(&Digest) -> u64,
+    refs: &[&[u32]],
+    candidate: &[bool],
+    last_use: &[u64],
+    bytes: impl Fn(u32) -> u64,
     wanted: u64,
-) -> HashSet<Digest> {
-    let candidate = |d: &Digest| read.contains_key(d) && !kept.contains(d) && !doomed.contains(d);
+) -> Vec<bool> {
+    let n = refs.len();
     // Most recent first; each path's effective use is the first time a walk reaches it.
-    let mut by_use: Vec<(SystemTime, Digest)> = last_use
-        .iter()
-        .filter(|(d, _)| candidate(d))
-        .map(|(d, t)| (*t, *d))
-        .collect();
-    by_use.sort_unstable_by(|a, b| b.cmp(a));
-    let mut effective: HashMap<Digest, SystemTime> = HashMap::with_capacity(by_use.len());
-    for (t, root) in &by_use {
-        let mut todo = vec![*root];
-        while let Some(d) = todo.pop() {
-            if !candidate(&d) || effective.contains_key(&d) {
+    let mut by_use: Vec<u32> = (0..n as u32).filter(|i| candidate[*i as usize]).collect();
+    by_use.sort_unstable_by_key(|i| std::cmp::Reverse(last_use[*i as usize]));
+    const UNSEEN: u64 = u64::MAX;
+    let mut effective = vec![UNSEEN; n];
+    let mut todo = Vec::new();
+    for root in &by_use {
+        let t = last_use[*root as usize];
+        todo.push(*root);
+        while let Some(i) = todo.pop() {
+            let i = i as usize;
+            if !candidate[i] || effective[i] != UNSEEN {
                 continue;
             }
-            effective.insert(d, *t);
-            todo.extend(read[&d].refs.iter().copied());
+            effective[i] = t;
+            todo.extend(refs[i].iter().copied());
         }
     }
     // Least recent first; the prefix that frees enough, then its referrers.
-    let mut order: Vec<(SystemTime, Digest)> = effective.into_iter().map(|(d, t)| (t, d)).collect();
-    order.sort_unstable();
-    let mut chosen = HashSet::new();
+    by_use.sort_unstable_by_key(|i| (effective[*i as usize], *i));
+    let mut chosen = vec![false; n];
     let mut freed = 0u64;
-    for (_, d) in order {
+    for i in &by_use {
         if freed >= wanted {
             break;
         }
-        freed += bytes(&d);
-        chosen.insert(d);
+        freed += bytes(*i);
+        chosen[*i as usize] = true;
     }
-    let mut referrers: HashMap<Digest, Vec<Digest>> = HashMap::new();
-    for (d, r) in read.iter().filter(|(d, _)| candidate(d)) {
-        for to in r.refs.iter().filter(|to| *to != d && candidate(to)) {
-            referrers.entry(*to).or_default().push(*d);
+    // Referrers among the candidates, as one flat table (offsets, then the referrers).
+    let mut start = vec![0u32; n + 1];
+    for (i, r) in refs.iter().enumerate().filter(|(i, _)| candidate[*i]) {
+        for to in r.iter().filter(|to| **to as usize != i) {
+            start[*to as usize + 1] += 1;
         }
     }
-    let mut todo: Vec<Digest> = chosen.iter().copied().collect();
-    while let Some(d) = todo.pop() {
-        for r in referrers.get(&d).into_iter().flatten() {
-            if chosen.insert(*r) {
+    for i in 0..n {
+        start[i + 1] += start[i];
+    }
+    let mut fill = start.clone();
+    let mut referrers = vec![0u32; start[n] as usize];
+    for (i, r) in refs.iter().enumerate().filter(|(i, _)| candidate[*i]) {
+        for to in r.iter().filter(|to| **to as usize != i) {
+            referrers[fill[*to as usize] as usize] = i as u32;
+            fill[*to as usize] += 1;
+        }
+    }
+    let mut todo: Vec<u32> = (0..n as u32).filter(|i| chosen[*i as usize]).collect();
+    while let Some(i) = todo.pop() {
+        let i = i as usize;
+        for r in &referrers[start[i] as usize..start[i + 1] as usize] {
+            if !std::mem::replace(&mut chosen[*r as usize], true) {
                 todo.push(*r);
             }
         }
     }
     chosen
-}
-
-/// Every path reachable from `roots` through references, the roots included.
-fn closure(
-    read: &HashMap<Digest, Read>,
-    roots: impl IntoIterator<Item = Digest>,
-) -> HashSet<Digest> {
-    let mut kept = HashSet::new();
-    let mut todo: Vec<Digest> = roots.into_iter().collect();
-    while let Some(d) = todo.pop() {
-        if kept.insert(d) {
-            if let Some(r) = read.get(&d) {
-                todo.extend(r.refs.iter().copied());
-            }
-        }
-    }
-    kept
 }
 
 /// The store paths pinned in the cache (`pins/NAME`: one store path per line).
@@ -691,65 +833,35 @@ mod tests {
         ))
     }
 
-    fn d(i: u8) -> Digest {
-        let mut s = String::from("0000000000000000000000000000000");
-        s.push(b"0123456789abcdfg"[i as usize] as char);
-        Digest::parse(&s).unwrap()
-    }
-
     /// Least recently used goes first, a path counts as used when a referrer was, and what
     /// goes is closed under referrers; kept paths never go.
     #[test]
     fn least_recently_used_takes_referrers_with_what_they_reference() {
-        let t = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
-        let graph = |edges: &[(u8, &[u8])]| -> HashMap<Digest, Read> {
-            edges
-                .iter()
-                .map(|(from, to)| {
-                    let refs: Vec<Digest> = to.iter().map(|i| d(*i)).collect();
-                    (
-                        d(*from),
-                        Read {
-                            refs: refs.into(),
-                            nar: format!("nar/{from}.nar").into(),
-                        },
-                    )
-                })
-                .collect()
+        let pick = |refs: &[&[u32]], kept: &[u32], uses: &[u64], wanted: u64| -> Vec<u32> {
+            let candidate: Vec<bool> = (0..refs.len() as u32).map(|i| !kept.contains(&i)).collect();
+            let chosen = least_recently_used(refs, &candidate, uses, |_| 1, wanted);
+            (0..refs.len() as u32).filter(|i| chosen[*i as usize]).collect()
         };
-        // 1 → 2 → 3, and 4 alone; 3 served recently, 1 and 2 long ago.
-        let read = graph(&[(1, &[2]), (2, &[3]), (3, &[]), (4, &[])]);
-        let uses: HashMap<Digest, SystemTime> = [(1, 1), (2, 2), (3, 10), (4, 5)]
-            .iter()
-            .map(|(i, s)| (d(*i), t(*s)))
-            .collect();
-        let none = HashSet::new();
-        let pick = |kept: &HashSet<Digest>, wanted| {
-            let mut v: Vec<Digest> = least_recently_used(&read, kept, &none, &uses, |_| 1, wanted)
-                .into_iter()
-                .collect();
-            v.sort();
-            v
-        };
-        assert_eq!(pick(&none, 1), [d(1)]);
-        assert_eq!(pick(&none, 2), [d(1), d(2)]);
-        assert_eq!(pick(&none, 3), [d(1), d(2), d(4)]);
-        assert_eq!(pick(&none, 99), [d(1), d(2), d(3), d(4)]);
-        // 2 kept (with its closure, 3): only 1 and 4 may go.
-        let kept: HashSet<Digest> = [d(2), d(3)].into();
-        assert_eq!(pick(&kept, 99), [d(1), d(4)]);
+        // 0 → 1 → 2, and 3 alone; 2 used recently, 0 and 1 long ago.
+        let refs: [&[u32]; 4] = [&[1], &[2], &[], &[]];
+        let uses = [1, 2, 10, 5];
+        assert_eq!(pick(&refs, &[], &uses, 1), [0]);
+        assert_eq!(pick(&refs, &[], &uses, 2), [0, 1]);
+        assert_eq!(pick(&refs, &[], &uses, 3), [0, 1, 3]);
+        assert_eq!(pick(&refs, &[], &uses, 99), [0, 1, 2, 3]);
+        // 1 kept (with its closure, 2): only 0 and 3 may go.
+        assert_eq!(pick(&refs, &[1, 2], &uses, 99), [0, 3]);
 
-        // A recent referrer makes what it references recent: 5 (used at 10) → 6 (used at 1).
-        let read = graph(&[(5, &[6]), (6, &[]), (7, &[])]);
-        let uses: HashMap<Digest, SystemTime> = [(5, 10), (6, 1), (7, 5)]
-            .iter()
-            .map(|(i, s)| (d(*i), t(*s)))
-            .collect();
-        let got = least_recently_used(&read, &none, &none, &uses, |_| 1, 1);
-        assert_eq!(got, [d(7)].into());
-        // Asked for 2, both 5 and 6 (equally recent) go together, never 6 alone.
-        let got = least_recently_used(&read, &none, &none, &uses, |_| 1, 2);
-        assert!(got.contains(&d(7)) && got.contains(&d(5)), "{got:?}");
+        // A recent referrer makes what it references recent: 0 (used at 10) → 1 (used at 1).
+        let refs: [&[u32]; 3] = [&[1], &[], &[]];
+        let uses = [10, 1, 5];
+        assert_eq!(pick(&refs, &[], &uses, 1), [2]);
+        // Asked for 2: 2, then the referrer 0 (as recent as 1, taken first) may go alone.
+        assert_eq!(pick(&refs, &[], &uses, 2), [0, 2]);
+        // Where the referenced path comes first among equals, its referrer goes with it.
+        let refs: [&[u32]; 3] = [&[], &[0], &[]];
+        let uses = [1, 10, 5];
+        assert_eq!(pick(&refs, &[], &uses, 2), [0, 1, 2]);
     }
 
     /// When an uploader lands P (which references the old Q) in the cache.

@@ -381,33 +381,38 @@ impl Blobs for FileBlobs {
         } else {
             self.path_of(prefix.trim_end_matches('/'))?
         };
-        let mut rd = match tokio::fs::read_dir(&dir).await {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(io_err("listing", prefix, e)),
-        };
-        let mut keys = Vec::new();
-        while let Some(e) = rd
-            .next_entry()
-            .await
-            .map_err(|e| io_err("listing", prefix, e))?
-        {
-            let name = e.file_name();
-            let Some(name) = name.to_str() else { continue };
-            if name.starts_with(TMP_PREFIX) || !e.file_type().await.is_ok_and(|t| t.is_file()) {
-                continue;
-            }
-            // A file removed between the listing and this look is simply not listed.
-            let Ok(meta) = e.metadata().await else {
-                continue;
+        // One blocking task for the whole folder: a hop per entry costs more than the
+        // `stat` itself, and caches hold a million files.
+        let prefix = prefix.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let rd = match std::fs::read_dir(&dir) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(io_err("listing", &prefix, e)),
             };
-            keys.push(ObjectMeta {
-                key: format!("{prefix}{name}"),
-                size: meta.len(),
-                modified: meta.modified().ok(),
-            });
-        }
-        Ok(keys)
+            let mut keys = Vec::new();
+            for e in rd {
+                let e = e.map_err(|e| io_err("listing", &prefix, e))?;
+                let name = e.file_name();
+                let Some(name) = name.to_str() else { continue };
+                if name.starts_with(TMP_PREFIX) {
+                    continue;
+                }
+                // A file removed between the listing and this look is simply not listed.
+                let Ok(meta) = e.metadata() else { continue };
+                if !meta.is_file() {
+                    continue;
+                }
+                keys.push(ObjectMeta {
+                    key: format!("{prefix}{name}"),
+                    size: meta.len(),
+                    modified: meta.modified().ok(),
+                });
+            }
+            Ok(keys)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("listing {}: {e}", self.root.display())))?
     }
 }
 

@@ -89,6 +89,8 @@ pub fn samples() -> Vec<(&'static str, serde_json::Value)> {
         browse_href: evil.into(),
         text_href: evil.into(),
         listing_href: evil.into(),
+        last_served: Some(evil.into()),
+        records: true,
     };
     let entry = |kind| EntryRow {
         name: evil.into(),
