@@ -423,7 +423,7 @@ async fn check_one(
                     ),
                 );
             } else if opts.verify_content {
-                match verify_content(cache, &info).await {
+                match verify_content(cache, &info).await? {
                     Ok(n) => verified = n,
                     Err(e) => finding(FindingKind::ContentMismatch, e),
                 }
@@ -438,14 +438,26 @@ async fn check_one(
 }
 
 /// Streams the NAR of `info` once, hashing the file as stored and the NAR inside it; the bytes
-/// read, or what does not match.
-async fn verify_content(cache: &BinaryCache, info: &NarInfo) -> Result<u64, String> {
-    let blob = cache
-        .nar(&info.url, None)
-        .await
-        .map_err(|e| format!("its NAR {} cannot be read: {e}", info.url))?;
+/// read, or what does not match. Fails when the store could not be read (see [`fsck`]): a
+/// stream that breaks off says nothing about the bytes that did not arrive.
+async fn verify_content(
+    cache: &BinaryCache,
+    info: &NarInfo,
+) -> Result<Result<u64, String>, StoreError> {
+    let blob = match cache.nar(&info.url, None).await {
+        Ok(blob) => blob,
+        Err(e @ (StoreError::NotFound(_) | StoreError::Corrupt(_) | StoreError::Invalid(_))) => {
+            return Ok(Err(format!("its NAR {} cannot be read: {e}", info.url)))
+        }
+        Err(e) => return Err(e),
+    };
     let mut file_hash = HashingCounter::new();
-    let raw = blob.stream.inspect_ok(|chunk| file_hash.update(chunk));
+    // The decoder reports the stream's errors and its own alike; this tells them apart.
+    let broke_off = std::sync::Mutex::new(None::<String>);
+    let raw = blob
+        .stream
+        .inspect_ok(|chunk| file_hash.update(chunk))
+        .inspect_err(|e| *broke_off.lock().expect("broke_off") = Some(e.to_string()));
     let mut decoder = info.compression.decoder_within(
         tokio::io::BufReader::new(StreamReader::new(raw)),
         MAX_DECODER_WINDOW,
@@ -453,20 +465,31 @@ async fn verify_content(cache: &BinaryCache, info: &NarInfo) -> Result<u64, Stri
     let mut nar_hash = HashingCounter::new();
     let mut buf = vec![0u8; 256 << 10];
     loop {
-        let n = decoder
-            .read(&mut buf)
-            .await
-            .map_err(|e| format!("its NAR {} does not decompress: {e}", info.url))?;
+        let n = match decoder.read(&mut buf).await {
+            Ok(n) => n,
+            Err(e) => {
+                if let Some(cause) = broke_off.lock().expect("broke_off").take() {
+                    return Err(StoreError::backend(
+                        format!("reading the NAR {}", info.url),
+                        cause,
+                    ));
+                }
+                return Ok(Err(format!(
+                    "its NAR {} does not decompress: {e}",
+                    info.url
+                )));
+            }
+        };
         if n == 0 {
             break;
         }
         nar_hash.update(&buf[..n]);
         // More than NarSize is wrong already; reading on would only cost time.
         if nar_hash.len() > info.nar_size {
-            return Err(format!(
+            return Ok(Err(format!(
                 "its NAR {} holds more than NarSize {} bytes",
                 info.url, info.nar_size
-            ));
+            )));
         }
     }
     drop(decoder);
@@ -484,11 +507,11 @@ async fn verify_content(cache: &BinaryCache, info: &NarInfo) -> Result<u64, Stri
             wrong.push(format!("FileHash is {got_file}, not {want}"));
         }
     }
-    if wrong.is_empty() {
+    Ok(if wrong.is_empty() {
         Ok(file_size)
     } else {
         Err(format!("its NAR {}: {}", info.url, wrong.join("; ")))
-    }
+    })
 }
 
 #[cfg(test)]
@@ -564,6 +587,77 @@ mod tests {
         };
         let e = fsck(blobs.clone(), &opts).await.unwrap_err();
         assert!(e.to_string().contains("connection refused"), "{e}");
+        assert!(blobs
+            .0
+            .head(&format!("{A}.narinfo"))
+            .await
+            .unwrap()
+            .is_some());
+    }
+
+    /// A cache whose objects break off after their first chunk, as a bucket that goes away
+    /// mid-stream does.
+    struct CutOff(MemoryBlobs);
+
+    #[async_trait::async_trait]
+    impl Blobs for CutOff {
+        fn describe(&self) -> String {
+            "cut off".into()
+        }
+        async fn get(
+            &self,
+            key: &str,
+            range: Option<crate::store::ByteRange>,
+        ) -> crate::store::Result<crate::store::Blob> {
+            let mut blob = self.0.get(key, range).await?;
+            if key.starts_with("nar/") {
+                let cut = futures::stream::once(async {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionReset,
+                        "connection reset by peer",
+                    ))
+                });
+                blob.stream = Box::pin(blob.stream.chain(cut));
+            }
+            Ok(blob)
+        }
+        async fn put(
+            &self,
+            key: &str,
+            data: crate::store::ByteStream,
+            ct: &str,
+        ) -> crate::store::Result<u64> {
+            self.0.put(key, data, ct).await
+        }
+        async fn head(&self, key: &str) -> crate::store::Result<Option<u64>> {
+            self.0.head(key).await
+        }
+        async fn list_meta(
+            &self,
+            prefix: &str,
+        ) -> crate::store::Result<Vec<crate::store::blobs::ObjectMeta>> {
+            self.0.list_meta(prefix).await
+        }
+        async fn delete(&self, key: &str) -> crate::store::Result<()> {
+            self.0.delete(key).await
+        }
+    }
+
+    /// A NAR whose stream fails part-way is an outage, not a content mismatch: fsck fails,
+    /// and repair removes nothing.
+    #[tokio::test]
+    async fn a_stream_that_breaks_off_is_an_error_not_a_finding() {
+        let blobs = Arc::new(CutOff(MemoryBlobs::new()));
+        put(&blobs.0, &format!("{A}.narinfo"), narinfo(A, "")).await;
+        put(&blobs.0, &format!("nar/{A}.nar"), "nar".into()).await;
+        let opts = FsckOptions {
+            jobs: 1,
+            verify_content: true,
+            repair: true,
+            ..Default::default()
+        };
+        let e = fsck(blobs.clone(), &opts).await.unwrap_err();
+        assert!(e.to_string().contains("connection reset"), "{e}");
         assert!(blobs
             .0
             .head(&format!("{A}.narinfo"))
