@@ -532,8 +532,9 @@ fn repair_writes_broken_paths_again_from_the_local_store() {
 }
 
 /// What the local store does not hold cannot be written again: it goes, with every path that
-/// references it (referrers first), while what the store holds is written again, and the
-/// rest of the cache stays whole for the real Nix.
+/// references it (referrers first), while what the store holds (a NAR cut short, a narinfo
+/// that does not parse) is written again, and the rest of the cache stays whole for the real
+/// Nix.
 #[test]
 fn repair_removes_what_the_local_store_does_not_hold() {
     let env = NixEnv::new();
@@ -561,6 +562,8 @@ fn repair_removes_what_the_local_store_does_not_hold() {
     let other_nar = dir.join(nar_url(&ni(&other)));
     let bytes = fs::read(&other_nar).unwrap();
     fs::write(&other_nar, &bytes[..bytes.len() - 10]).unwrap();
+    // dep: its narinfo does not parse (the store has dep): written again under its name.
+    fs::write(ni(&closure.dep), "StorePath: nonsense\n").unwrap();
 
     let sk_arg = sk.display().to_string();
     let store = format!("local?root={partial_arg}");
@@ -576,27 +579,32 @@ fn repair_removes_what_the_local_store_does_not_hold() {
         ],
     );
     assert_eq!(code, 1, "{r}");
-    assert_eq!(strings(&r["reuploaded"]), [narinfo_key(&other)], "{r}");
+    let mut reuploaded = strings(&r["reuploaded"]);
+    reuploaded.sort();
+    let mut want = vec![narinfo_key(&other), narinfo_key(&closure.dep)];
+    want.sort();
+    assert_eq!(reuploaded, want, "{r}");
     assert_eq!(
         strings(&r["removed"]),
         [narinfo_key(&closure.app), narinfo_key(&closure.lib)],
         "referrers first: {r}"
     );
 
-    // Only app's NAR file is left over (lib's was gone already, other's damaged one went).
+    // Only NAR files are left over, for gc: app's, and dep's, which its unparsable narinfo
+    // pointed at (lib's was gone already, other's damaged one went).
     let (r, _) = report(
         &env,
         &["--verify-content", "--trusted-public-key", &pk, &url],
     );
     let kinds: Vec<String> = findings(&r).into_iter().map(|(k, _)| k).collect();
-    assert_eq!(kinds, ["orphan-nar"], "{r}");
+    assert_eq!(kinds, ["orphan-nar", "orphan-nar"], "{r}");
     let fresh = env.path("fresh-store").display().to_string();
     for p in [&other, &closure.dep] {
         env.copy_from(&url, &fresh, Some(&pk), p);
     }
     env.verify(&fresh, Some(&pk), &other);
 
-    // The table says what was written again and what was removed.
+    // The table lists what was written again.
     fs::remove_file(dir.join(nar_url(&ni(&other)))).unwrap();
     let out = fsck(&env, &["--repair", "--from-store", &store, &url]);
     let text = String::from_utf8_lossy(&out.stdout);
