@@ -961,6 +961,64 @@ mod tests {
         }
     }
 
+    /// A store whose reads all fail, as one that is down.
+    struct Unreachable;
+
+    #[async_trait::async_trait]
+    impl Blobs for Unreachable {
+        fn describe(&self) -> String {
+            "unreachable".into()
+        }
+        async fn get(
+            &self,
+            _: &str,
+            _: Option<crate::store::ByteRange>,
+        ) -> crate::store::Result<crate::store::Blob> {
+            Err(StoreError::backend("reading", "connection refused"))
+        }
+        async fn put(
+            &self,
+            _: &str,
+            _: crate::store::ByteStream,
+            _: &str,
+        ) -> crate::store::Result<u64> {
+            Err(StoreError::backend("writing", "connection refused"))
+        }
+        async fn head(&self, _: &str) -> crate::store::Result<Option<u64>> {
+            Err(StoreError::backend("checking", "connection refused"))
+        }
+        async fn list_meta(
+            &self,
+            _: &str,
+        ) -> crate::store::Result<Vec<crate::store::blobs::ObjectMeta>> {
+            Err(StoreError::backend("listing", "connection refused"))
+        }
+        async fn delete(&self, _: &str) -> crate::store::Result<()> {
+            Err(StoreError::backend("deleting", "connection refused"))
+        }
+    }
+
+    /// A store to write from that cannot be asked stops the repair: it may hold the path,
+    /// so nothing is removed.
+    #[tokio::test]
+    async fn a_source_that_is_down_stops_the_repair() {
+        let cache = Arc::new(MemoryBlobs::new());
+        object(&cache, A, "", "nar of a").await;
+        cache.delete(&format!("nar/{A}.nar")).await.unwrap();
+        let opts = FsckOptions {
+            jobs: 1,
+            repair: true,
+            from_store: Some(FromStore {
+                store: Arc::new(BinaryCache::new(Arc::new(Unreachable))),
+                publish: PublishOptions::default(),
+            }),
+            ..Default::default()
+        };
+        let e = fsck(cache.clone(), &opts).await.unwrap_err();
+        assert!(e.to_string().contains("connection refused"), "{e}");
+        assert!(cache.head(&format!("{A}.narinfo")).await.unwrap().is_some());
+    }
+
     /// A path whose reference is missing when the cache is listed, and whose writer finishes
     /// the closure before repair gets to it, is kept; left missing, it goes.
     #[tokio::test]
