@@ -176,11 +176,27 @@ pub struct FsckArgs {
     /// Print the report as JSON (for machines) instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// Remove the narinfos of broken paths and of every path referencing one (referrers
-    /// first), so that every narinfo left has its NAR and its references. NAR files are left
-    /// for garbage collection; unsigned paths and orphan NARs are only reported.
+    /// Fix broken paths: write those that --from-store holds again from it, and remove the
+    /// narinfos of the others and of every path referencing one (referrers first), so that
+    /// every narinfo left has its NAR and its references. NAR files of removed narinfos are
+    /// left for garbage collection; unsigned paths and orphan NARs are only reported.
     #[arg(long)]
     pub repair: bool,
+    /// With --repair, write broken paths, and missing paths that narinfos reference, again
+    /// from this local Nix store (/nix/store, local or local?root=DIR), references first, as
+    /// upload writes them; only what it does not hold is removed.
+    #[arg(long, value_name = "STORE", requires = "repair")]
+    pub from_store: Option<String>,
+    /// NAR compression of paths written again: zstd, xz, bzip2, gzip, br or none [default: zstd].
+    #[arg(long, requires = "from_store")]
+    pub compression: Option<String>,
+    /// Compression level of paths written again, on the codec's own scale (zstd 1-19, xz 0-9, …).
+    #[arg(long, requires = "from_store")]
+    pub compression_level: Option<i32>,
+    /// Sign paths written again with this key (repeatable; nix-store
+    /// --generate-binary-cache-key format).
+    #[arg(long = "secret-key-file", value_name = "FILE", requires = "from_store")]
+    pub secret_key_files: Vec<PathBuf>,
     /// Cache to check: file:///DIR, s3://BUCKET[?…] or gs://BUCKET[?…].
     pub cache: String,
 }

@@ -1,12 +1,16 @@
 //! `nixcached fsck`: checks a binary cache and prints what is wrong (a table, or JSON).
 
+use std::sync::Arc;
+
 use anyhow::Context;
-use nixcached_actors::formats::PublicKey;
-use nixcached_actors::fsck::{fsck, FindingKind, FsckOptions, FsckReport};
+use nixcached_actors::formats::{Compression, PublicKey};
+use nixcached_actors::fsck::{fsck, FindingKind, FromStore, FsckOptions, FsckReport};
+use nixcached_actors::publish::PublishOptions;
+use nixcached_actors::store::local::LocalStore;
 use nixcached_actors::store::url::StoreUrl;
 use thiserror::Error;
 
-use crate::cli::FsckArgs;
+use crate::cli::{defaults, FsckArgs};
 
 /// Why `fsck` did not exit 0.
 #[derive(Debug, Error)]
@@ -77,14 +81,48 @@ fn check(args: &FsckArgs) -> anyhow::Result<FsckReport> {
         anyhow::bail!("--jobs must be at least 1");
     }
     let blobs = StoreUrl::parse(&args.cache)?.open_blobs()?;
+    let from_store = args
+        .from_store
+        .as_deref()
+        .map(|url| from_store(url, args))
+        .transpose()?;
     let opts = FsckOptions {
         verify_content: args.verify_content,
         trusted_keys,
         jobs: args.jobs,
         repair: args.repair,
+        from_store,
     };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     Ok(rt.block_on(fsck(blobs, &opts))?)
+}
+
+/// Opens `--from-store` and reads the flags that say how paths are written again.
+fn from_store(url: &str, args: &FsckArgs) -> anyhow::Result<FromStore> {
+    let compression: Compression = args
+        .compression
+        .as_deref()
+        .unwrap_or(defaults::COMPRESSION)
+        .parse()
+        .context("--compression")?;
+    // The same store `upload --from` opens: only a local store holds paths to write again.
+    let store = match StoreUrl::parse(url).with_context(|| format!("--from-store {url}"))? {
+        StoreUrl::Local(layout) => {
+            LocalStore::open(layout).with_context(|| format!("opening {url}"))?
+        }
+        _ => anyhow::bail!(
+            "--from-store must name a local Nix store (/nix/store, local or local?root=DIR), not {url}"
+        ),
+    };
+    Ok(FromStore {
+        store: Arc::new(store),
+        publish: PublishOptions {
+            compression,
+            level: args.compression_level,
+            keys: crate::serve::read_keys(&args.secret_key_files)?,
+            ..PublishOptions::default()
+        },
+    })
 }
 
 /// The report for a person: totals, a count per kind, then every finding.
@@ -106,8 +144,17 @@ fn table(cache: &str, r: &FsckReport, verified: bool) -> String {
     for f in &r.findings {
         s.push_str(&format!("{:<20} {}: {}\n", f.kind.name(), f.key, f.detail));
     }
+    for key in &r.reuploaded {
+        s.push_str(&format!("{:<20} {key}\n", "reuploaded"));
+    }
     for key in &r.removed {
         s.push_str(&format!("{:<20} {key}\n", "removed"));
+    }
+    if !r.reuploaded.is_empty() {
+        s.push_str(&format!(
+            "repair wrote {} paths again, with their NARs\n",
+            r.reuploaded.len()
+        ));
     }
     if !r.removed.is_empty() {
         s.push_str(&format!(

@@ -256,4 +256,26 @@ fn check_and_repair_finds_a_missing_nar_and_repairs_the_closure() {
     // What is left is whole: Nix copies dep from it.
     let fresh = env.path("fresh");
     env.copy_from(&cache, fresh.to_str().unwrap(), None, &closure.dep);
+
+    // dep's NAR goes too; given the local store, repair writes dep again instead of removing it.
+    let dep_narinfo = dir.join(format!(
+        "{}.narinfo",
+        &closure.dep.rsplit('/').next().unwrap()[..32]
+    ));
+    let url = std::fs::read_to_string(&dep_narinfo)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: ").map(str::to_owned))
+        .unwrap();
+    std::fs::remove_file(dir.join(url)).unwrap();
+    let store = format!("local?root={}", env.store_arg());
+    let (code, out) = check_and_repair(&env, &["--repair", "--from-store", &store, &cache]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out.matches("reuploaded ").count(), 1, "dep: {out}");
+    assert_eq!(out.matches("removed ").count(), 0, "{out}");
+    let (code, out) = check_and_repair(&env, &["--verify-content", &cache]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("missing-nar: 0"), "{out}");
+    let fresh = env.path("fresh-2");
+    env.copy_from(&cache, fresh.to_str().unwrap(), None, &closure.dep);
 }
