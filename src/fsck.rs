@@ -52,7 +52,11 @@ pub fn run(args: FsckArgs) -> anyhow::Result<()> {
         source,
     })?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        // Written as it is serialized: a report of a million-object cache is large.
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        std::io::Write::write_all(&mut out, b"\n")?;
+        std::io::Write::flush(&mut out)?;
     } else {
         print!("{}", table(&cache, &report, args.verify_content));
     }

@@ -70,7 +70,11 @@ pub fn run(args: GcArgs) -> anyhow::Result<()> {
         .block_on(gc(blobs, &opts))
         .with_context(|| format!("collecting {}", args.cache))?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        // Written as it is serialized: a report of a million-object cache is large.
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        std::io::Write::write_all(&mut out, b"\n")?;
+        std::io::Write::flush(&mut out)?;
     } else {
         print!("{}", summary(&args.cache, &report));
     }

@@ -20,8 +20,9 @@
 //! still hand out the removed narinfos for a while; the damaged NAR file of a path written
 //! again is removed at once, as nothing can use it.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
@@ -185,43 +186,78 @@ pub async fn fsck(blobs: Arc<dyn Blobs>, opts: &FsckOptions) -> Result<FsckRepor
     let cache = BinaryCache::new(blobs.clone());
     let digests: Vec<Digest> = cache.list().await?;
     let known: HashSet<Digest> = digests.iter().copied().collect();
-    let nar_files: BTreeMap<String, Option<std::time::SystemTime>> = blobs
+    // Sorted and compact: at a million NAR files, a map of owned keys would cost hundreds of
+    // megabytes. The listing also answers "does the NAR exist, how big" without a request per
+    // narinfo.
+    let mut nar_files: Vec<NarFile> = blobs
         .list_meta("nar/")
         .await?
         .into_iter()
-        .map(|m| (m.key, m.modified))
+        .map(|m| NarFile {
+            key: m.key.into_boxed_str(),
+            size: m.size,
+            modified: m.modified,
+            users: AtomicU32::new(0),
+        })
         .collect();
-
-    let checked: Vec<Checked> = futures::stream::iter(digests)
-        .map(|d| check_one(&cache, blobs.as_ref(), d, Some(&known), opts))
-        .buffer_unordered(opts.jobs.max(1))
-        .try_collect()
-        .await?;
+    nar_files.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+    nar_files.shrink_to_fit();
 
     let mut report = FsckReport {
-        narinfos: checked.len() as u64,
         nar_files: nar_files.len() as u64,
         ..Default::default()
     };
-    // How many narinfos point at each NAR file: a damaged one is removed once its path is
-    // written again only when no other narinfo still points at it.
-    let mut referenced: HashMap<String, usize> = HashMap::new();
+    // NAR files outside the listing (not under nar/, or written since) and how many
+    // narinfos point at each.
+    let mut unlisted_users: HashMap<String, usize> = HashMap::new();
     let mut broken = Vec::new();
     let mut graph = HashMap::new();
-    for c in checked {
-        if c.findings.iter().any(|f| f.kind.is_broken()) {
-            broken.push(c.digest);
+    {
+        let listed: &[NarFile] = &nar_files;
+        let mut checks = futures::stream::iter(digests)
+            .map(|d| check_one(&cache, blobs.as_ref(), d, Some(&known), Some(listed), opts))
+            .buffer_unordered(opts.jobs.max(1));
+        // Folded as they come, not collected: one result per narinfo adds up.
+        while let Some(c) = checks.next().await {
+            let c = c?;
+            report.narinfos += 1;
+            if c.findings.iter().any(|f| f.kind.is_broken()) {
+                broken.push(c.digest);
+            }
+            report.findings.extend(c.findings);
+            report.verified_bytes += c.verified;
+            if let Some(u) = c.url {
+                match find_nar(listed, &u) {
+                    Some(i) => {
+                        listed[i].users.fetch_add(1, Ordering::Relaxed);
+                    }
+                    None => *unlisted_users.entry(u).or_default() += 1,
+                }
+            }
+            // Only repair needs the graph; at a million paths it is not small.
+            if opts.repair {
+                graph.insert(c.digest, c.refs);
+            }
         }
-        report.findings.extend(c.findings);
-        report.verified_bytes += c.verified;
-        if let Some(u) = c.url {
-            *referenced.entry(u).or_default() += 1;
-        }
-        graph.insert(c.digest, c.refs);
     }
+    // How many narinfos point at each NAR file, where more than one does: a damaged one is
+    // removed once its path is written again only when no other narinfo still points at it.
+    let nar_users: HashMap<String, usize> = nar_files
+        .iter()
+        .map(|f| (f, f.users.load(Ordering::Relaxed)))
+        .filter(|(_, n)| *n > 1)
+        .map(|(f, n)| (f.key.to_string(), n as usize))
+        .chain(unlisted_users.into_iter().filter(|(_, n)| *n > 1))
+        .collect();
     let now = std::time::SystemTime::now();
-    for (key, modified) in &nar_files {
-        if !referenced.contains_key(key) {
+    for NarFile {
+        key,
+        modified,
+        users,
+        ..
+    } in &nar_files
+    {
+        if users.load(Ordering::Relaxed) == 0 {
             // Its age tells a writer's file in progress (minutes) from a leftover (days).
             let age = modified
                 .and_then(|m| now.duration_since(m).ok())
@@ -234,14 +270,14 @@ pub async fn fsck(blobs: Arc<dyn Blobs>, opts: &FsckOptions) -> Result<FsckRepor
                 .unwrap_or_default();
             report.findings.push(Finding {
                 kind: FindingKind::OrphanNar,
-                key: key.clone(),
+                key: key.to_string(),
                 detail: format!("no narinfo points at this NAR file{age}"),
             });
         }
     }
     report.findings.sort();
     if opts.repair {
-        let repaired = repair(&cache, blobs.as_ref(), broken, &graph, &referenced, opts).await?;
+        let repaired = repair(&cache, blobs.as_ref(), broken, &graph, &nar_users, opts).await?;
         report.reuploaded = repaired.reuploaded;
         report.removed = repaired.removed;
     }
@@ -283,7 +319,7 @@ async fn repair(
     for digest in broken {
         // Checked again against the cache as it is now: the reference that was missing may
         // have been written since (its writer was mid-closure), the NAR may have arrived.
-        let again = check_one(cache, blobs, digest, None, opts).await?;
+        let again = check_one(cache, blobs, digest, None, None, opts).await?;
         let damaged = again
             .findings
             .iter()
@@ -579,6 +615,18 @@ async fn missing_now(
 }
 
 /// What checking one narinfo gave.
+/// A NAR file as listed, and how many narinfos point at it.
+struct NarFile {
+    key: Box<str>,
+    size: u64,
+    modified: Option<std::time::SystemTime>,
+    users: AtomicU32,
+}
+
+fn find_nar(files: &[NarFile], key: &str) -> Option<usize> {
+    files.binary_search_by(|f| (*f.key).cmp(key)).ok()
+}
+
 struct Checked {
     digest: Digest,
     findings: Vec<Finding>,
@@ -591,12 +639,14 @@ struct Checked {
 }
 
 /// Checks one narinfo. References are checked against `known` (`None` leaves them to the
-/// caller). Fails when the store could not be asked (see [`fsck`]).
+/// caller); its NAR's size is taken from `listed` when it is there, else asked for. Fails
+/// when the store could not be asked (see [`fsck`]).
 async fn check_one(
     cache: &BinaryCache,
     blobs: &dyn Blobs,
     digest: Digest,
     known: Option<&HashSet<Digest>>,
+    listed: Option<&[NarFile]>,
     opts: &FsckOptions,
 ) -> Result<Checked, StoreError> {
     let mut checked = Checked {
@@ -651,7 +701,11 @@ async fn check_one(
         );
     }
     let mut verified = 0;
-    match blobs.head(&info.url).await {
+    let size = match listed.and_then(|l| find_nar(l, &info.url).map(|i| l[i].size)) {
+        Some(size) => Ok(Some(size)),
+        None => blobs.head(&info.url).await,
+    };
+    match size {
         Ok(None) => finding(
             FindingKind::MissingNar,
             format!("its NAR {} does not exist", info.url),

@@ -35,7 +35,6 @@ use serde::Serialize;
 
 use crate::formats::narinfo::MAX_NARINFO_BYTES;
 use crate::formats::{Digest, StorePath};
-use crate::fsck::{referrers_of, remove_referrers_first};
 use crate::store::binary_cache::BinaryCache;
 use crate::store::blobs::{Blobs, ObjectMeta};
 use crate::store::{ByteStream, Store, StoreError};
@@ -167,8 +166,12 @@ fn find(files: &[FileRec], key: &str) -> u32 {
 
 /// The cache's paths and their files.
 struct Cache {
+    /// The first listing's narinfos sorted by digest (found by binary search: a map would
+    /// cost another 50 MB at a million paths), then those listed later.
     paths: Vec<PathRec>,
-    ids: HashMap<Digest, u32>,
+    sorted: usize,
+    /// Where the narinfos listed later are.
+    later: HashMap<Digest, u32>,
     nars: Vec<FileRec>,
     listings: Vec<FileRec>,
     /// Bytes of everything else at the top (`nix-cache-info`, logs, …).
@@ -176,8 +179,21 @@ struct Cache {
 }
 
 impl Cache {
-    /// Adds the narinfos among `metas` not known yet; the indices added.
+    /// The index of the path `d`, when the cache has it.
+    fn id(&self, d: &Digest) -> Option<u32> {
+        match self.paths[..self.sorted].binary_search_by(|p| p.digest.cmp(d)) {
+            Ok(i) => Some(i as u32),
+            Err(_) => self.later.get(d).copied(),
+        }
+    }
+
+    /// Adds the narinfos among `metas` not known yet; the indices added. The first call's are
+    /// kept sorted by digest.
     fn add_narinfos(&mut self, metas: Vec<ObjectMeta>, count_other: bool) -> Vec<u32> {
+        let first = self.paths.is_empty();
+        if first {
+            self.paths.reserve_exact(metas.len());
+        }
         let mut added = Vec::new();
         for m in metas {
             let Some(d) = m
@@ -190,11 +206,13 @@ impl Cache {
                 }
                 continue;
             };
-            if self.ids.contains_key(&d) {
+            if !first && self.id(&d).is_some() {
                 continue;
             }
             let id = self.paths.len() as u32;
-            self.ids.insert(d, id);
+            if !first {
+                self.later.insert(d, id);
+            }
             let ls = find(&self.listings, &format!("{d}.ls"));
             self.paths.push(PathRec {
                 digest: d,
@@ -207,13 +225,20 @@ impl Cache {
             });
             added.push(id);
         }
+        if first {
+            self.paths.sort_unstable_by_key(|p| p.digest);
+            self.sorted = self.paths.len();
+            added = (0..self.sorted as u32).collect();
+        }
         added
     }
 
     /// Reads the narinfos `ids`, `jobs` at a time.
     async fn read(&mut self, cache: &BinaryCache, ids: &[u32], jobs: usize) {
-        let digests: Vec<(u32, Digest)> =
-            ids.iter().map(|i| (*i, self.paths[*i as usize].digest)).collect();
+        let digests: Vec<(u32, Digest)> = ids
+            .iter()
+            .map(|i| (*i, self.paths[*i as usize].digest))
+            .collect();
         let mut results = futures::stream::iter(digests)
             .map(|(id, d)| async move { (id, cache.narinfo(&d).await) })
             .buffer_unordered(jobs.max(1));
@@ -225,7 +250,7 @@ impl Cache {
                         .references
                         .iter()
                         .filter(|r| *r.digest() != me)
-                        .filter_map(|r| self.ids.get(r.digest()).copied())
+                        .filter_map(|r| self.id(r.digest()))
                         .collect();
                     (State::Read, find(&self.nars, &info.url), refs)
                 }
@@ -291,7 +316,8 @@ pub async fn gc(blobs: Arc<dyn Blobs>, opts: &GcOptions) -> Result<GcReport, Sto
     let tombstones = blobs.list_meta(TOMBSTONES).await?;
     let mut c = Cache {
         paths: Vec::new(),
-        ids: HashMap::new(),
+        sorted: 0,
+        later: HashMap::new(),
         nars,
         listings,
         other_bytes: 0,
@@ -317,7 +343,7 @@ pub async fn gc(blobs: Arc<dyn Blobs>, opts: &GcOptions) -> Result<GcReport, Sto
         .iter()
         .map(|p| *p.digest())
         .chain(pinned(&blobs).await?)
-        .filter_map(|d| c.ids.get(&d).copied())
+        .filter_map(|d| c.id(&d))
         .collect();
     roots.extend(
         c.paths
@@ -372,9 +398,12 @@ pub async fn gc(blobs: Arc<dyn Blobs>, opts: &GcOptions) -> Result<GcReport, Sto
         .filter(|(_, pointed)| !**pointed)
         .map(|(f, _)| f)
         .chain(c.listings.iter().filter(|f| {
-            let d = f.key.strip_suffix(".ls").and_then(|d| Digest::parse(d).ok());
-            !d.and_then(|d| c.ids.get(&d))
-                .is_some_and(|i| c.paths[*i as usize].state != State::Gone)
+            let d = f
+                .key
+                .strip_suffix(".ls")
+                .and_then(|d| Digest::parse(d).ok());
+            !d.and_then(|d| c.id(&d))
+                .is_some_and(|i| c.paths[i as usize].state != State::Gone)
         }))
         .filter(|f| !pending.contains(&*f.key) && age(f.modified) >= opts.grace)
         .map(|f| &*f.key)
@@ -414,9 +443,17 @@ pub async fn gc(blobs: Arc<dyn Blobs>, opts: &GcOptions) -> Result<GcReport, Sto
             left = left.saturating_sub(c.bytes(i as u32));
         }
         if left > max_size {
-            let candidate: Vec<bool> = (0..n).map(|i| present(i) && !kept[i] && !doomed[i]).collect();
+            let candidate: Vec<bool> = (0..n)
+                .map(|i| present(i) && !kept[i] && !doomed[i])
+                .collect();
             let refs: Vec<&[u32]> = c.paths.iter().map(|p| &*p.refs).collect();
-            let more = least_recently_used(&refs, &candidate, &last_use, |i| c.bytes(i), left - max_size);
+            let more = least_recently_used(
+                &refs,
+                &candidate,
+                &last_use,
+                |i| c.bytes(i),
+                left - max_size,
+            );
             for (i, m) in more.into_iter().enumerate() {
                 doomed[i] |= m;
             }
@@ -433,8 +470,8 @@ pub async fn gc(blobs: Arc<dyn Blobs>, opts: &GcOptions) -> Result<GcReport, Sto
     }
     let is_live = |key: &str| -> bool {
         match key.strip_suffix(".ls").map(Digest::parse) {
-            Some(Ok(d)) => c.ids.get(&d).is_some_and(|i| {
-                let i = *i as usize;
+            Some(Ok(d)) => c.id(&d).is_some_and(|i| {
+                let i = i as usize;
                 c.paths[i].state != State::Gone && !doomed[i]
             }),
             _ => {
@@ -483,9 +520,9 @@ pub async fn gc(blobs: Arc<dyn Blobs>, opts: &GcOptions) -> Result<GcReport, Sto
         .chain(pending.iter().copied())
         .chain(stones.iter().map(|(t, _)| t.key.as_str()))
         .collect();
-    report.kept_bytes = report.total_bytes.saturating_sub(
-        doomed_bytes + leaving.iter().map(|k| size_of_file(k)).sum::<u64>(),
-    );
+    report.kept_bytes = report
+        .total_bytes
+        .saturating_sub(doomed_bytes + leaving.iter().map(|k| size_of_file(k)).sum::<u64>());
     drop(leaving);
 
     if opts.dry_run {
@@ -494,8 +531,7 @@ pub async fn gc(blobs: Arc<dyn Blobs>, opts: &GcOptions) -> Result<GcReport, Sto
             .map(|i| format!("{}.narinfo", c.paths[*i as usize].digest))
             .collect();
         doomed_keys.sort();
-        report.freed_bytes =
-            doomed_bytes + remove_now.iter().map(|k| size_of_file(k)).sum::<u64>();
+        report.freed_bytes = doomed_bytes + remove_now.iter().map(|k| size_of_file(k)).sum::<u64>();
         report.removed_narinfos = doomed_keys;
         report.removed_files = remove_now;
         report.deferred_files += doomed_files.len() as u64;
@@ -526,36 +562,159 @@ pub async fn gc(blobs: Arc<dyn Blobs>, opts: &GcOptions) -> Result<GcReport, Sto
         report.deferred_files += doomed_files.len() as u64;
         drop(doomed_files);
         // Their texts, to put back what a writer references after all (below). Read again
-        // rather than kept from the first read: only the doomed need them, and holding every
-        // narinfo's text would cost hundreds of megabytes in a large cache.
-        let mut saved = HashMap::new();
-        for i in &doomed_ids {
-            let d = c.paths[*i as usize].digest;
-            match bc.read_small(&format!("{d}.narinfo"), MAX_NARINFO_BYTES).await {
-                Ok(text) => {
-                    saved.insert(d, text);
+        // rather than kept from the first read, and kept in a temporary file: at a million
+        // paths they would not fit in memory.
+        let mut saved = Saved::new()?;
+        let mut texts = futures::stream::iter(doomed_ids.iter().copied())
+            .map(|i| {
+                let bc = &bc;
+                let d = c.paths[i as usize].digest;
+                async move {
+                    (
+                        d,
+                        bc.read_small(&format!("{d}.narinfo"), MAX_NARINFO_BYTES)
+                            .await,
+                    )
                 }
+            })
+            .buffer_unordered(opts.jobs.max(1));
+        while let Some((d, r)) = texts.next().await {
+            match r {
+                Ok(text) => saved.put(d, &text)?,
                 Err(StoreError::NotFound(_)) => {}
                 Err(e) => return Err(e),
             }
         }
-        // Only the doomed: removal order and restoring look at nothing else.
-        let graph: HashMap<Digest, Vec<Digest>> = doomed_ids
-            .iter()
-            .map(|i| {
-                let p = &c.paths[*i as usize];
-                let refs = p.refs.iter().map(|r| c.paths[*r as usize].digest).collect();
-                (p.digest, refs)
-            })
-            .collect();
-        let doomed_set: HashSet<Digest> = graph.keys().copied().collect();
-        let referrers = referrers_of(&graph);
+        drop(texts);
         report.removed_narinfos =
-            remove_referrers_first(blobs.as_ref(), &doomed_set, &referrers, &graph).await?;
+            remove_referrers_first(&blobs, &c, &doomed, &doomed_ids, opts).await?;
         report.freed_bytes += doomed_bytes;
-        report.restored = restore_referenced(&blobs, &bc, &c.ids, &saved, &graph, opts).await?;
+        let known = |d: &Digest| c.id(d).is_some();
+        let refs_of = |d: &Digest| -> Vec<Digest> {
+            c.id(d).map_or_else(Vec::new, |i| {
+                c.paths[i as usize]
+                    .refs
+                    .iter()
+                    .filter(|r| doomed[**r as usize])
+                    .map(|r| c.paths[*r as usize].digest)
+                    .collect()
+            })
+        };
+        report.restored = restore_referenced(&blobs, &bc, &known, &saved, &refs_of, opts).await?;
     }
     Ok(report)
+}
+
+/// Narinfo texts kept in an unlinked temporary file, by digest.
+struct Saved {
+    file: std::fs::File,
+    len: u64,
+    at: HashMap<Digest, (u64, u32)>,
+}
+
+impl Saved {
+    fn new() -> Result<Saved, StoreError> {
+        let file = tempfile::tempfile().map_err(|e| {
+            StoreError::Unavailable(format!(
+                "creating a temporary file for the removed narinfos: {e}; set TMPDIR to a writable folder"
+            ))
+        })?;
+        Ok(Saved {
+            file,
+            len: 0,
+            at: HashMap::new(),
+        })
+    }
+
+    fn put(&mut self, d: Digest, text: &str) -> Result<(), StoreError> {
+        use std::io::Write;
+        self.file.write_all(text.as_bytes()).map_err(|e| {
+            StoreError::Unavailable(format!("keeping removed narinfos in a temporary file: {e}"))
+        })?;
+        self.at.insert(d, (self.len, text.len() as u32));
+        self.len += text.len() as u64;
+        Ok(())
+    }
+
+    fn has(&self, d: &Digest) -> bool {
+        self.at.contains_key(d)
+    }
+
+    fn get(&self, d: &Digest) -> Result<String, StoreError> {
+        use std::os::unix::fs::FileExt;
+        let (at, len) = self.at[d];
+        let mut buf = vec![0; len as usize];
+        self.file
+            .read_exact_at(&mut buf, at)
+            .map_err(|e| StoreError::Unavailable(format!("reading a removed narinfo back: {e}")))?;
+        String::from_utf8(buf).map_err(|_| StoreError::Corrupt(format!("{d}.narinfo")))
+    }
+}
+
+/// Removes the narinfos of the `doomed` paths, each once no doomed path that references it is
+/// left, so that no narinfo in the cache ever references a removed one; those with no doomed
+/// referrer left go together, `jobs` at a time. The keys removed, in order.
+async fn remove_referrers_first(
+    blobs: &Arc<dyn Blobs>,
+    c: &Cache,
+    doomed: &[bool],
+    doomed_ids: &[u32],
+    opts: &GcOptions,
+) -> Result<Vec<String>, StoreError> {
+    let mut referrers_left = vec![0u32; c.paths.len()];
+    for i in doomed_ids {
+        for r in c.paths[*i as usize].refs.iter() {
+            if doomed[*r as usize] {
+                referrers_left[*r as usize] += 1;
+            }
+        }
+    }
+    let mut ready: Vec<u32> = doomed_ids
+        .iter()
+        .copied()
+        .filter(|i| referrers_left[*i as usize] == 0)
+        .collect();
+    let mut gone = vec![false; c.paths.len()];
+    let mut removed = Vec::with_capacity(doomed_ids.len());
+    while removed.len() < doomed_ids.len() {
+        if ready.is_empty() {
+            // A reference cycle (Nix makes none besides self-references): the rest at once.
+            ready = doomed_ids
+                .iter()
+                .copied()
+                .filter(|i| !gone[*i as usize])
+                .collect();
+        }
+        let batch = std::mem::take(&mut ready);
+        let keys: Vec<String> = batch
+            .iter()
+            .map(|i| format!("{}.narinfo", c.paths[*i as usize].digest))
+            .collect();
+        let mut deletes = futures::stream::iter(keys.iter())
+            .map(|k| async move { blobs.delete(k).await })
+            .buffer_unordered(opts.jobs.max(1));
+        while let Some(r) = deletes.next().await {
+            r?;
+        }
+        drop(deletes);
+        for i in &batch {
+            gone[*i as usize] = true;
+        }
+        for i in &batch {
+            for r in c.paths[*i as usize].refs.iter() {
+                let r = *r as usize;
+                if doomed[r] && !gone[r] {
+                    referrers_left[r] = referrers_left[r].saturating_sub(1);
+                    if referrers_left[r] == 0 {
+                        ready.push(r as u32);
+                    }
+                }
+            }
+        }
+        tracing::debug!("removed {} narinfos", keys.len());
+        removed.extend(keys);
+    }
+    Ok(removed)
 }
 
 /// After removing: a narinfo written since the last listing may reference a removed path
@@ -565,9 +724,9 @@ pub async fn gc(blobs: Arc<dyn Blobs>, opts: &GcOptions) -> Result<GcReport, Sto
 async fn restore_referenced(
     blobs: &Arc<dyn Blobs>,
     cache: &BinaryCache,
-    known: &HashMap<Digest, u32>,
-    saved: &HashMap<Digest, String>,
-    graph: &HashMap<Digest, Vec<Digest>>,
+    known: &dyn Fn(&Digest) -> bool,
+    saved: &Saved,
+    refs_of: &dyn Fn(&Digest) -> Vec<Digest>,
     opts: &GcOptions,
 ) -> Result<Vec<String>, StoreError> {
     let now: Vec<Digest> = blobs
@@ -575,7 +734,7 @@ async fn restore_referenced(
         .await?
         .iter()
         .filter_map(|m| Digest::parse(m.key.strip_suffix(".narinfo")?).ok())
-        .filter(|d| !known.contains_key(d))
+        .filter(|d| !known(d))
         .collect();
     if now.is_empty() {
         return Ok(Vec::new());
@@ -593,19 +752,13 @@ async fn restore_referenced(
                     .collect::<Vec<_>>(),
             )
         })
-        .filter(|d| futures::future::ready(saved.contains_key(d)))
+        .filter(|d| futures::future::ready(saved.has(d)))
         .collect()
         .await;
     let mut needed = HashSet::new();
     while let Some(d) = todo.pop() {
         if needed.insert(d) {
-            todo.extend(
-                graph
-                    .get(&d)
-                    .into_iter()
-                    .flatten()
-                    .filter(|r| saved.contains_key(*r)),
-            );
+            todo.extend(refs_of(&d).into_iter().filter(|r| saved.has(r)));
         }
     }
     // References first: a narinfo goes back once everything it references is back.
@@ -617,10 +770,8 @@ async fn restore_referenced(
             .iter()
             .filter(|d| !back.contains(*d))
             .filter(|d| {
-                graph
-                    .get(*d)
-                    .into_iter()
-                    .flatten()
+                refs_of(d)
+                    .iter()
                     .all(|r| r == *d || !needed.contains(r) || back.contains(r))
             })
             .copied()
@@ -628,7 +779,7 @@ async fn restore_referenced(
         ready.sort();
         for d in ready {
             let key = format!("{d}.narinfo");
-            let text = saved[&d].clone();
+            let text = saved.get(&d)?;
             let stream: ByteStream = Box::pin(futures::stream::once(async move {
                 Ok(bytes::Bytes::from(text))
             }));
@@ -840,7 +991,9 @@ mod tests {
         let pick = |refs: &[&[u32]], kept: &[u32], uses: &[u64], wanted: u64| -> Vec<u32> {
             let candidate: Vec<bool> = (0..refs.len() as u32).map(|i| !kept.contains(&i)).collect();
             let chosen = least_recently_used(refs, &candidate, uses, |_| 1, wanted);
-            (0..refs.len() as u32).filter(|i| chosen[*i as usize]).collect()
+            (0..refs.len() as u32)
+                .filter(|i| chosen[*i as usize])
+                .collect()
         };
         // 0 → 1 → 2, and 3 alone; 2 used recently, 0 and 1 long ago.
         let refs: [&[u32]; 4] = [&[1], &[2], &[], &[]];
