@@ -96,7 +96,10 @@ fn check(args: &FsckArgs) -> anyhow::Result<FsckReport> {
         jobs: args.jobs,
         repair: args.repair,
         from_store,
+        progress: None,
     };
+    let (progress, _line) = crate::progress::PassLine::on_terminal("fsck");
+    let opts = FsckOptions { progress, ..opts };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     Ok(rt.block_on(fsck(blobs, &opts))?)
 }

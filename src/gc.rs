@@ -64,11 +64,15 @@ pub fn run(args: GcArgs) -> anyhow::Result<()> {
         grace: args.grace,
         dry_run: args.dry_run,
         jobs: args.jobs,
+        progress: None,
     };
     let blobs = open(&args.cache)?;
+    let (progress, line) = crate::progress::PassLine::on_terminal("gc");
+    let opts = GcOptions { progress, ..opts };
     let report = runtime()?
         .block_on(gc(blobs, &opts))
         .with_context(|| format!("collecting {}", args.cache))?;
+    drop(line);
     if args.json {
         // Written as it is serialized: a report of a million-object cache is large.
         let mut out = std::io::BufWriter::new(std::io::stdout().lock());

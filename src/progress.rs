@@ -1,5 +1,6 @@
-//! `upload`'s progress on a terminal: one live line (objects done, bytes and rate, what is
-//! uploading now) under the log, redrawn a few times a second. Off a terminal the scheduler's
+//! Progress on a terminal: `upload`'s: one live line (objects done, bytes and rate, what is
+//! uploading now) under the log, redrawn a few times a second, and the line of a pass of
+//! `fsck` or `gc` over a cache. Off a terminal the scheduler's
 //! plain progress log lines are used instead, so logs and journald stay readable.
 //!
 //! The log goes through [`LogWriter`], which lifts the bar out of the way for each line, so
@@ -133,6 +134,61 @@ impl Drop for Progress {
         let s = self.stats.snapshot();
         self.bar.finish_with_message(line(&s, 0.0));
         *SHOWN.lock().expect("progress") = None;
+    }
+}
+
+/// The live line of a pass over a cache (`fsck`, `gc`), on standard error when it is a
+/// terminal; cleared when dropped.
+pub struct PassLine {
+    bar: ProgressBar,
+    stop: Arc<AtomicBool>,
+    ticker: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PassLine {
+    /// The counters to hand the pass, and the line showing them (both `None` off a terminal,
+    /// where a redrawn line would only litter logs).
+    pub fn on_terminal(
+        what: &'static str,
+    ) -> (
+        Option<Arc<nixcached_actors::progress::Progress>>,
+        Option<PassLine>,
+    ) {
+        use std::io::IsTerminal;
+        if !std::io::stderr().is_terminal() {
+            return (None, None);
+        }
+        let counters = Arc::new(nixcached_actors::progress::Progress::default());
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {elapsed} {wide_msg}")
+                .expect("a valid template"),
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let ticker = {
+            let (bar, stop, counters) = (bar.clone(), stop.clone(), counters.clone());
+            std::thread::Builder::new()
+                .name("nixcached-progress".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        bar.set_message(format!("{what}: {}", counters.line()));
+                        bar.tick();
+                        std::thread::sleep(TICK);
+                    }
+                })
+                .ok()
+        };
+        (Some(counters), Some(PassLine { bar, stop, ticker }))
+    }
+}
+
+impl Drop for PassLine {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.ticker.take() {
+            let _ = t.join();
+        }
+        self.bar.finish_and_clear();
     }
 }
 

@@ -439,3 +439,31 @@ fn gc_max_age_keeps_what_serve_served_and_the_explorer_says_when() {
     s.env
         .copy_from(&daemon.url, again.to_str().unwrap(), None, &s.other);
 }
+
+#[test]
+fn gc_and_fsck_show_progress_on_a_terminal_only() {
+    let s = setup();
+    // `script` runs the command on a pseudo-terminal and copies what it draws.
+    for (cmd, what) in [
+        (format!("{BIN} fsck {}", s.cache), "fsck: "),
+        (format!("{BIN} gc --max-age 1h {}", s.cache), "gc: "),
+    ] {
+        let out = s
+            .env
+            .cmd("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{cmd}: {out:?}");
+        let drawn = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            drawn.contains(what),
+            "{cmd} drew no progress line: {drawn:?}"
+        );
+        // Off a terminal, no line: logs and pipes stay clean.
+        let args: Vec<&str> = cmd.split(' ').skip(1).collect();
+        let out = s.env.cmd(BIN).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains(what), "{cmd}: {err}");
+    }
+}

@@ -47,6 +47,8 @@ pub struct FsckOptions {
     pub trusted_keys: Vec<PublicKey>,
     /// Narinfos checked at once (at least 1).
     pub jobs: usize,
+    /// Where to count progress, for a line on a terminal.
+    pub progress: Option<Arc<crate::progress::Progress>>,
     /// Repair: write broken paths again from `from_store` when given, and remove the
     /// narinfos of those that cannot be and of their referrers.
     pub repair: bool,
@@ -218,8 +220,12 @@ pub async fn fsck(blobs: Arc<dyn Blobs>, opts: &FsckOptions) -> Result<FsckRepor
             .map(|d| check_one(&cache, blobs.as_ref(), d, Some(&known), Some(listed), opts))
             .buffer_unordered(opts.jobs.max(1));
         // Folded as they come, not collected: one result per narinfo adds up.
+        crate::progress::with(&opts.progress, |p| {
+            p.phase("checking narinfos", known.len() as u64)
+        });
         while let Some(c) = checks.next().await {
             let c = c?;
+            crate::progress::with(&opts.progress, crate::progress::Progress::step);
             report.narinfos += 1;
             if c.findings.iter().any(|f| f.kind.is_broken()) {
                 broken.push(c.digest);

@@ -35,6 +35,7 @@ use serde::Serialize;
 
 use crate::formats::narinfo::MAX_NARINFO_BYTES;
 use crate::formats::{Digest, StorePath};
+use crate::progress::{with, Progress};
 use crate::store::binary_cache::BinaryCache;
 use crate::store::blobs::{Blobs, ObjectMeta};
 use crate::store::{ByteStream, Store, StoreError};
@@ -66,6 +67,8 @@ pub struct GcOptions {
     pub dry_run: bool,
     /// Narinfos read at once (at least 1).
     pub jobs: usize,
+    /// Where to count progress, for a line on a terminal.
+    pub progress: Option<Arc<Progress>>,
 }
 
 /// What a collection did (or, dry, would do).
@@ -234,7 +237,14 @@ impl Cache {
     }
 
     /// Reads the narinfos `ids`, `jobs` at a time.
-    async fn read(&mut self, cache: &BinaryCache, ids: &[u32], jobs: usize) {
+    async fn read(
+        &mut self,
+        cache: &BinaryCache,
+        ids: &[u32],
+        jobs: usize,
+        progress: &Option<Arc<Progress>>,
+    ) {
+        with(progress, |p| p.phase("reading narinfos", ids.len() as u64));
         let digests: Vec<(u32, Digest)> = ids
             .iter()
             .map(|i| (*i, self.paths[*i as usize].digest))
@@ -243,6 +253,7 @@ impl Cache {
             .map(|(id, d)| async move { (id, cache.narinfo(&d).await) })
             .buffer_unordered(jobs.max(1));
         while let Some((id, r)) = results.next().await {
+            with(progress, Progress::step);
             let (state, nar, refs) = match r {
                 Ok(info) => {
                     let me = self.paths[id as usize].digest;
@@ -299,6 +310,7 @@ pub async fn gc(blobs: Arc<dyn Blobs>, opts: &GcOptions) -> Result<GcReport, Sto
     };
     let grace = opts.grace.as_secs();
     let bc = BinaryCache::new(blobs.clone());
+    with(&opts.progress, |p| p.phase("listing", 0));
 
     // The listings, kept compact: NAR and `.ls` files sorted by key, one record per narinfo.
     let nars = list_files(&blobs, "nar/").await?;
@@ -335,7 +347,7 @@ pub async fn gc(blobs: Arc<dyn Blobs>, opts: &GcOptions) -> Result<GcReport, Sto
         + c.listings.iter().map(|f| f.size).sum::<u64>()
         + tombstones.iter().map(|t| t.size).sum::<u64>()
         + c.other_bytes;
-    c.read(&bc, &first, opts.jobs).await;
+    c.read(&bc, &first, opts.jobs, &opts.progress).await;
 
     // Roots: pins, fresh narinfos, and what cannot be read (left to fsck).
     let mut roots: Vec<u32> = opts
@@ -356,7 +368,7 @@ pub async fn gc(blobs: Arc<dyn Blobs>, opts: &GcOptions) -> Result<GcReport, Sto
     // Listed again just before deciding: what was written meanwhile is a root too.
     let fresh = c.add_narinfos(blobs.list_meta("").await?, false);
     if !fresh.is_empty() {
-        c.read(&bc, &fresh, opts.jobs).await;
+        c.read(&bc, &fresh, opts.jobs, &opts.progress).await;
         roots.extend(&fresh);
     }
     let n = c.paths.len();
@@ -565,6 +577,9 @@ pub async fn gc(blobs: Arc<dyn Blobs>, opts: &GcOptions) -> Result<GcReport, Sto
         // rather than kept from the first read, and kept in a temporary file: at a million
         // paths they would not fit in memory.
         let mut saved = Saved::new()?;
+        with(&opts.progress, |p| {
+            p.phase("saving removed narinfos", doomed_ids.len() as u64)
+        });
         let mut texts = futures::stream::iter(doomed_ids.iter().copied())
             .map(|i| {
                 let bc = &bc;
@@ -579,6 +594,7 @@ pub async fn gc(blobs: Arc<dyn Blobs>, opts: &GcOptions) -> Result<GcReport, Sto
             })
             .buffer_unordered(opts.jobs.max(1));
         while let Some((d, r)) = texts.next().await {
+            with(&opts.progress, Progress::step);
             match r {
                 Ok(text) => saved.put(d, &text)?,
                 Err(StoreError::NotFound(_)) => {}
@@ -676,6 +692,9 @@ async fn remove_referrers_first(
         .collect();
     let mut gone = vec![false; c.paths.len()];
     let mut removed = Vec::with_capacity(doomed_ids.len());
+    with(&opts.progress, |p| {
+        p.phase("removing narinfos", doomed_ids.len() as u64)
+    });
     while removed.len() < doomed_ids.len() {
         if ready.is_empty() {
             // A reference cycle (Nix makes none besides self-references): the rest at once.
@@ -695,6 +714,7 @@ async fn remove_referrers_first(
             .buffer_unordered(opts.jobs.max(1));
         while let Some(r) = deletes.next().await {
             r?;
+            with(&opts.progress, Progress::step);
         }
         drop(deletes);
         for i in &batch {
@@ -1107,6 +1127,7 @@ mod tests {
                 grace: Duration::ZERO,
                 dry_run: false,
                 jobs: 1,
+                progress: None,
             };
             let dyn_blobs: Arc<dyn Blobs> = blobs.clone();
             let report = gc(dyn_blobs, &opts).await.unwrap();

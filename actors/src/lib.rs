@@ -19,6 +19,7 @@ pub mod http;
 pub mod lookup;
 pub mod metrics;
 pub mod nar_files;
+pub mod progress;
 pub mod publish;
 pub mod send;
 pub mod serve;
