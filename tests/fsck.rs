@@ -399,10 +399,52 @@ fn into_s3_bucket(dir: &Path) -> String {
     format!("s3://{bucket}?endpoint={ep}&region=us-east-1")
 }
 
-/// Deletes one object of the cache at `url` (a folder or an S3 bucket).
+/// Copies the cache in `dir` into a fresh fake-gcs-server bucket (its JSON API's media
+/// upload, one request per file); its URL.
+fn into_gcs_bucket(dir: &Path) -> String {
+    let (ep, bucket) = new_gcs_bucket("fsck-repair");
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+                continue;
+            }
+            let key = p
+                .strip_prefix(dir)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .replace('/', "%2F");
+            let (code, body) = curl(&[
+                "-X",
+                "POST",
+                "--data-binary",
+                &format!("@{}", p.display()),
+                &format!("{ep}/upload/storage/v1/b/{bucket}/o?uploadType=media&name={key}"),
+            ]);
+            assert_eq!(code, 200, "{key}: {}", String::from_utf8_lossy(&body));
+        }
+    }
+    format!("gs://{bucket}?endpoint={ep}")
+}
+
+/// Deletes one object of the cache at `url` (a folder, an S3 or a GCS bucket).
 fn delete_object(url: &str, key: &str) {
     if let Some(dir) = url.strip_prefix("file://") {
         fs::remove_file(Path::new(dir).join(key)).unwrap();
+        return;
+    }
+    if let Some((bucket, query)) = url.strip_prefix("gs://").and_then(|r| r.split_once('?')) {
+        let ep = query.strip_prefix("endpoint=").unwrap();
+        let target = format!("{ep}/storage/v1/b/{bucket}/o/{}", key.replace('/', "%2F"));
+        let (code, body) = curl(&["-X", "DELETE", &target]);
+        assert!(
+            code == 204 || code == 200,
+            "DELETE {target}: {code} {}",
+            String::from_utf8_lossy(&body)
+        );
         return;
     }
     let (bucket, query) = url
@@ -426,11 +468,11 @@ fn delete_object(url: &str, key: &str) {
 
 /// A cache the real Nix wrote into a folder (xz, signed), broken three ways with the local
 /// store holding every path, repaired with `--from-store`, in the folder itself and moved
-/// into an S3 bucket: each broken path is written again (references first), nothing is
+/// into an S3 and a GCS bucket: each broken path is written again (references first), nothing is
 /// removed, and the real Nix substitutes the whole closure from the repaired cache.
 #[test]
 fn repair_writes_broken_paths_again_from_the_local_store() {
-    for bucket in [false, true] {
+    for bucket in ["", "s3", "gs"] {
         let env = NixEnv::new();
         let closure = env.build_closure();
         let (sk, pk) = env.keypair("fsck-repair-1");
@@ -453,10 +495,10 @@ fn repair_writes_broken_paths_again_from_the_local_store() {
         // dep: its narinfo is gone, so lib's reference dangles and dep's NAR is an orphan.
         let dep_nar = nar_url(&ni(&closure.dep));
         fs::remove_file(ni(&closure.dep)).unwrap();
-        let url = if bucket {
-            into_s3_bucket(&dir)
-        } else {
-            format!("file://{}", dir.display())
+        let url = match bucket {
+            "s3" => into_s3_bucket(&dir),
+            "gs" => into_gcs_bucket(&dir),
+            _ => format!("file://{}", dir.display()),
         };
 
         let store = format!("local?root={}", env.store_arg());
@@ -521,7 +563,7 @@ fn repair_writes_broken_paths_again_from_the_local_store() {
 
         // The real Nix takes the whole closure from the repaired cache, signatures checked.
         let fresh = env.path("fresh-store").display().to_string();
-        if bucket {
+        if !bucket.is_empty() {
             let d = common::Daemon::start(&env, &["serve", &url]);
             env.copy_from(&d.url, &fresh, Some(&pk), &closure.app);
         } else {
