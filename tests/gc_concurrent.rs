@@ -267,3 +267,119 @@ fn gc_with_two_servers_and_two_uploaders_on_one_bucket() {
     let err = common::block_on(look(&bc)).unwrap_err();
     assert!(err.contains(digest(&closure.dep)), "{err}");
 }
+
+/// The race a collection cannot see: an uploader finds a reference already in the cache, spends
+/// seconds on its referrer's NAR, and a collection removes the reference meanwhile (it is old
+/// and nothing in the cache references it yet). The uploader looks again just before it writes
+/// the narinfo and writes the reference again first, so the narinfo never lands without it.
+#[test]
+fn a_reference_removed_while_its_referrer_uploads_is_written_again_first() {
+    let env = NixEnv::new();
+    let closure = env.build_closure();
+    let dir = env.path("cache");
+    let cache = format!("file://{}", dir.display());
+    // The reference, uploaded long ago (as far as gc can tell).
+    let input = env.path("dep-only");
+    fs::write(&input, format!("{}\n", closure.dep)).unwrap();
+    let state = env.path("state-dep");
+    let out = env
+        .cmd(BIN)
+        .args(["upload", "--input", input.to_str().unwrap()])
+        .args([
+            "--progress-interval",
+            "0",
+            "--state-dir",
+            state.to_str().unwrap(),
+        ])
+        .args(["--from", &format!("local?root={}", env.store_arg()), &cache])
+        .output()
+        .unwrap();
+    common::assert_succeeded(&out);
+    let dep_key = format!("{}.narinfo", digest(&closure.dep));
+    let two_days = std::time::SystemTime::now() - Duration::from_secs(2 * 24 * 3600);
+    for e in fs::read_dir(&dir)
+        .unwrap()
+        .chain(fs::read_dir(dir.join("nar")).unwrap())
+    {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            fs::File::options()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_modified(two_days)
+                .unwrap();
+        }
+    }
+
+    // A referrer with a NAR that takes seconds to compress (random bytes, xz).
+    // busybox, as build_closure added it (the same contents, the same store path).
+    let bb = env.add(&env.path("bbdir"));
+    let nix = env.path("big.nix");
+    fs::write(
+        &nix,
+        format!(
+            r#"let bb = builtins.storePath "{bb}"; dep = builtins.storePath "{dep}"; in
+builtins.derivation {{ name = "big"; system = builtins.currentSystem;
+  builder = "${{bb}}/bin/busybox"; PATH = "${{bb}}/bin";
+  args = [ "sh" "-c" "mkdir -p $out && echo ${{dep}} > $out/ref && head -c 16000000 /dev/urandom > $out/big" ]; }}"#,
+            dep = closure.dep
+        ),
+    )
+    .unwrap();
+    let big = env
+        .run(
+            "nix-build",
+            &[
+                "--store",
+                &env.store_arg(),
+                nix.to_str().unwrap(),
+                "--no-out-link",
+            ],
+        )
+        .trim()
+        .to_owned();
+
+    let fifo = env.path("fifo");
+    mkfifo(&fifo);
+    let up = Upload::start(&env, &fifo, &cache, &["--compression", "xz"]);
+    common::assert_succeeded(&send(&fifo, &[&big], &["--timeout", "30s"]));
+    // The referrer's NAR is on its way; the reference was found present.
+    let base = big.trim_start_matches("/nix/store/");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !up.log_text().contains(&format!("uploading {base}")) {
+        assert!(std::time::Instant::now() < deadline, "{}", up.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(dir.join(&dep_key).exists() && !dir.join(format!("{}.narinfo", digest(&big))).exists());
+    // The collection: the reference is old and nothing references it yet.
+    let out = env
+        .cmd(BIN)
+        .args(["gc", "--json", "--max-age", "1h", "--grace", "0s", &cache])
+        .output()
+        .unwrap();
+    common::assert_succeeded(&out);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["removed_narinfos"][0], dep_key.as_str(), "{report}");
+    assert!(
+        !dir.join(format!("{}.narinfo", digest(&big))).exists(),
+        "the upload finished before the collection: the race was not run"
+    );
+    let log = up.log.clone();
+    up.drain();
+    let log = fs::read_to_string(log).unwrap();
+
+    assert!(
+        dir.join(format!("{}.narinfo", digest(&big))).exists(),
+        "{log}"
+    );
+    assert!(
+        dir.join(&dep_key).exists(),
+        "{} was written without its reference {}: {log}",
+        big,
+        closure.dep
+    );
+    assert!(log.contains("writing it again first"), "{log}");
+    let fresh = env.path("fresh");
+    env.copy_from(&cache, fresh.to_str().unwrap(), None, &big);
+}

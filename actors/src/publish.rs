@@ -199,8 +199,40 @@ pub async fn publish(
     for key in &opts.keys {
         info.sign(key);
     }
+    // Looked at again just before the narinfo goes out, not only when the upload began: a
+    // collection may have removed a reference since (the scheduler found it present, then
+    // this NAR took seconds or minutes). What is gone is written again first, so no narinfo
+    // lands without its references.
+    write_missing_references(source, dest, &info, opts).await?;
     dest.put_narinfo(&info).await.map_err(destination_error)?;
     Ok(info)
+}
+
+/// Writes again, references first, the references of `info` that the destination lacks.
+fn write_missing_references<'a>(
+    source: &'a dyn Store,
+    dest: &'a dyn Store,
+    info: &'a NarInfo,
+    opts: &'a PublishOptions,
+) -> futures::future::BoxFuture<'a, Result<()>> {
+    Box::pin(async move {
+        for r in &info.references {
+            if r.digest() == info.store_path.digest() {
+                continue;
+            }
+            let key = format!("{}.narinfo", r.digest());
+            if dest.exists(&key).await.map_err(destination_error)? {
+                continue;
+            }
+            tracing::warn!(
+                "{}: its reference {r} is gone from the destination (a collection removed it?); writing it again first",
+                info.store_path
+            );
+            // `publish` checks the reference's own references the same way.
+            publish(source, dest, r.digest(), opts).await?;
+        }
+        Ok(())
+    })
 }
 
 /// Drains a stream, for callers that only need its side effects or size.
