@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::conformance::{bytes_stream, fixture, suite, Fixture};
 use common::{block_on, NixEnv};
 use nixcached_actors::formats::{Compression, Digest, SecretKey};
-use nixcached_actors::publish::{publish, PublishOptions};
+use nixcached_actors::publish::{publish, publish_path, PublishOptions};
 use nixcached_actors::store::local::{LocalStore, LocalStoreLayout};
 use nixcached_actors::store::ssh::target::SshTarget;
 use nixcached_actors::store::ssh::SshStore;
@@ -409,8 +409,9 @@ fn imports_refuse_bad_nars_and_missing_references() {
             SshStore::open(target).unwrap()
         };
         block_on(async {
-            // The app's references are not there yet: the remote Nix refuses it.
-            let err = publish(&local, &store, &app, &PublishOptions::default())
+            // The app's references are not there yet: the remote Nix refuses it (`publish`
+            // would write them first; `publish_path` leaves that to the caller).
+            let err = publish_path(&local, &store, &app, &PublishOptions::default())
                 .await
                 .unwrap_err();
             eprintln!("missing references (legacy={legacy}): {err}");

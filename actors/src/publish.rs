@@ -122,13 +122,35 @@ pub fn destination_error(e: StoreError) -> StoreError {
 
 /// Copies the object with store-path digest `digest` from `source` into `dest`.
 ///
-/// Existing signatures are kept and each key in `opts.keys` adds its own. Returns the
-/// narinfo written.
+/// Existing signatures are kept and each key in `opts.keys` adds its own. Just before the
+/// narinfo is written, each reference is looked for in `dest`, and one that is missing is
+/// written first (from `source`, the same way). Returns the narinfo written.
 pub async fn publish(
     source: &dyn Store,
     dest: &dyn Store,
     digest: &Digest,
     opts: &PublishOptions,
+) -> Result<NarInfo> {
+    write_path(source, dest, digest, opts, true).await
+}
+
+/// Like [`publish`], without looking for the references: the caller vouches for them (the
+/// destination may still refuse the path, as a remote Nix does).
+pub async fn publish_path(
+    source: &dyn Store,
+    dest: &dyn Store,
+    digest: &Digest,
+    opts: &PublishOptions,
+) -> Result<NarInfo> {
+    write_path(source, dest, digest, opts, false).await
+}
+
+async fn write_path(
+    source: &dyn Store,
+    dest: &dyn Store,
+    digest: &Digest,
+    opts: &PublishOptions,
+    check_references: bool,
 ) -> Result<NarInfo> {
     let src_info = source.narinfo(digest).await?;
     let blob = source.nar(&src_info.url, None).await?;
@@ -203,7 +225,9 @@ pub async fn publish(
     // collection may have removed a reference since (the scheduler found it present, then
     // this NAR took seconds or minutes). What is gone is written again first, so no narinfo
     // lands without its references.
-    write_missing_references(source, dest, &info, opts).await?;
+    if check_references {
+        write_missing_references(source, dest, &info, opts).await?;
+    }
     dest.put_narinfo(&info).await.map_err(destination_error)?;
     Ok(info)
 }
