@@ -467,3 +467,29 @@ fn gc_and_fsck_show_progress_on_a_terminal_only() {
         assert!(!err.contains(what), "{cmd}: {err}");
     }
 }
+
+#[test]
+fn gc_leaves_the_nar_of_a_narinfo_it_cannot_read() {
+    let s = setup();
+    let c = &s.cache;
+    all_written_ago(&s.dir, 2 * DAY);
+    let ni = s.dir.join(key(&s.other));
+    let nar = fs::read_to_string(&ni)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: ").map(str::to_owned))
+        .unwrap();
+    // Damaged: fsck --repair may still write the path again or remove it; gc cannot tell
+    // which NAR file is its, so it takes none for an orphan.
+    fs::write(&ni, "StorePath: not a narinfo\n").unwrap();
+    written_ago(&ni, 2 * DAY);
+    for _ in 0..2 {
+        let r = gc(&s.env, &["--max-age", "1h", "--grace", "0s", c]);
+        assert_eq!(r["unreadable"], 1, "{r}");
+        assert!(
+            s.dir.join(&nar).exists(),
+            "its NAR was taken for an orphan: {r}"
+        );
+        assert!(ni.exists());
+    }
+}

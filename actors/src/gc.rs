@@ -372,6 +372,11 @@ pub async fn gc(blobs: Arc<dyn Blobs>, opts: &GcOptions) -> Result<GcReport, Sto
         roots.extend(&fresh);
     }
     let n = c.paths.len();
+    report.unreadable = c
+        .paths
+        .iter()
+        .filter(|p| p.state == State::Unreadable)
+        .count() as u64;
     let mut kept = vec![false; n];
     c.closure(&mut kept, roots);
 
@@ -398,8 +403,16 @@ pub async fn gc(blobs: Arc<dyn Blobs>, opts: &GcOptions) -> Result<GcReport, Sto
         .filter(|(t, _)| age(t.modified) < opts.grace)
         .flat_map(|(_, keys)| keys.iter().map(String::as_str))
         .collect();
-    // Files nothing points at and no tombstone holds: an interrupted writer's.
-    let mut nar_pointed = vec![false; c.nars.len()];
+    // Files nothing points at and no tombstone holds: an interrupted writer's. While a
+    // narinfo cannot be read, which NAR is its cannot be told, so no NAR counts as an orphan
+    // (fsck --repair writes such a path again or removes it).
+    if report.unreadable > 0 {
+        tracing::warn!(
+            "{} narinfos cannot be read: no NAR file is taken for an orphan this run (`nixcached fsck --repair` deals with them)",
+            report.unreadable
+        );
+    }
+    let mut nar_pointed = vec![report.unreadable > 0; c.nars.len()];
     for p in c.paths.iter().filter(|p| p.nar != NONE) {
         nar_pointed[p.nar as usize] = true;
     }
