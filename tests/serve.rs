@@ -493,3 +493,52 @@ fn budget_flags_size_the_budgets() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("nar-slots must be at least 1"), "{err}");
 }
+
+/// The landing page gives a nix.conf snippet with this cache's address and the public key it
+/// signs with, and the real Nix, configured with exactly that snippet, substitutes from it
+/// with signatures checked.
+#[test]
+fn the_landing_page_gives_a_nix_conf_snippet_that_works() {
+    let env = NixEnv::new();
+    let closure = env.build_closure();
+    let (sk, pk) = env.keypair("landing-1");
+    let d = Daemon::start(
+        &env,
+        &[
+            "serve",
+            "--secret-key-file",
+            sk.to_str().unwrap(),
+            &env.store_arg(),
+        ],
+    );
+    let (code, body) = curl(&["-H", "Accept: text/html", &format!("{}/", d.url)]);
+    assert_eq!(code, 200);
+    let html = String::from_utf8(body).unwrap();
+    let snippet = html
+        .split("<pre id=\"nix-conf\">")
+        .nth(1)
+        .and_then(|r| r.split("</pre>").next())
+        .unwrap_or_else(|| panic!("no snippet: {html}"));
+    let conf: std::collections::BTreeMap<&str, &str> = snippet
+        .lines()
+        .filter_map(|l| l.split_once(" = "))
+        .collect();
+    assert_eq!(conf["extra-substituters"], d.url, "{snippet}");
+    assert_eq!(conf["extra-trusted-public-keys"], pk.trim(), "{snippet}");
+    assert!(html.contains("class=\"public-key\""), "{html}");
+
+    let to = env.path("sub");
+    env.realise_from(
+        to.to_str().unwrap(),
+        conf["extra-substituters"],
+        conf["extra-trusted-public-keys"],
+        &closure.app,
+    );
+    env.verify(to.to_str().unwrap(), Some(pk.trim()), &closure.app);
+
+    // Without a key to sign with, the page says so and the snippet has no key line.
+    let d = Daemon::start(&env, &["serve", &env.store_arg()]);
+    let (_, body) = curl(&["-H", "Accept: text/html", &format!("{}/", d.url)]);
+    let html = String::from_utf8(body).unwrap();
+    assert!(html.contains("adds no signature") && !html.contains("extra-trusted-public-keys"));
+}

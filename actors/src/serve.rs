@@ -200,6 +200,7 @@ pub async fn start_service(opts: &ServeOptions) -> io::Result<Arc<CacheService>>
         discovery,
         trusted_keys,
         access,
+        signing_keys: opts.keys.iter().map(|k| k.public()).collect(),
     }))
 }
 

@@ -71,6 +71,8 @@ pub struct CacheService {
     pub budgets: crate::budget::Budgets,
     /// When each path was last served, when records are kept.
     pub access: Option<Arc<crate::access::AccessLog>>,
+    /// The public halves of the keys this server signs with, for the landing page.
+    pub signing_keys: Vec<PublicKey>,
 }
 
 impl CacheService {

@@ -19,6 +19,10 @@ pub(super) struct IndexPage<'a> {
     pub(super) page: Page,
     pub(super) next_href: Option<String>,
     pub(super) first_href: Option<String>,
+    /// This cache's address as the client reached it, for the nix.conf snippet.
+    pub(super) cache_url: String,
+    /// The public keys of what this server signs with.
+    pub(super) public_keys: Vec<String>,
 }
 
 /// The index address for a search, a sort order and a page (the first when `after` is none).
@@ -51,7 +55,13 @@ pub fn index(req: &HttpRequest, svc: &CacheService, root: &str) -> HttpResponse 
     let after = query_param(req, "after");
     let page = svc.catalog.page(&q, sort, after.as_deref(), PAGE_SIZE);
     let (store_dir, cache_info) = (svc.store_dir(), svc.cache_info_text());
+    // As the client reached us (behind a proxy, its Host and scheme): shown to that client
+    // only, and escaped like everything else on the page.
+    let info = req.connection_info();
+    let cache_url = format!("{}://{}{root}", info.scheme(), info.host());
     let ctx = IndexPage {
+        cache_url,
+        public_keys: svc.signing_keys.iter().map(|k| k.to_string()).collect(),
         root,
         title: "Index",
         store_dir: &store_dir,

@@ -39,6 +39,8 @@ pub fn samples() -> Vec<(&'static str, serde_json::Value)> {
         page,
         next_href: Some(evil.into()),
         first_href: Some(evil.into()),
+        cache_url: evil.into(),
+        public_keys: vec![evil.into()],
     };
     let link = || Link {
         digest: "a".repeat(32),
