@@ -62,6 +62,27 @@ async fn look(cache: &BinaryCache) -> Result<usize, String> {
     Ok(seen)
 }
 
+/// `nixcached upload` of `paths` (with their closures) into `cache`, from an input file named
+/// for `tag`, until done.
+fn upload_once(env: &NixEnv, cache: &str, paths: &[&str], tag: &str) {
+    let input = env.path(&format!("input-{tag}"));
+    fs::write(&input, paths.join("\n") + "\n").unwrap();
+    let state = env.path(&format!("state-{tag}"));
+    let out = env
+        .cmd(BIN)
+        .args(["upload", "--input", input.to_str().unwrap()])
+        .args([
+            "--progress-interval",
+            "0",
+            "--state-dir",
+            state.to_str().unwrap(),
+        ])
+        .args(["--from", &format!("local?root={}", env.store_arg()), cache])
+        .output()
+        .unwrap();
+    common::assert_succeeded(&out);
+}
+
 #[test]
 fn gc_with_two_servers_and_two_uploaders_on_one_bucket() {
     let env = NixEnv::new();
@@ -73,27 +94,12 @@ fn gc_with_two_servers_and_two_uploaders_on_one_bucket() {
     let cache = format!("s3://{bucket}?endpoint={ep}&region=us-east-1");
 
     // Before: the garbage and the kept closure, uploaded, then left to age past the grace.
-    let input = env.path("before");
     let before: Vec<&str> = garbage
         .iter()
         .map(String::as_str)
         .chain([closure.app.as_str()])
         .collect();
-    fs::write(&input, before.join("\n") + "\n").unwrap();
-    let state = env.path("state-before");
-    let out = env
-        .cmd(BIN)
-        .args(["upload", "--input", input.to_str().unwrap()])
-        .args([
-            "--progress-interval",
-            "0",
-            "--state-dir",
-            state.to_str().unwrap(),
-        ])
-        .args(["--from", &format!("local?root={}", env.store_arg()), &cache])
-        .output()
-        .unwrap();
-    common::assert_succeeded(&out);
+    upload_once(&env, &cache, &before, "before");
     std::thread::sleep(Duration::from_secs(GRACE_SECS + 1));
 
     let servers = [
@@ -279,22 +285,7 @@ fn a_reference_removed_while_its_referrer_uploads_is_written_again_first() {
     let dir = env.path("cache");
     let cache = format!("file://{}", dir.display());
     // The reference, uploaded long ago (as far as gc can tell).
-    let input = env.path("dep-only");
-    fs::write(&input, format!("{}\n", closure.dep)).unwrap();
-    let state = env.path("state-dep");
-    let out = env
-        .cmd(BIN)
-        .args(["upload", "--input", input.to_str().unwrap()])
-        .args([
-            "--progress-interval",
-            "0",
-            "--state-dir",
-            state.to_str().unwrap(),
-        ])
-        .args(["--from", &format!("local?root={}", env.store_arg()), &cache])
-        .output()
-        .unwrap();
-    common::assert_succeeded(&out);
+    upload_once(&env, &cache, &[&closure.dep], "dep");
     let dep_key = format!("{}.narinfo", digest(&closure.dep));
     let two_days = std::time::SystemTime::now() - Duration::from_secs(2 * 24 * 3600);
     for e in fs::read_dir(&dir)

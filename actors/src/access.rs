@@ -22,7 +22,7 @@ use crate::formats::Digest;
 /// How often marked paths are written out.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(60);
 /// A path served again within this long is not marked again.
-const MARK_EVERY_SECS: u64 = 60;
+pub const MARK_EVERY_SECS: u64 = 60;
 /// Default bound on the paths remembered.
 pub const DEFAULT_MAX_PATHS: usize = 1_000_000;
 /// Longest line read back: a digest, a space, a number (longer lines are skipped).
@@ -50,7 +50,8 @@ struct State {
     rewrite: bool,
 }
 
-fn unix_now() -> u64 {
+/// Now, in unix seconds (0 before 1970).
+pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

@@ -447,6 +447,14 @@ pub async fn gc(blobs: Arc<dyn Blobs>, opts: &GcOptions) -> Result<GcReport, Sto
             doomed[i] = present(i) && !kept[i] && !recent[i];
         }
     }
+    // The size of a NAR, `.ls` or tombstone file as listed (0 when it was not).
+    let size_of_file = |k: &str| -> u64 {
+        let of = |files: &[FileRec]| files.get(find(files, k) as usize).map(|f| f.size);
+        of(&c.nars)
+            .or_else(|| of(&c.listings))
+            .or_else(|| tombstones.iter().find(|t| t.key == k).map(|t| t.size))
+            .unwrap_or(0)
+    };
     if let Some(max_size) = opts.max_size {
         // What stays once what is on its way out is gone.
         let leaving: HashSet<&str> = stones
@@ -454,16 +462,9 @@ pub async fn gc(blobs: Arc<dyn Blobs>, opts: &GcOptions) -> Result<GcReport, Sto
             .flat_map(|(t, keys)| keys.iter().map(String::as_str).chain([t.key.as_str()]))
             .chain(orphans.iter().copied())
             .collect();
-        let size_of = |k: &str| {
-            let of = |files: &[FileRec]| files.get(find(files, k) as usize).map(|f| f.size);
-            of(&c.nars)
-                .or_else(|| of(&c.listings))
-                .or_else(|| tombstones.iter().find(|t| t.key == k).map(|t| t.size))
-                .unwrap_or(0)
-        };
         let mut left = report
             .total_bytes
-            .saturating_sub(leaving.iter().map(|k| size_of(k)).sum::<u64>());
+            .saturating_sub(leaving.iter().map(|k| size_of_file(k)).sum::<u64>());
         for i in (0..n).filter(|i| doomed[*i]) {
             left = left.saturating_sub(c.bytes(i as u32));
         }
@@ -517,13 +518,6 @@ pub async fn gc(blobs: Arc<dyn Blobs>, opts: &GcOptions) -> Result<GcReport, Sto
     report.deferred_files += pending.len() as u64;
     remove_now.sort();
     remove_now.dedup();
-    let size_of_file = |k: &str| -> u64 {
-        let of = |files: &[FileRec]| files.get(find(files, k) as usize).map(|f| f.size);
-        of(&c.nars)
-            .or_else(|| of(&c.listings))
-            .or_else(|| tombstones.iter().find(|t| t.key == k).map(|t| t.size))
-            .unwrap_or(0)
-    };
 
     // The doomed narinfos' files, recorded before the narinfos go.
     let doomed_ids: Vec<u32> = (0..n as u32).filter(|i| doomed[*i as usize]).collect();

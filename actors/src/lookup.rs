@@ -39,11 +39,9 @@ impl ServedNarInfo {
     /// was noted within the last minute.
     pub fn due_for_access_record(&self) -> bool {
         use std::sync::atomic::Ordering;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let now = crate::access::unix_now();
         let last = self.recorded_at.load(Ordering::Relaxed);
-        now >= last.saturating_add(60)
+        now >= last.saturating_add(crate::access::MARK_EVERY_SECS)
             && self
                 .recorded_at
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)

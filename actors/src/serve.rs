@@ -158,7 +158,14 @@ pub async fn start_service(opts: &ServeOptions) -> io::Result<Arc<CacheService>>
         Discovery::new(catalog.clone(), fetcher.clone(), opts.ui.max_list_frequency).start();
     let access = match &opts.access_records {
         Some(path) => {
-            let log = Arc::new(AccessLog::open(path, crate::access::DEFAULT_MAX_PATHS)?);
+            // Up to a million lines read back: off the async threads.
+            let path = path.clone();
+            let log = tokio::task::spawn_blocking(move || {
+                AccessLog::open(&path, crate::access::DEFAULT_MAX_PATHS)
+            })
+            .await
+            .map_err(io::Error::other)??;
+            let log = Arc::new(log);
             let flushed = log.clone();
             actix_web::rt::spawn(async move {
                 let mut every = tokio::time::interval(crate::access::FLUSH_EVERY);
