@@ -164,6 +164,10 @@ impl PassLine {
             ProgressStyle::with_template("{spinner} {elapsed} {wide_msg}")
                 .expect("a valid template"),
         );
+        // Drawn once here: a pass over a small cache can end before the ticker first runs,
+        // and a terminal should still see what ran.
+        bar.set_message(format!("{what}: {}", counters.line()));
+        bar.tick();
         let stop = Arc::new(AtomicBool::new(false));
         let ticker = {
             let (bar, stop, counters) = (bar.clone(), stop.clone(), counters.clone());

@@ -452,6 +452,8 @@ fn gc_and_fsck_show_progress_on_a_terminal_only() {
             .env
             .cmd("script")
             .args(["-qec", &cmd, "/dev/null"])
+            // A terminal that can redraw a line; CI runs without TERM, which means "dumb".
+            .env("TERM", "xterm")
             .output()
             .unwrap();
         assert!(out.status.success(), "{cmd}: {out:?}");

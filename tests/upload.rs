@@ -490,6 +490,8 @@ fn a_terminal_shows_a_live_progress_line_and_a_log_file_does_not() {
     let shown = env
         .cmd("script")
         .args(["-qfec", &upload("tty-cache", "tty-state"), "/dev/null"])
+        // A terminal that can redraw a line; CI runs without TERM, which means "dumb".
+        .env("TERM", "xterm")
         .env("RUST_LOG", "info")
         .output()
         .unwrap();
