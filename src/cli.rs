@@ -414,6 +414,10 @@ pub struct UploadArgs {
     /// Also write a .ls listing of each NAR (--write-nar-listing=false to disable).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub write_nar_listing: bool,
+    /// Also write each path's build log (`log/<drv>`) when the local store has it
+    /// (--write-build-logs=false to disable); `nix log` reads it from the cache.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub write_build_logs: bool,
     /// Objects uploaded concurrently (at least 1).
     #[arg(short, long, default_value_t = defaults::JOBS, value_parser = clap::value_parser!(u32).range(1..))]
     pub jobs: u32,
@@ -453,6 +457,7 @@ impl Default for UploadArgs {
             compression: defaults::COMPRESSION.into(),
             compression_level: None,
             write_nar_listing: true,
+            write_build_logs: true,
             jobs: defaults::JOBS,
             secret_key_files: Vec::new(),
             state_dir: None,

@@ -93,6 +93,7 @@ pub fn prepare(args: &UploadArgs) -> anyhow::Result<UploadConfig> {
                 compression,
                 level: args.compression_level,
                 write_listing: args.write_nar_listing,
+                write_logs: args.write_build_logs,
                 keys: crate::serve::read_keys(&args.secret_key_files)?,
             },
             force: args.force,

@@ -147,19 +147,7 @@ fn signatures_from_nix_store_sign_verify_here() {
     let env = NixEnv::new();
     let closure = env.build_closure();
     let (sk, pk) = env.keypair("db-1");
-    env.run(
-        "nix",
-        &[
-            "store",
-            "sign",
-            "--store",
-            &env.store_arg(),
-            "--key-file",
-            sk.to_str().unwrap(),
-            "-r",
-            &closure.app,
-        ],
-    );
+    env.sign_closure(&sk, &closure.app);
     let local = Arc::new(LocalStore::open(LocalStoreLayout::chroot(&env.store_root())).unwrap());
     let pk = PublicKey::parse(&pk).unwrap();
     block_on(async {

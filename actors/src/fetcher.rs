@@ -275,6 +275,7 @@ mod tests {
                     Ok(Bytes::from_static(b"nar"))
                 })),
                 span: (0, 3),
+                encoding: None,
                 total: 3,
             })
         }

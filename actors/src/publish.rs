@@ -27,6 +27,8 @@ pub struct PublishOptions {
     pub level: Option<i32>,
     /// Also write `<digest>.ls`.
     pub write_listing: bool,
+    /// Also write the build log of the path's deriver (`log/<drv>`) when the source has it.
+    pub write_logs: bool,
     /// Keys to sign narinfos with.
     pub keys: Vec<SecretKey>,
 }
@@ -37,6 +39,7 @@ impl Default for PublishOptions {
             compression: Compression::Zstd,
             level: None,
             write_listing: true,
+            write_logs: true,
             keys: Vec::new(),
         }
     }
@@ -210,6 +213,10 @@ async fn write_path(
         }
     }
 
+    if opts.write_logs {
+        write_log(source, dest, &src_info).await;
+    }
+
     let mut info = NarInfo {
         url,
         compression: opts.compression,
@@ -230,6 +237,42 @@ async fn write_path(
     }
     dest.put_narinfo(&info).await.map_err(destination_error)?;
     Ok(info)
+}
+
+/// Writes the build log of the path's deriver when the source has one, so `nix log` finds
+/// it in the cache. A log helps someone debug a build; it is not part of the path, so one
+/// that cannot be copied is reported and the path is written all the same.
+async fn write_log(source: &dyn Store, dest: &dyn Store, info: &NarInfo) {
+    let Some(drv) = info
+        .deriver
+        .as_deref()
+        .filter(|d| *d != crate::formats::narinfo::UNKNOWN_DERIVER)
+    else {
+        return;
+    };
+    let blob = match source.log(drv).await {
+        Ok(blob) => blob,
+        // Most paths have no log here: substituted, or built elsewhere.
+        Err(StoreError::NotFound(_) | StoreError::Unsupported(_) | StoreError::Invalid(_)) => {
+            return
+        }
+        Err(e) => {
+            tracing::warn!(
+                "{}: its build log log/{drv} could not be read ({e}); the path is uploaded without it",
+                info.store_path
+            );
+            return;
+        }
+    };
+    match dest.put_log(drv, blob.stream).await {
+        Ok(()) => tracing::debug!("{}: wrote log/{drv}", info.store_path),
+        // A remote Nix store over ssh takes no logs.
+        Err(StoreError::Unsupported(_)) => {}
+        Err(e) => tracing::warn!(
+            "{}: its build log log/{drv} was not written ({e}); the path is uploaded without it",
+            info.store_path
+        ),
+    }
 }
 
 /// Writes again, references first, the references of `info` that the destination lacks.

@@ -262,6 +262,23 @@ in rec {{
         self.store_root().join(store_path.trim_start_matches('/'))
     }
 
+    /// Signs the closure of `path` in the chroot store with the key in `sk` (`nix store sign`).
+    pub fn sign_closure(&self, sk: &Path, path: &str) {
+        self.run(
+            "nix",
+            &[
+                "store",
+                "sign",
+                "--store",
+                &self.store_arg(),
+                "--key-file",
+                sk.to_str().unwrap(),
+                "-r",
+                path,
+            ],
+        );
+    }
+
     /// `nix copy` from the chroot store to a URL.
     pub fn copy_to(&self, url: &str, paths: &[&str]) {
         let store = self.store_arg();

@@ -50,14 +50,14 @@ impl BinaryCache {
         &self.blobs
     }
 
-    /// Reads a small text object whole, refusing one longer than `max` bytes or not UTF-8.
+    /// Reads a small text object whole, refusing one longer than `max` bytes (stored or
+    /// decoded) or not UTF-8; one stored compressed (`narinfo-compression`, `ls-compression`)
+    /// is decoded.
     pub async fn read_small(&self, key: &str, max: usize) -> Result<String> {
-        let bytes = self
-            .blobs
-            .get(key, None)
-            .await?
-            .into_bytes_capped(max, key)
-            .await?;
+        let blob = self.blobs.get(key, None).await?;
+        let encoding = blob.encoding;
+        let bytes = blob.into_bytes_capped(max, key).await?;
+        let bytes = super::encoded::decode_small(bytes, encoding, max, key).await?;
         String::from_utf8(bytes)
             .map_err(|_| StoreError::Corrupt(format!("{key} is not UTF-8 text")))
     }
@@ -135,7 +135,10 @@ impl Store for BinaryCache {
     async fn log(&self, drv: &str) -> Result<Blob> {
         crate::formats::StorePath::from_base_name(drv)
             .map_err(|e| StoreError::Invalid(e.to_string()))?;
-        self.blobs.get(&format!("log/{drv}"), None).await
+        let key = format!("log/{drv}");
+        let blob = self.blobs.get(&key, None).await?;
+        // Stored with `log-compression` (brotli on cache.nixos.org), or plain.
+        super::encoded::decode_whole(blob, super::MAX_LOG_BYTES, &key).await
     }
 
     async fn list(&self) -> Result<Vec<Digest>> {

@@ -188,6 +188,7 @@ fn span_blob(f: File, first: Bytes, start: u64, end: u64, total: u64) -> Blob {
     Blob {
         stream,
         span: (start, end),
+        encoding: None,
         total,
     }
 }

@@ -337,7 +337,12 @@ impl Store for Arc<LocalStore> {
     }
 
     async fn nar(&self, url: &str, range: Option<ByteRange>) -> Result<Blob> {
-        let info = super::object_of_nar_url(url, |d| self.lookup(d)).await?;
+        let info = super::object_of_nar_url(
+            url,
+            |d| self.lookup(d),
+            |i: &NarInfo| crate::formats::nixbase32::encode(i.nar_hash.digest()),
+        )
+        .await?;
         let total = info.nar_size;
         let (start, end) = ByteRange::resolve_or_err(range, total)?;
         let path = self.real_path(&info.store_path);
@@ -381,6 +386,7 @@ impl Store for Arc<LocalStore> {
             return Ok(Blob {
                 stream: Box::pin(tokio_util::io::ReaderStream::new(f)),
                 span: (0, total),
+                encoding: None,
                 total,
             });
         }
@@ -388,36 +394,14 @@ impl Store for Arc<LocalStore> {
         let compressed = tokio::fs::File::open(&bz)
             .await
             .map_err(|_| StoreError::NotFound(format!("log/{drv}")))?;
-        // The response needs its length first: decompress into an anonymous temporary file
-        // (gone when closed), at most MAX_LOG_BYTES of it.
-        let spool = tokio::task::spawn_blocking(tempfile::tempfile)
-            .await
-            .map_err(|e| StoreError::backend("log spool task", e))?
-            .map_err(|e| StoreError::backend(format!("spooling log/{drv}"), e))?;
-        let mut spool = tokio::fs::File::from_std(spool);
-        use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
-        let mut decoder = Compression::Bzip2
-            .decoder(tokio::io::BufReader::new(compressed))
-            .take(super::MAX_LOG_BYTES + 1);
-        let total = tokio::io::copy(&mut decoder, &mut spool)
-            .await
-            .map_err(|e| StoreError::Corrupt(format!("log of {drv}: {e}")))?;
-        if total > super::MAX_LOG_BYTES {
-            return Err(StoreError::Corrupt(format!(
-                "log of {drv} decompresses to more than {} bytes; it is not served",
-                super::MAX_LOG_BYTES
-            )));
-        }
-        spool
-            .flush()
-            .await
-            .and(spool.rewind().await)
-            .map_err(|e| StoreError::backend(format!("spooling log/{drv}"), e))?;
-        Ok(Blob {
-            stream: Box::pin(tokio_util::io::ReaderStream::new(spool)),
-            span: (0, total),
-            total,
-        })
+        // The response needs its length first: decoded into a temporary file.
+        super::encoded::spool_decoded(
+            Box::pin(tokio_util::io::ReaderStream::new(compressed)),
+            Compression::Bzip2,
+            super::MAX_LOG_BYTES,
+            &format!("log/{drv}"),
+        )
+        .await
     }
 
     async fn list(&self) -> Result<Vec<Digest>> {

@@ -44,6 +44,7 @@ impl Blobs for MemoryBlobs {
         Ok(Blob {
             stream: Box::pin(futures::stream::once(async move { Ok(part) })),
             span: (start, end),
+            encoding: None,
             total,
         })
     }

@@ -9,6 +9,7 @@
 
 pub mod binary_cache;
 pub mod blobs;
+pub mod encoded;
 pub mod file;
 pub mod gcs;
 pub mod guarded;
@@ -93,6 +94,11 @@ pub struct Blob {
     pub span: (u64, u64),
     /// The object's whole size.
     pub total: u64,
+    /// The `Content-Encoding` the object was stored with, when the backend reports one (an
+    /// S3 object's metadata, an upstream's header): Nix's `narinfo-compression`,
+    /// `ls-compression` and `log-compression` store those objects compressed that way. The
+    /// bytes are as stored; [`encoded`] reads them.
+    pub encoding: Option<crate::formats::Compression>,
 }
 
 impl std::fmt::Debug for Blob {
@@ -116,6 +122,7 @@ impl Blob {
         Blob {
             stream,
             span,
+            encoding: None,
             total,
         }
     }
@@ -355,22 +362,46 @@ pub fn nar_url_of(digest: &str) -> String {
     format!("nar/{digest}.nar")
 }
 
-/// The digest a [`nar_url_of`] URL names.
+/// The digest a [`nar_url_of`] URL names, and the NAR hash (nixbase32) that nix-serve's
+/// form of it, `nar/<digest>-<narhash>.nar`, adds.
+pub fn parse_nar_url(url: &str) -> Option<(&str, Option<&str>)> {
+    let stem = url.strip_prefix("nar/")?.strip_suffix(".nar")?;
+    Some(match stem.split_once('-') {
+        Some((digest, nar_hash)) => (digest, Some(nar_hash)),
+        None => (stem, None),
+    })
+}
+
+/// The digest a [`nar_url_of`] URL (or nix-serve's form of it) names.
 pub fn digest_of_nar_url(url: &str) -> Option<&str> {
-    url.strip_prefix("nar/")
-        .and_then(|u| u.strip_suffix(".nar"))
+    parse_nar_url(url).map(|(digest, _)| digest)
 }
 
 /// The object a [`nar_url_of`] URL names, found by `lookup` (given its digest). A URL of
 /// another shape, or a malformed digest, is a NAR this store does not have.
-pub async fn object_of_nar_url<'u, T, F, Fut>(url: &'u str, lookup: F) -> Result<T>
+///
+/// nix-serve's URLs, `nar/<digest>-<narhash>.nar`, are answered too: clients and caches in
+/// front keep narinfos from a nix-serve that this server replaced. The NAR hash must be the
+/// object's (`nar_hash` gives it in nixbase32): a path deleted and built again since is
+/// another NAR, which the old narinfo's hashes would reject.
+pub async fn object_of_nar_url<'u, T, F, Fut>(
+    url: &'u str,
+    lookup: F,
+    nar_hash: impl FnOnce(&T) -> String,
+) -> Result<T>
 where
     F: FnOnce(&'u str) -> Fut,
     Fut: std::future::Future<Output = Result<T>>,
 {
-    let digest = digest_of_nar_url(url).ok_or_else(|| StoreError::NotFound(url.into()))?;
+    let (digest, wanted) = parse_nar_url(url).ok_or_else(|| StoreError::NotFound(url.into()))?;
     match lookup(digest).await {
         Err(StoreError::Invalid(_)) => Err(StoreError::NotFound(url.into())),
+        Ok(object) => match wanted {
+            Some(h) if h != nar_hash(&object) => Err(StoreError::NotFound(format!(
+                "{url}: the path's NAR hash is another now (it was built again); the narinfo that named this URL is stale"
+            ))),
+            _ => Ok(object),
+        },
         other => other,
     }
 }

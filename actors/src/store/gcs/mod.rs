@@ -227,9 +227,15 @@ impl Blobs for GcsBlobs {
             return Ok(Blob {
                 stream: Box::pin(stream),
                 span: (start, end),
+                encoding: None,
                 total,
             });
         }
+        let encoding = resp
+            .headers()
+            .get(reqwest::header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .and_then(super::encoded::from_header);
         let total = match resp.content_length() {
             Some(n) => n,
             None => match self.head(key).await? {
@@ -248,6 +254,7 @@ impl Blobs for GcsBlobs {
         Ok(Blob {
             stream,
             span: (start, end),
+            encoding,
             total,
         })
     }

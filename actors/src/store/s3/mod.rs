@@ -156,10 +156,15 @@ impl Blobs for S3Blobs {
             (Ok(res), _) => {
                 let total = res.meta.size;
                 let span = (res.range.start, res.range.end);
+                let encoding = res
+                    .attributes
+                    .get(&Attribute::ContentEncoding)
+                    .and_then(|v| crate::store::encoded::from_header(v));
                 let stream = res.into_stream().map_err(io::Error::from);
                 Ok(Blob {
                     stream: Box::pin(stream),
                     span,
+                    encoding,
                     total,
                 })
             }

@@ -328,7 +328,16 @@ impl Store for SshStore {
     }
 
     async fn nar(&self, url: &str, range: Option<ByteRange>) -> Result<Blob> {
-        let info = super::object_of_nar_url(url, |d| self.path_info(d)).await?;
+        let info = super::object_of_nar_url(
+            url,
+            |d| self.path_info(d),
+            |i: &PathInfo| {
+                hex::decode(&i.nar_hash)
+                    .map(|b| nixbase32::encode(&b))
+                    .unwrap_or_default()
+            },
+        )
+        .await?;
         let total = info.nar_size;
         let (start, end) = ByteRange::resolve_or_err(range, total)?;
         let stream = self.nar_stream(&info).await?;
@@ -408,6 +417,7 @@ impl Store for SshStore {
         Ok(Blob {
             stream: Box::pin(ReaderStream::new(file)),
             span: (0, total),
+            encoding: None,
             total,
         })
     }

@@ -246,6 +246,7 @@ impl Inner {
         if resp.content_length().is_some_and(|n| n > max as u64) {
             return Err(too_large());
         }
+        let encoding = content_encoding(&resp);
         let mut bytes = Vec::new();
         while let Some(chunk) = resp
             .chunk()
@@ -257,6 +258,9 @@ impl Inner {
             }
             bytes.extend_from_slice(&chunk);
         }
+        // Stored with `narinfo-compression` or `ls-compression` (cache.nixos.org's listings
+        // are brotli): decoded as Nix's own client does.
+        let bytes = super::encoded::decode_small(bytes, encoding, max, what).await?;
         String::from_utf8(bytes)
             .map_err(|_| StoreError::Corrupt(format!("{what} from upstream is not UTF-8 text")))
     }
@@ -348,6 +352,14 @@ fn capped(stream: ByteStream, cap: u64, what: String) -> ByteStream {
         }
         Ok(chunk)
     }))
+}
+
+/// The compression an answer's `Content-Encoding` names, if any.
+fn content_encoding(resp: &reqwest::Response) -> Option<crate::formats::Compression> {
+    resp.headers()
+        .get(reqwest::header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .and_then(super::encoded::from_header)
 }
 
 /// The total size an answer declares: from `Content-Range` of a 206, else `Content-Length`.
@@ -472,6 +484,7 @@ impl Store for UpstreamStore {
             return Ok(Blob {
                 stream: capped(body(resp), e - s, url.to_owned()),
                 span: (s, e),
+                encoding: None,
                 total,
             });
         }
@@ -487,7 +500,7 @@ impl Store for UpstreamStore {
         let what = format!("{digest}.ls");
         let (_, resp) = self.inner.first_found(&what, false).await?;
         let text = Inner::text(resp, &what, MAX_LISTING_BYTES).await?;
-        // Some caches store listings compressed; only plain JSON is passed on.
+        // Only JSON is passed on: a listing in an encoding we cannot read is one we lack.
         if serde_json::from_str::<serde_json::Value>(&text).is_err() {
             return Err(StoreError::NotFound(what));
         }
@@ -497,18 +510,25 @@ impl Store for UpstreamStore {
     async fn log(&self, drv: &str) -> Result<Blob> {
         crate::formats::StorePath::from_base_name(drv)
             .map_err(|e| StoreError::Invalid(e.to_string()))?;
-        let (_, resp) = self.inner.first_found(&format!("log/{drv}"), false).await?;
-        let total = declared_total(&resp).ok_or_else(|| {
-            StoreError::backend(
-                format!("fetching log/{drv}"),
+        let key = format!("log/{drv}");
+        let (_, resp) = self.inner.first_found(&key, false).await?;
+        let encoding = content_encoding(&resp);
+        let total = declared_total(&resp);
+        let stream = capped(body(resp), super::MAX_LOG_BYTES, key.clone());
+        let blob = Blob {
+            stream,
+            span: (0, total.unwrap_or(0)),
+            encoding,
+            total: total.unwrap_or(0),
+        };
+        if encoding.is_none() && total.is_none() {
+            return Err(StoreError::backend(
+                format!("fetching {key}"),
                 "the upstream sent no Content-Length",
-            )
-        })?;
-        Ok(Blob {
-            stream: body(resp),
-            span: (0, total),
-            total,
-        })
+            ));
+        }
+        // Stored with `log-compression` (brotli on cache.nixos.org), or plain.
+        super::encoded::decode_whole(blob, super::MAX_LOG_BYTES, &key).await
     }
 
     async fn list(&self) -> Result<Vec<Digest>> {

@@ -467,6 +467,7 @@ impl NarDiskCache {
         Ok(Blob {
             stream: Box::pin(stream),
             span: (start, end),
+            encoding: None,
             total,
         })
     }
@@ -486,6 +487,7 @@ async fn file_blob(mut file: tokio::fs::File, size: u64, range: Option<ByteRange
     Ok(Blob {
         stream: Box::pin(stream),
         span: (start, end),
+        encoding: None,
         total: size,
     })
 }
