@@ -132,7 +132,8 @@ fn transparent_zstd_goes_to_nix_226_and_identity_to_nix_28() {
 }
 
 #[test]
-fn post_build_hook_in_each_client_feeds_upload_and_the_other_client_substitutes() {
+fn post_build_hook_in_each_client_feeds_upload_and_the_other_client_substitutes_from_it_and_the_store(
+) {
     for (builder, other) in [
         (Client::Nix28, Client::Nix226),
         (Client::Nix226, Client::Nix28),
@@ -208,6 +209,18 @@ fn post_build_hook_in_each_client_feeds_upload_and_the_other_client_substitutes(
         let reader = NixEnv::with_client(other);
         let (_, wrong_pk) = reader.keypair("modern-hook-wrong");
         substitute_and_verify(&reader, &d.url, &closure.app, &pk, &wrong_pk, "hook");
+
+        // The builder's store itself, served (its database written by that client's Nix).
+        let d = Daemon::start(
+            &env,
+            &[
+                "serve",
+                "--secret-key-file",
+                sk.to_str().unwrap(),
+                &env.store_arg(),
+            ],
+        );
+        substitute_and_verify(&reader, &d.url, &closure.app, &pk, &wrong_pk, "store");
     }
 }
 

@@ -61,6 +61,7 @@ impl NixEnv {
             modern::nix226_root();
             // The mount point of the binary's bind mount (see `modern`).
             std::fs::write(dir.path().join(modern::BIN_IN_ROOT), "").unwrap();
+            std::fs::create_dir(dir.path().join(modern::NIX_IN_ROOT)).unwrap();
         }
         let env = NixEnv {
             dir,

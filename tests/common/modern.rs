@@ -25,14 +25,19 @@ pub const BOTH: [Client; 2] = [Client::Nix28, Client::Nix226];
 /// mount made per command over an empty file).
 pub const BIN_IN_ROOT: &str = ".nixcached-bin";
 
+/// The folder, inside a test's folder, mounted over the root's `/nix`: whatever Nix 2.26 keeps
+/// in its default store and state (it opens them even for commands given `--store`) stays with
+/// the test, never in the cached root nor shared between tests.
+pub const NIX_IN_ROOT: &str = ".nix226";
+
 /// Runs `$@` chrooted in the trixie root `$1` with the test folder `$2` and the binary `$3`
-/// visible. `pivot_root` rather than a bare `chroot`: Nix 2.26 builds in a diverted store only
+/// visible (at [`BIN_IN_ROOT`]; [`NIX_IN_ROOT`] over `/nix`: the script names both). `pivot_root` rather than a bare `chroot`: Nix 2.26 builds in a diverted store only
 /// in its sandbox, which needs a user namespace, and the kernel refuses those to a chrooted
 /// process whose root is not its mount namespace's root.
 const ENTER: &str = r#"set -eu
 root=$1 dir=$2 bin=$3
 shift 3
-if [ ! -d "$root/.host" ] || [ ! -x "$root/usr/bin/nix" ]; then
+if [ ! -d "$root/.host" ] || [ ! -d "$root/nix" ] || [ ! -x "$root/usr/bin/nix" ]; then
   echo "$root is not a complete trixie root with Nix 2.26: run scripts/test, which rebuilds it" >&2
   exit 125
 fi
@@ -43,6 +48,7 @@ mount -t tmpfs tmpfs "$root/tmp"
 mkdir -p "$root$dir"
 mount --bind "$dir" "$root$dir"
 mount --bind "$bin" "$root$dir/.nixcached-bin"
+mount --bind "$dir/.nix226" "$root/nix"
 cd "$root"
 pivot_root . .host
 exec chroot . /bin/sh -c 'umount -l /.host && exec "$@"' sh \
