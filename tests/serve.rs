@@ -384,7 +384,8 @@ fn transparent_zstd_only_for_clients_that_ask_and_never_for_ranges() {
     assert!(get(&headers, "content-encoding").is_none());
 
     // The real Nix client copies the closure with the option on, signatures checked. (Debian's
-    // Nix 2.8 does not send `Accept-Encoding: zstd`, so it gets plain NARs; the count says.)
+    // Nix 2.8 does not send `Accept-Encoding: zstd`, so it gets plain NARs; Nix 2.26, which
+    // asks, is in tests/modern_nix.rs.)
     let fresh = env.path("fresh");
     env.copy_from(&d.url, fresh.to_str().unwrap(), Some(&*pk), &closure.app);
     env.verify(fresh.to_str().unwrap(), Some(&*pk), &closure.app);

@@ -1,10 +1,12 @@
 //! Shared harness for the integration tests: a private Nix environment per test (own chroot
-//! store, own `XDG_CACHE_HOME`), trees to archive, and a small closure built by the real Nix.
+//! store, own `XDG_CACHE_HOME`), trees to archive, and a small closure built by the real Nix
+//! (the host's 2.8, or the trixie root's 2.26: see [`modern`]).
 #![allow(dead_code)] // Each test binary uses a different part of the harness.
 
 pub mod browser;
 pub mod conformance;
 pub mod fault_proxy;
+pub mod modern;
 pub mod peers;
 pub mod upload;
 pub mod upstream_server;
@@ -12,9 +14,14 @@ pub mod upstream_server;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// A private Nix environment: a scratch folder with its own chroot store and caches.
+use modern::Client;
+
+/// A private Nix environment: a scratch folder with its own chroot store and caches, and the
+/// real Nix client its Nix commands run.
 pub struct NixEnv {
     pub dir: tempfile::TempDir,
+    /// The Nix that [`NixEnv::run`] and [`NixEnv::output`] run, and every helper through them.
+    pub client: Client,
     /// `NIX_CONFIG` for the commands of this environment only (never the process's own
     /// environment, which every test of the binary shares).
     nix_config: std::cell::RefCell<Option<String>>,
@@ -34,6 +41,12 @@ impl NixEnv {
     /// Makes a fresh environment; fails loudly when the real Nix is missing, because every
     /// test here is about agreeing with it.
     pub fn new() -> NixEnv {
+        NixEnv::with_client(Client::Nix28)
+    }
+
+    /// Makes a fresh environment whose Nix commands run `client`; fails (never skips) when
+    /// that client is not there, saying to run scripts/test.
+    pub fn with_client(client: Client) -> NixEnv {
         let found = Command::new("nix-store").arg("--version").output();
         assert!(
             found.map(|o| o.status.success()).unwrap_or(false),
@@ -44,9 +57,33 @@ impl NixEnv {
             .tempdir()
             .unwrap();
         std::fs::create_dir_all(dir.path().join("xdg")).unwrap();
-        NixEnv {
+        if client == Client::Nix226 {
+            modern::nix226_root();
+            // The mount point of the binary's bind mount (see `modern`).
+            std::fs::write(dir.path().join(modern::BIN_IN_ROOT), "").unwrap();
+            std::fs::create_dir(dir.path().join(modern::NIX_IN_ROOT)).unwrap();
+        }
+        let env = NixEnv {
             dir,
+            client,
             nix_config: std::cell::RefCell::new(None),
+        };
+        if client == Client::Nix226 {
+            let v = env.run("nix", &["--version"]);
+            assert!(
+                v.contains(" 2.26"),
+                "the trixie root's Nix is not 2.26: {v}"
+            );
+        }
+        env
+    }
+
+    /// The `nixcached` binary as this environment's Nix sees it (for post-build hooks): the
+    /// host's for 2.8, the same file bind-mounted into the test folder for 2.26.
+    pub fn nixcached(&self) -> String {
+        match self.client {
+            Client::Nix28 => env!("CARGO_BIN_EXE_nixcached").to_owned(),
+            Client::Nix226 => self.path(modern::BIN_IN_ROOT).display().to_string(),
         }
     }
 
@@ -67,7 +104,16 @@ impl NixEnv {
     /// A command with this environment's cache folder, so Nix's narinfo cache never leaks
     /// between tests.
     pub fn cmd(&self, program: &str) -> Command {
-        let mut c = Command::new(program);
+        self.with_env(Command::new(program))
+    }
+
+    /// A command that runs the Nix program `program` (`nix`, `nix-store`, …) of this
+    /// environment's client, with this environment's caches and `NIX_CONFIG`.
+    pub fn nix_cmd(&self, program: &str) -> Command {
+        self.with_env(modern::nix_command(self.client, self.dir.path(), program))
+    }
+
+    fn with_env(&self, mut c: Command) -> Command {
         c.env("XDG_CACHE_HOME", self.path("xdg"));
         c.env("HOME", self.dir.path());
         if let Some(conf) = &*self.nix_config.borrow() {
@@ -82,7 +128,8 @@ impl NixEnv {
         *self.nix_config.borrow_mut() = conf;
     }
 
-    /// Runs a command, panicking with its stderr when it fails; returns stdout.
+    /// Runs a Nix program of this environment's client, panicking with its stderr when it
+    /// fails; returns stdout.
     pub fn run(&self, program: &str, args: &[&str]) -> String {
         let out = self.output(program, args);
         assert!(
@@ -94,9 +141,10 @@ impl NixEnv {
         String::from_utf8(out.stdout).unwrap()
     }
 
-    /// Runs a command and returns its whole output, success or not.
+    /// Runs a Nix program of this environment's client and returns its whole output, success
+    /// or not.
     pub fn output(&self, program: &str, args: &[&str]) -> Output {
-        self.cmd(program).args(args).output().unwrap()
+        self.nix_cmd(program).args(args).output().unwrap()
     }
 
     /// Adds a file-system tree to the chroot store; returns its store path.
@@ -279,7 +327,8 @@ in rec {{
         );
     }
 
-    /// `nix copy` from the chroot store to a URL.
+    /// `nix copy` from the chroot store to a URL: `file://…`, or `http://…` for a server that
+    /// takes PUTs (add `?secret-key=…&compression=…` to the URL as Nix reads them).
     pub fn copy_to(&self, url: &str, paths: &[&str]) {
         let store = self.store_arg();
         let mut args = vec!["copy", "--from", store.as_str(), "--to", url];
