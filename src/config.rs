@@ -39,6 +39,7 @@ use anyhow::{bail, Context};
 use serde::Deserialize;
 
 use crate::cli::{de_duration, defaults, UploadArgs};
+use nixcached_actors::http::auth::CredentialSpec;
 
 /// The whole file.
 #[derive(Debug, Deserialize)]
@@ -76,6 +77,10 @@ pub struct ServerSection {
     pub state_dir: Option<PathBuf>,
     /// Whether to keep access records (default yes).
     pub access_records: bool,
+    /// Certificate chain (PEM) of the shared listeners: HTTPS with HTTP/2.
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for ServerSection {
@@ -88,6 +93,8 @@ impl Default for ServerSection {
             workers: 0,
             state_dir: None,
             access_records: true,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -143,6 +150,16 @@ pub struct CacheSection {
     pub nar_slots: usize,
     /// Explorer whole-NAR passes at once (`--explorer-slots`).
     pub explorer_slots: usize,
+    /// netrc file with Basic credentials for private upstreams (`--netrc-file`).
+    pub netrc_file: Option<PathBuf>,
+    /// Who may read and write (`[[cache.credential]]`); none: public and read-only.
+    pub credential: Vec<CredentialSpec>,
+    /// A file of more `[[credential]]` entries (`--credentials`).
+    pub credentials_file: Option<PathBuf>,
+    /// Certificate chain (PEM) of the cache's own listeners.
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for CacheSection {
@@ -170,6 +187,11 @@ impl Default for CacheSection {
             metadata_slots: defaults::METADATA_SLOTS,
             nar_slots: defaults::NAR_SLOTS,
             explorer_slots: defaults::EXPLORER_SLOTS,
+            netrc_file: None,
+            credential: Vec::new(),
+            credentials_file: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -184,6 +206,7 @@ impl CacheSection {
             nar_cache_dir: self.nar_cache_dir.clone(),
             nar_cache_size_mib: self.nar_cache_size_mib,
             upstream_nar_hosts: self.upstream_nar_hosts.clone(),
+            netrc_file: self.netrc_file.clone(),
         }
     }
 }
@@ -228,6 +251,14 @@ impl Config {
             }
         }
         Ok(cfg)
+    }
+}
+
+/// The realm a cache's 401 challenges name: its prefix, or `nixcached` at the root.
+fn realm(prefix: &str) -> &str {
+    match prefix.trim_matches('/') {
+        "" => "nixcached",
+        p => p,
     }
 }
 
@@ -287,11 +318,24 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             access_records: cfg.server.access_records.then(|| {
                 crate::serve::access_records_path(cfg.server.state_dir.as_deref(), &c.store)
             }),
+            auth: crate::serve::access(
+                realm(&c.prefix),
+                c.credentials_file.as_deref(),
+                &c.credential,
+            )
+            .with_context(|| format!("[[cache]] {}", c.store))?,
+            writable: false,
+            tls: crate::serve::tls_files(c.tls_cert.as_ref(), c.tls_key.as_ref())
+                .with_context(|| format!("[[cache]] {}", c.store))?,
         };
         if c.listen.is_empty() {
+            if opts.tls.is_some() {
+                bail!("[[cache]] {}: tls-cert and tls-key are for a cache with its own listen; the shared listeners take [server]'s", c.store);
+            }
             shared.push((c.prefix.clone(), opts));
         } else {
             own.push(ServerGroup {
+                tls: opts.tls.clone(),
                 listen: opts.listen.clone(),
                 caches: vec![(c.prefix.clone(), opts)],
                 grace,
@@ -303,6 +347,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let mut groups = own;
     if !shared.is_empty() {
         groups.push(ServerGroup {
+            tls: crate::serve::tls_files(cfg.server.tls_cert.as_ref(), cfg.server.tls_key.as_ref())
+                .context("[server]")?,
             listen: shared_listen,
             caches: shared,
             grace,

@@ -181,6 +181,9 @@ mod tests {
             budgets: Default::default(),
             upload_stats: Vec::new(),
             access_records: None,
+            auth: Default::default(),
+            writable: false,
+            tls: None,
         };
         let svc = start_service(&opts).await.unwrap();
         let app = actix_web::test::init_service(
