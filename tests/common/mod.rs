@@ -304,7 +304,8 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `nixcached ARGS… --listen 127.0.0.1:0` and waits until it listens.
+    /// Starts `nixcached ARGS… --listen 127.0.0.1:0` and waits until it listens; `url` is
+    /// `https://…` when it serves TLS.
     pub fn start(env: &NixEnv, args: &[&str]) -> Daemon {
         use std::io::BufRead;
         let mut child = env
@@ -323,7 +324,8 @@ impl Daemon {
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if let Some(i) = line.find("Listening on http://") {
+                // `http://`, or `https://` when serving TLS.
+                if let Some(i) = line.find("Listening on http") {
                     let rest = &line[i + "Listening on ".len()..];
                     let url = rest.split('/').take(3).collect::<Vec<_>>().join("/");
                     let _ = tx.send(url);
