@@ -7,6 +7,8 @@
 //! idle-timeout = "5m"            # drop a client that reads nothing of a response this long
 //! state-dir = "/var/lib/nixcached"   # access records (when each path was last served) go
 //! access-records = true          # under access/ in it, for `gc --access-records`
+//! tls-cert = "/etc/nixcached/cert.pem"   # HTTPS for the shared listeners
+//! tls-key = "/etc/nixcached/key.pem"
 //!
 //! [[cache]]                      # served at http://127.0.0.1:38380/
 //! store = "/nix/store"
@@ -19,11 +21,17 @@
 //! [[cache]]                      # served at http://127.0.0.1:38380/team/
 //! store = "file:///srv/team-cache"
 //! prefix = "/team"
+//! [[cache.credential]]           # private: reads need this (`nixcached credential new`)
+//! token-hash = "sha256:…"        # or user = "ci" and password-hash = "sha256:…"
+//! rights = ["read", "write"]
 //!
 //! [[cache]]                      # its own listener
 //! store = "s3://bucket?region=eu-west-1"
 //! listen = ["127.0.0.1:38381"]
 //! upstreams = ["https://cache.nixos.org"]   # what the bucket lacks
+//! netrc-file = "/etc/nixcached/netrc"        # Basic credentials for private upstreams
+//! tls-cert = "/etc/nixcached/cert.pem"       # HTTPS and HTTP/2 on its own listener;
+//! tls-key = "/etc/nixcached/key.pem"         # SIGHUP reloads both
 //! trusted-public-keys = ["cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="]
 //!
 //! [[upload]]
@@ -453,6 +461,39 @@ mod tests {
         let e = crate::serve::ui_options(Some(d.path().join("nope")), &[], Duration::ZERO, 1)
             .unwrap_err();
         assert!(e.to_string().contains("templates/"), "{e}");
+    }
+
+    #[test]
+    fn credentials_and_tls_keys_parse_and_bad_entries_say_what_to_write() {
+        let token_hash = nixcached_actors::http::auth::hash_secret("t");
+        let cfg = Config::parse(
+            &format!(
+                "[server]\ntls-cert = \"/c.pem\"\ntls-key = \"/k.pem\"\n\
+                 [[cache]]\nstore = \"/nix/store\"\nnetrc-file = \"/n\"\n\
+                 [[cache.credential]]\ntoken-hash = \"{token_hash}\"\nrights = [\"read\"]\n\
+                 [[cache.credential]]\nuser = \"ci\"\npassword-hash = \"{token_hash}\"\nrights = [\"write\"]\n"
+            ),
+            "t",
+        )
+        .unwrap();
+        let c = &cfg.caches[0];
+        let access = crate::serve::access("team", None, &c.credential).unwrap();
+        assert!(access.is_private() && access.has_writer());
+        assert_eq!(c.upstream_args().netrc_file, Some(PathBuf::from("/n")));
+        assert!(
+            crate::serve::tls_files(cfg.server.tls_cert.as_ref(), cfg.server.tls_key.as_ref())
+                .unwrap()
+                .is_some()
+        );
+        let e = crate::serve::tls_files(cfg.server.tls_cert.as_ref(), None).unwrap_err();
+        assert!(e.to_string().contains("give both"), "{e}");
+        let bad = [CredentialSpec {
+            token_hash: Some("plain-token".into()),
+            rights: vec!["read".into()],
+            ..CredentialSpec::default()
+        }];
+        let e = crate::serve::access("x", None, &bad).unwrap_err();
+        assert!(format!("{e:#}").contains("sha256:<64 hex digits>"), "{e:#}");
     }
 
     #[test]
