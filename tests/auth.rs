@@ -3,12 +3,11 @@
 
 mod common;
 
-use std::io::{BufRead, Read, Write};
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::io::{Read, Write};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 
-use common::upstream_server::{digest, nar_url, nix_cache};
+use common::upstream_server::{digest, nar_url, nar_url_with, nix_cache};
 use common::{curl, curl_headers, Daemon, NixEnv};
 
 /// Runs `nixcached credential new ARGS`; returns (token, the TOML entry it printed).
@@ -66,17 +65,7 @@ fn private_cache_answers_by_credential() {
     let d = Daemon::start(&env, &["serve", "--credentials", &creds, &env.store_arg()]);
     let url = &d.url;
     // Without a credential the narinfo is a 401, so its NAR URL is read with one.
-    let (code, body) = curl(&[
-        "-H",
-        &bearer(&reader),
-        &format!("{url}/{}.narinfo", digest(&closure.app)),
-    ]);
-    assert_eq!(code, 200);
-    let nar = String::from_utf8(body)
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("URL: ").map(str::to_owned))
-        .unwrap();
+    let nar = nar_url_with(&d, &closure.app, &["-H", &bearer(&reader)]);
     let routes = [
         String::new(),
         "nix-cache-info".into(),
@@ -164,45 +153,6 @@ fn write_credential_guards_writes_only() {
     );
 }
 
-/// A child process stopped when the test ends, pass or fail.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `nixcached --config FILE`, once it listens.
-fn start_config(env: &NixEnv, config: &Path) -> KillOnDrop {
-    let mut child = env
-        .cmd(env!("CARGO_BIN_EXE_nixcached"))
-        .arg("--config")
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            eprintln!("[nixcached] {line}");
-            if line.contains("Listening on") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    rx.recv_timeout(std::time::Duration::from_secs(30))
-        .expect("nixcached --config listens");
-    KillOnDrop(child)
-}
-
 /// The real Nix substitutes from a private cache (a Basic user in the config file's
 /// `[[cache.credential]]`) with a netrc-file, and substitutes nothing without one.
 #[test]
@@ -226,7 +176,7 @@ fn nix_substitutes_from_a_private_cache_only_with_a_netrc_file() {
     assert!(!std::fs::read_to_string(&config)
         .unwrap()
         .contains(&password));
-    let _d = start_config(&env, &config);
+    let _d = Daemon::start_config(&env, &config);
     let url = format!("http://127.0.0.1:{port}");
 
     // Without credentials Nix cannot use the cache: nothing is substituted.

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::upstream_server::nar_url_with;
 use common::{Daemon, NixEnv};
 
 /// Runs openssl, failing the test with its stderr.
@@ -129,19 +130,11 @@ fn nix_substitutes_over_https_and_curl_speaks_h2() {
     let (sk, pk) = env.keypair("tls-1");
     let ca = make_ca(env.dir.path());
     let (cert, key) = make_cert(env.dir.path(), "one");
-    let d = Daemon::start(
+    let d = start_tls(
         &env,
-        &[
-            "serve",
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-            "--secret-key-file",
-            sk.to_str().unwrap(),
-            "--no-access-records",
-            &env.store_arg(),
-        ],
+        &cert,
+        &key,
+        &["--secret-key-file", sk.to_str().unwrap()],
     );
     assert!(d.url.starts_with("https://127.0.0.1:"), "{}", d.url);
     let info = format!("{}/nix-cache-info", d.url);
@@ -192,46 +185,19 @@ fn nix_substitutes_over_https_and_curl_speaks_h2() {
 fn sighup_reloads_the_certificate_and_keeps_downloads() {
     let env = NixEnv::new();
     let dir = env.dir.path();
-    let big = env.path("big");
-    std::fs::create_dir_all(&big).unwrap();
-    let data: Vec<u8> = (0..6u32 << 20)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
-    std::fs::write(big.join("data"), &data).unwrap();
-    let path = env.add(&big);
+    let path = big_path(&env, 6 << 20);
     let ca = make_ca(dir);
     let (one_cert, one_key) = make_cert(dir, "one");
     let (two_cert, two_key) = make_cert(dir, "two");
     let (cert, key) = (env.path("server.pem"), env.path("server.key"));
     std::fs::copy(&one_cert, &cert).unwrap();
     std::fs::copy(&one_key, &key).unwrap();
-    let d = Daemon::start(
-        &env,
-        &[
-            "serve",
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-            "--no-access-records",
-            &env.store_arg(),
-        ],
-    );
+    let d = start_tls(&env, &cert, &key, &[]);
     let (code, _, subject) = curl_tls(&ca, &format!("{}/nix-cache-info", d.url), &[]);
     assert_eq!((code, subject.as_str()), (200, "CN=one"));
 
     // A NAR download at 1 MiB/s: about six seconds, across both reloads.
-    let (code, body) = common::curl(&[
-        "--cacert",
-        ca.to_str().unwrap(),
-        &format!("{}/{}.narinfo", d.url, &path["/nix/store/".len()..][..32]),
-    ]);
-    assert_eq!(code, 200);
-    let nar = String::from_utf8(body)
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("URL: ").map(str::to_owned))
-        .unwrap();
+    let nar = nar_url_with(&d, &path, &["--cacert", ca.to_str().unwrap()]);
     let out = env.path("download.nar");
     let mut download = Command::new("curl")
         .args(["-sf", "--limit-rate", "1M", "--http2", "-o"])
@@ -298,6 +264,22 @@ fn sighup_reloads_the_certificate_and_keeps_downloads() {
     assert_eq!(std::fs::read(&out).unwrap(), env.dump(&env.real(&path)));
 }
 
+/// `serve` of the chroot store over TLS with `extra` flags.
+fn start_tls(env: &NixEnv, cert: &Path, key: &Path, extra: &[&str]) -> Daemon {
+    let mut args = vec![
+        "serve",
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--no-access-records",
+    ];
+    args.extend_from_slice(extra);
+    let store = env.store_arg();
+    args.push(&store);
+    Daemon::start(env, &args)
+}
+
 fn hup(d: &Daemon) {
     let ok = Command::new("kill")
         .args(["-HUP", &d.pid().to_string()])
@@ -340,5 +322,100 @@ fn bad_certificate_files_stop_startup() {
     assert!(
         e.contains("two.key does not belong to certificate") && e.contains("one.pem"),
         "{e}"
+    );
+}
+
+/// A file of `len` bytes that compress badly, added to the chroot store; returns its path.
+fn big_path(env: &NixEnv, len: u32) -> String {
+    let big = env.path("big");
+    std::fs::create_dir_all(&big).unwrap();
+    let data: Vec<u8> = (0..len)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(big.join("data"), &data).unwrap();
+    env.add(&big)
+}
+
+/// `--idle-timeout` finds a client that stops reading over TLS and HTTP/2 too (the socket is
+/// found under the TLS stream).
+#[test]
+fn idle_readers_are_dropped_over_tls() {
+    let env = NixEnv::new();
+    let path = big_path(&env, 24 << 20);
+    let ca = make_ca(env.dir.path());
+    let (cert, key) = make_cert(env.dir.path(), "one");
+    let d = start_tls(&env, &cert, &key, &["--idle-timeout", "2s"]);
+    let nar = nar_url_with(&d, &path, &["--cacert", ca.to_str().unwrap()]);
+    // curl writes into a pipe nobody reads: once it is full, curl stops reading the socket.
+    let mut stalled = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "curl -s --http2 --cacert {} {}/{nar} | sleep 30",
+            ca.display(),
+            d.url
+        ))
+        .spawn()
+        .unwrap();
+    let dropped = d.logged("the client read nothing for 2s; dropping it");
+    let _ = stalled.kill();
+    let _ = stalled.wait();
+    assert!(dropped, "the stalled TLS client was not dropped");
+}
+
+/// A config file: `[server]`'s TLS on the shared listener with a private cache under a
+/// prefix, and a cache on its own listener with its own certificate.
+#[test]
+fn config_file_tls_per_listener_with_a_private_cache() {
+    let env = NixEnv::new();
+    let dir = env.dir.path();
+    let ca = make_ca(dir);
+    let (one_cert, one_key) = make_cert(dir, "one");
+    let (two_cert, two_key) = make_cert(dir, "two");
+    let (folder, private) = (env.path("folder"), env.path("private"));
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::create_dir_all(&private).unwrap();
+    let token = "config-file-test-token";
+    let (shared, own) = (common::peers::free_port(), common::peers::free_port());
+    let config = env.path("nixcached.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:{shared}\"]\naccess-records = false\n\
+             tls-cert = \"{}\"\ntls-key = \"{}\"\n\n\
+             [[cache]]\nstore = \"file://{}\"\nprefix = \"/team\"\n\
+             [[cache.credential]]\ntoken-hash = \"{}\"\nrights = [\"read\"]\n\n\
+             [[cache]]\nstore = \"file://{}\"\nlisten = [\"127.0.0.1:{own}\"]\n\
+             tls-cert = \"{}\"\ntls-key = \"{}\"\n",
+            one_cert.display(),
+            one_key.display(),
+            private.display(),
+            nixcached_actors::http::auth::hash_secret(token),
+            folder.display(),
+            two_cert.display(),
+            two_key.display(),
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start_config(&env, &config);
+    // Both listeners log before either is known to accept; wait for the second one's line.
+    assert!(d.logged(&format!("Listening on https://127.0.0.1:{own}/")));
+    assert!(d.logged(&format!("Listening on https://127.0.0.1:{shared}/team/")));
+    let team = format!("https://127.0.0.1:{shared}/team/nix-cache-info");
+    let (code, version, subject) = curl_tls(&ca, &team, &["--http2"]);
+    assert_eq!(
+        (code, version.as_str(), subject.as_str()),
+        (401, "2", "CN=one")
+    );
+    let auth = format!("Authorization: Bearer {token}");
+    let (code, _, _) = curl_tls(&ca, &team, &["-H", &auth]);
+    assert_eq!(code, 200);
+    let (code, version, subject) = curl_tls(
+        &ca,
+        &format!("https://127.0.0.1:{own}/nix-cache-info"),
+        &["--http2"],
+    );
+    assert_eq!(
+        (code, version.as_str(), subject.as_str()),
+        (200, "2", "CN=two")
     );
 }

@@ -307,11 +307,22 @@ impl Daemon {
     /// Starts `nixcached ARGS… --listen 127.0.0.1:0` and waits until it listens; `url` is
     /// `https://…` when it serves TLS.
     pub fn start(env: &NixEnv, args: &[&str]) -> Daemon {
+        let mut cmd = env.cmd(env!("CARGO_BIN_EXE_nixcached"));
+        cmd.args(args).args(["--listen", "127.0.0.1:0"]);
+        Daemon::spawn(cmd)
+    }
+
+    /// Starts `nixcached --config FILE` and waits until it listens; `url` is the first
+    /// listener it logs.
+    pub fn start_config(env: &NixEnv, config: &Path) -> Daemon {
+        let mut cmd = env.cmd(env!("CARGO_BIN_EXE_nixcached"));
+        cmd.arg("--config").arg(config);
+        Daemon::spawn(cmd)
+    }
+
+    fn spawn(mut cmd: Command) -> Daemon {
         use std::io::BufRead;
-        let mut child = env
-            .cmd(env!("CARGO_BIN_EXE_nixcached"))
-            .args(args)
-            .args(["--listen", "127.0.0.1:0"])
+        let mut child = cmd
             .env("RUST_LOG", "info")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
