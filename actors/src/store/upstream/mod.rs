@@ -167,6 +167,17 @@ impl UpstreamStore {
             Some(path) => Some(netrc::Netrc::read(path)?),
             None => None,
         };
+        if let (Some(n), Some(path)) = (&netrc, &options.netrc_file) {
+            for base in &upstream_bases {
+                if n.login_for(base.host_str().unwrap_or("")).is_none() {
+                    tracing::warn!(
+                        "netrc file {} has no `machine {}` entry: upstream {base} gets no credentials",
+                        path.display(),
+                        base.host_str().unwrap_or("")
+                    );
+                }
+            }
+        }
         let upstreams = upstream_bases
             .into_iter()
             .map(|base| Upstream {
