@@ -134,6 +134,9 @@ fn options(store: Arc<dyn Store>) -> ServeOptions {
         budgets: Default::default(),
         upload_stats: Vec::new(),
         access_records: None,
+        auth: Default::default(),
+        writable: false,
+        tls: None,
     }
 }
 

@@ -95,6 +95,24 @@ pub enum Command {
     /// Pins kept in a binary cache (under pins/), whose closures gc never removes.
     #[command(subcommand)]
     Pin(PinCommand),
+    /// Credentials for private or writable caches (`serve --credentials`, `[[cache.credential]]`).
+    #[command(subcommand)]
+    Credential(CredentialCommand),
+}
+
+/// `nixcached credential`.
+#[derive(Debug, Subcommand)]
+pub enum CredentialCommand {
+    /// Print a fresh random token and the hashed entry to paste into the config (only the
+    /// hash goes into the config; give the token to the client).
+    New {
+        /// Rights of the credential: read, write, or read,write.
+        #[arg(long, value_delimiter = ',', default_value = "read")]
+        rights: Vec<String>,
+        /// Make a Basic user (login USER, password the token) instead of a bearer token.
+        #[arg(long, value_name = "USER")]
+        user: Option<String>,
+    },
 }
 
 /// `nixcached gc`.
@@ -317,7 +335,8 @@ pub struct ServeArgs {
     /// Longest a store operation may take; slower ones answer 404 (never 5xx, which makes Nix give up on the cache).
     #[arg(long, default_value = defaults::BACKEND_TIMEOUT, value_parser = parse_duration)]
     pub backend_timeout: Duration,
-    /// How long in-flight responses may run after SIGTERM, SIGINT or SIGHUP.
+    /// How long in-flight responses may run after SIGTERM, SIGINT, or SIGHUP without TLS
+    /// (with TLS, SIGHUP reloads the certificate and key instead).
     #[arg(long, default_value = defaults::GRACE, value_parser = parse_duration)]
     pub grace: Duration,
     /// Drop a client that reads nothing of a response for this long, stopping what produces
@@ -349,6 +368,18 @@ pub struct ServeArgs {
     /// Keep no access records.
     #[arg(long)]
     pub no_access_records: bool,
+    /// TOML file of [[credential]] entries (token-hash, or user and password-hash; rights):
+    /// with a read credential the cache is private, writes need a write credential. Make
+    /// entries with `nixcached credential new`.
+    #[arg(long, value_name = "FILE")]
+    pub credentials: Option<PathBuf>,
+    /// Certificate chain (PEM) to serve HTTPS with (HTTP/2 and HTTP/1.1 by ALPN); needs
+    /// --tls-key. SIGHUP reloads both files (a bad file keeps the old pair serving).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     #[command(flatten)]
     pub upstream: UpstreamArgs,
     /// Store to serve: /nix/store, local?root=DIR, file:///DIR, s3://BUCKET, gs://BUCKET,
@@ -383,6 +414,10 @@ pub struct UpstreamArgs {
     /// there (a CDN). No other host is ever contacted.
     #[arg(long = "upstream-nar-host", value_name = "HOST")]
     pub upstream_nar_hosts: Vec<String>,
+    /// netrc file (as Nix's netrc-file) with `machine HOST login USER password SECRET` lines:
+    /// requests to an upstream on HOST carry those Basic credentials; no other host gets them.
+    #[arg(long, value_name = "FILE")]
+    pub netrc_file: Option<PathBuf>,
 }
 
 /// `nixcached upload`, and a config file's `[[upload]]` (the same struct, so both take the

@@ -7,6 +7,8 @@
 //! idle-timeout = "5m"            # drop a client that reads nothing of a response this long
 //! state-dir = "/var/lib/nixcached"   # access records (when each path was last served) go
 //! access-records = true          # under access/ in it, for `gc --access-records`
+//! tls-cert = "/etc/nixcached/cert.pem"   # HTTPS for the shared listeners
+//! tls-key = "/etc/nixcached/key.pem"
 //!
 //! [[cache]]                      # served at http://127.0.0.1:38380/
 //! store = "/nix/store"
@@ -19,11 +21,17 @@
 //! [[cache]]                      # served at http://127.0.0.1:38380/team/
 //! store = "file:///srv/team-cache"
 //! prefix = "/team"
+//! [[cache.credential]]           # private: reads need this (`nixcached credential new`)
+//! token-hash = "sha256:…"        # or user = "ci" and password-hash = "sha256:…"
+//! rights = ["read", "write"]
 //!
 //! [[cache]]                      # its own listener
 //! store = "s3://bucket?region=eu-west-1"
 //! listen = ["127.0.0.1:38381"]
 //! upstreams = ["https://cache.nixos.org"]   # what the bucket lacks
+//! netrc-file = "/etc/nixcached/netrc"        # Basic credentials for private upstreams
+//! tls-cert = "/etc/nixcached/cert.pem"       # HTTPS and HTTP/2 on its own listener;
+//! tls-key = "/etc/nixcached/key.pem"         # SIGHUP reloads both
 //! trusted-public-keys = ["cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="]
 //!
 //! [[upload]]
@@ -39,6 +47,7 @@ use anyhow::{bail, Context};
 use serde::Deserialize;
 
 use crate::cli::{de_duration, defaults, UploadArgs};
+use nixcached_actors::http::auth::CredentialSpec;
 
 /// The whole file.
 #[derive(Debug, Deserialize)]
@@ -76,6 +85,10 @@ pub struct ServerSection {
     pub state_dir: Option<PathBuf>,
     /// Whether to keep access records (default yes).
     pub access_records: bool,
+    /// Certificate chain (PEM) of the shared listeners: HTTPS with HTTP/2.
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for ServerSection {
@@ -88,6 +101,8 @@ impl Default for ServerSection {
             workers: 0,
             state_dir: None,
             access_records: true,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -143,6 +158,16 @@ pub struct CacheSection {
     pub nar_slots: usize,
     /// Explorer whole-NAR passes at once (`--explorer-slots`).
     pub explorer_slots: usize,
+    /// netrc file with Basic credentials for private upstreams (`--netrc-file`).
+    pub netrc_file: Option<PathBuf>,
+    /// Who may read and write (`[[cache.credential]]`); none: public and read-only.
+    pub credential: Vec<CredentialSpec>,
+    /// A file of more `[[credential]]` entries (`--credentials`).
+    pub credentials_file: Option<PathBuf>,
+    /// Certificate chain (PEM) of the cache's own listeners.
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for CacheSection {
@@ -170,6 +195,11 @@ impl Default for CacheSection {
             metadata_slots: defaults::METADATA_SLOTS,
             nar_slots: defaults::NAR_SLOTS,
             explorer_slots: defaults::EXPLORER_SLOTS,
+            netrc_file: None,
+            credential: Vec::new(),
+            credentials_file: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -184,6 +214,7 @@ impl CacheSection {
             nar_cache_dir: self.nar_cache_dir.clone(),
             nar_cache_size_mib: self.nar_cache_size_mib,
             upstream_nar_hosts: self.upstream_nar_hosts.clone(),
+            netrc_file: self.netrc_file.clone(),
         }
     }
 }
@@ -228,6 +259,14 @@ impl Config {
             }
         }
         Ok(cfg)
+    }
+}
+
+/// The realm a cache's 401 challenges name: its prefix, or `nixcached` at the root.
+fn realm(prefix: &str) -> &str {
+    match prefix.trim_matches('/') {
+        "" => "nixcached",
+        p => p,
     }
 }
 
@@ -287,11 +326,24 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             access_records: cfg.server.access_records.then(|| {
                 crate::serve::access_records_path(cfg.server.state_dir.as_deref(), &c.store)
             }),
+            auth: crate::serve::access(
+                realm(&c.prefix),
+                c.credentials_file.as_deref(),
+                &c.credential,
+            )
+            .with_context(|| format!("[[cache]] {}", c.store))?,
+            writable: false,
+            tls: crate::serve::tls_files(c.tls_cert.as_ref(), c.tls_key.as_ref())
+                .with_context(|| format!("[[cache]] {}", c.store))?,
         };
         if c.listen.is_empty() {
+            if opts.tls.is_some() {
+                bail!("[[cache]] {}: tls-cert and tls-key are for a cache with its own listen; the shared listeners take [server]'s", c.store);
+            }
             shared.push((c.prefix.clone(), opts));
         } else {
             own.push(ServerGroup {
+                tls: opts.tls.clone(),
                 listen: opts.listen.clone(),
                 caches: vec![(c.prefix.clone(), opts)],
                 grace,
@@ -303,6 +355,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let mut groups = own;
     if !shared.is_empty() {
         groups.push(ServerGroup {
+            tls: crate::serve::tls_files(cfg.server.tls_cert.as_ref(), cfg.server.tls_key.as_ref())
+                .context("[server]")?,
             listen: shared_listen,
             caches: shared,
             grace,
@@ -407,6 +461,39 @@ mod tests {
         let e = crate::serve::ui_options(Some(d.path().join("nope")), &[], Duration::ZERO, 1)
             .unwrap_err();
         assert!(e.to_string().contains("templates/"), "{e}");
+    }
+
+    #[test]
+    fn credentials_and_tls_keys_parse_and_bad_entries_say_what_to_write() {
+        let token_hash = nixcached_actors::http::auth::hash_secret("t");
+        let cfg = Config::parse(
+            &format!(
+                "[server]\ntls-cert = \"/c.pem\"\ntls-key = \"/k.pem\"\n\
+                 [[cache]]\nstore = \"/nix/store\"\nnetrc-file = \"/n\"\n\
+                 [[cache.credential]]\ntoken-hash = \"{token_hash}\"\nrights = [\"read\"]\n\
+                 [[cache.credential]]\nuser = \"ci\"\npassword-hash = \"{token_hash}\"\nrights = [\"write\"]\n"
+            ),
+            "t",
+        )
+        .unwrap();
+        let c = &cfg.caches[0];
+        let access = crate::serve::access("team", None, &c.credential).unwrap();
+        assert!(access.is_private() && access.has_writer());
+        assert_eq!(c.upstream_args().netrc_file, Some(PathBuf::from("/n")));
+        assert!(
+            crate::serve::tls_files(cfg.server.tls_cert.as_ref(), cfg.server.tls_key.as_ref())
+                .unwrap()
+                .is_some()
+        );
+        let e = crate::serve::tls_files(cfg.server.tls_cert.as_ref(), None).unwrap_err();
+        assert!(e.to_string().contains("give both"), "{e}");
+        let bad = [CredentialSpec {
+            token_hash: Some("plain-token".into()),
+            rights: vec!["read".into()],
+            ..CredentialSpec::default()
+        }];
+        let e = crate::serve::access("x", None, &bad).unwrap_err();
+        assert!(format!("{e:#}").contains("sha256:<64 hex digits>"), "{e:#}");
     }
 
     #[test]

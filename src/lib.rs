@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod credential;
 pub mod fsck;
 pub mod gc;
 pub mod progress;
@@ -21,7 +22,7 @@ pub fn run(cli: cli::Cli) -> anyhow::Result<()> {
         (None, Some(file)) => config::run(config::Config::load(&file)?),
         (None, None) => {
             anyhow::bail!(
-                "give a subcommand (serve, upload, send, fsck, gc, pin) or --config FILE; see --help"
+                "give a subcommand (serve, upload, send, fsck, gc, pin, credential) or --config FILE; see --help"
             )
         }
         (Some(cli::Command::Serve(args)), None) => serve::run(*args),
@@ -30,6 +31,7 @@ pub fn run(cli: cli::Cli) -> anyhow::Result<()> {
         (Some(cli::Command::Fsck(args)), None) => fsck::run(args),
         (Some(cli::Command::Gc(args)), None) => gc::run(args),
         (Some(cli::Command::Pin(cmd)), None) => gc::pin(cmd),
+        (Some(cli::Command::Credential(cmd)), None) => credential::run(cmd),
     }
 }
 

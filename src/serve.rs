@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use nixcached_actors::formats::{PublicKey, SecretKey, StoreDir};
+use nixcached_actors::http::auth::{Access, Credential, CredentialSpec};
 use nixcached_actors::lookup::CacheSettings;
 use nixcached_actors::serve::{Listen, ServeOptions, UiOptions};
 use nixcached_actors::store::binary_cache::BinaryCache;
@@ -14,6 +15,7 @@ use nixcached_actors::store::layered::LayeredStore;
 use nixcached_actors::store::upstream::{UpstreamOptions, UpstreamStore};
 use nixcached_actors::store::url::StoreUrl;
 use nixcached_actors::store::Store;
+use nixcached_actors::tls::TlsFiles;
 
 use crate::cli::{ServeArgs, UpstreamArgs};
 
@@ -146,6 +148,7 @@ pub fn open_serve_store(url: Option<&str>, up: &UpstreamArgs) -> anyhow::Result<
     options.trusted_keys = trusted_keys;
     options.timeout = up.upstream_timeout;
     options.nar_hosts = up.upstream_nar_hosts.clone();
+    options.netrc_file = up.netrc_file.clone();
     if up.nar_cache_size_mib > 0 {
         options.nar_cache = Some((
             up.nar_cache_dir
@@ -200,6 +203,39 @@ pub fn access_records_path(state_dir: Option<&std::path::Path>, url: &str) -> Pa
         .join(nixcached_actors::access::file_name_for(url))
 }
 
+/// The access rules of a cache: the entries of a `--credentials` file and of the config's
+/// `[[cache.credential]]`; `realm` names the cache in 401 challenges.
+pub fn access(
+    realm: &str,
+    file: Option<&std::path::Path>,
+    specs: &[CredentialSpec],
+) -> anyhow::Result<Access> {
+    let mut credentials = match file {
+        Some(f) => Credential::read_file(f)?,
+        None => Vec::new(),
+    };
+    for (i, spec) in specs.iter().enumerate() {
+        credentials
+            .push(Credential::from_spec(spec).with_context(|| format!("credential {}", i + 1))?);
+    }
+    Ok(Access::new(realm, credentials))
+}
+
+/// `--tls-cert` and `--tls-key` (clap or the config check that both or neither are given).
+pub fn tls_files(
+    cert: Option<&PathBuf>,
+    key: Option<&PathBuf>,
+) -> anyhow::Result<Option<TlsFiles>> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        })),
+        (None, None) => Ok(None),
+        _ => bail!("tls-cert and tls-key go together: give both (PEM certificate chain and its private key) or neither"),
+    }
+}
+
 /// Runs `serve`.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let store = open_serve_store(args.store.as_deref(), &args.upstream)?;
@@ -244,6 +280,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 args.store.as_deref().unwrap_or("default"),
             )
         }),
+        auth: access("nixcached", args.credentials.as_deref(), &[])?,
+        writable: false,
+        tls: tls_files(args.tls_cert.as_ref(), args.tls_key.as_ref())?,
     };
     actix_web::rt::System::new().block_on(nixcached_actors::serve::run(opts))?;
     tracing::info!("stopped");

@@ -25,4 +25,5 @@ pub mod send;
 pub mod serve;
 pub mod shutdown;
 pub mod store;
+pub mod tls;
 pub mod upload;

@@ -16,14 +16,16 @@ use crate::budget::{BudgetSizes, Budgets};
 use crate::catalog::{Catalog, Discovery};
 use crate::fetcher::Fetcher;
 use crate::formats::{PublicKey, SecretKey};
+use crate::http::auth::Access;
 use crate::http::templates::Templates;
 use crate::http::{self, CacheService, Ingress};
 use crate::lookup::{CacheSettings, LookupShared};
 use crate::metrics::Metrics;
 use crate::nar_files::NarFiles;
-use crate::shutdown::StopSignals;
+use crate::shutdown::{Signal, StopSignals};
 use crate::store::guarded::GuardedStore;
 use crate::store::Store;
+use crate::tls::{ReloadableCert, TlsFiles};
 
 /// Where to accept connections.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +84,13 @@ pub struct ServeOptions {
     /// Where to keep the access records (when each path was last served, for `gc --max-age`
     /// and the explorer); `None` keeps none.
     pub access_records: Option<PathBuf>,
+    /// Who may read and write (public and read-only when it has no credential).
+    pub auth: Access,
+    /// Whether the cache accepts writes over HTTP; start-up refuses a writable cache without
+    /// a write credential.
+    pub writable: bool,
+    /// Certificate and key when the cache's own listeners speak TLS (HTTPS and HTTP/2).
+    pub tls: Option<TlsFiles>,
 }
 
 /// Settings of the explorer UI.
@@ -122,6 +131,14 @@ pub const FIRST_ANSWER_WAIT: Duration = Duration::from_secs(5);
 /// to what Nix asks, says why on `/healthz` and in the log, and serves once the store
 /// answers ([`crate::store::guarded`]).
 pub async fn start_service(opts: &ServeOptions) -> io::Result<Arc<CacheService>> {
+    // TODO(push): `writable` is set by `--allow-push`; this is the check it relies on.
+    if opts.writable && !opts.auth.has_writer() {
+        return Err(io::Error::other(format!(
+            "{}: the cache accepts uploads but has no credential with the write right; add one \
+             (`nixcached credential new --rights write`) or do not make it writable",
+            opts.store.describe()
+        )));
+    }
     let metrics = Arc::new(Metrics::default());
     metrics.watch_uploads(&opts.upload_stats);
     // A store in front of upstreams comes guarded already (its front store is the one
@@ -208,6 +225,8 @@ pub async fn start_service(opts: &ServeOptions) -> io::Result<Arc<CacheService>>
         trusted_keys,
         access,
         signing_keys: opts.keys.iter().map(|k| k.public()).collect(),
+        auth: Arc::new(opts.auth.clone()),
+        writable: opts.writable,
     }))
 }
 
@@ -318,6 +337,9 @@ pub struct ServerGroup {
     pub idle_timeout: Duration,
     /// HTTP worker threads (0: one per core).
     pub workers: usize,
+    /// Certificate and key: the group's TCP listeners speak TLS (HTTPS, HTTP/2 by ALPN);
+    /// unix sockets stay plain HTTP.
+    pub tls: Option<TlsFiles>,
 }
 
 /// Serves until a stop signal, then lets in-flight responses finish within the grace period.
@@ -328,14 +350,34 @@ pub async fn run(opts: ServeOptions) -> io::Result<()> {
         grace: opts.grace,
         idle_timeout: opts.idle_timeout,
         workers: opts.workers,
+        tls: opts.tls.clone(),
         caches: vec![(String::new(), opts)],
     };
     run_groups(vec![group]).await
 }
 
+/// Reads every certificate and key again (SIGHUP); one that fails keeps serving its old pair.
+fn reload_certs(certs: &[Arc<ReloadableCert>]) {
+    for c in certs {
+        match c.reload() {
+            Ok(()) => tracing::info!(
+                "SIGHUP: reloaded TLS certificate {}; new connections use it",
+                c.cert_path().display()
+            ),
+            Err(e) => tracing::error!("SIGHUP: {e}; still serving the previous certificate"),
+        }
+    }
+}
+
 /// Runs every group (each its own HTTP server) in this actix system until a stop signal.
 pub async fn run_groups(groups: Vec<ServerGroup>) -> io::Result<()> {
     let mut signals = StopSignals::install()?;
+    // Certificates first: a wrong file is a start-up error before any store is contacted.
+    let certs = groups
+        .iter()
+        .map(|g| g.tls.clone().map(ReloadableCert::open).transpose())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(io::Error::other)?;
     // Every cache at once: start-up then waits for the slowest store, not for their sum.
     let started = futures::future::join_all(groups.iter().map(|group| {
         futures::future::try_join_all(group.caches.iter().map(|(prefix, opts)| async move {
@@ -346,8 +388,13 @@ pub async fn run_groups(groups: Vec<ServerGroup>) -> io::Result<()> {
     .await;
     let mut servers = Vec::new();
     let mut all_services = Vec::new();
-    for (group, services) in groups.into_iter().zip(started) {
+    for ((group, services), cert) in groups.into_iter().zip(started).zip(certs.iter()) {
         let services: Vec<(String, Arc<CacheService>)> = services?;
+        let tls = cert
+            .as_ref()
+            .map(|c| c.server_config())
+            .transpose()
+            .map_err(io::Error::other)?;
         all_services.extend(services.iter().map(|(_, s)| s.clone()));
         let listeners = bind(&group.listen)?;
         let svcs = services.clone();
@@ -381,10 +428,14 @@ pub async fn run_groups(groups: Vec<ServerGroup>) -> io::Result<()> {
         if group.workers > 0 {
             server = server.workers(group.workers);
         }
-        for (l, url) in listeners {
-            server = match l {
-                Either::Tcp(t) => server.listen(t)?,
-                Either::Unix(u) => server.listen_uds(u)?,
+        for (l, mut url) in listeners {
+            server = match (l, &tls) {
+                (Either::Tcp(t), Some(config)) => {
+                    url = url.replacen("http://", "https://", 1);
+                    server.listen_rustls_0_23(t, config.clone())?
+                }
+                (Either::Tcp(t), None) => server.listen(t)?,
+                (Either::Unix(u), _) => server.listen_uds(u)?,
             };
             for (prefix, svc) in &services {
                 tracing::info!(
@@ -397,8 +448,16 @@ pub async fn run_groups(groups: Vec<ServerGroup>) -> io::Result<()> {
         servers.push(server.run());
     }
     let handles: Vec<_> = servers.iter().map(|s| s.handle()).collect();
+    let certs: Vec<Arc<ReloadableCert>> = certs.into_iter().flatten().collect();
     actix_web::rt::spawn(async move {
-        let sig = signals.recv().await;
+        let sig = loop {
+            let sig = signals.recv().await;
+            // With TLS, SIGHUP is the usual "certificate renewed" signal: reload, keep serving.
+            if sig != Signal::Hup || certs.is_empty() {
+                break sig;
+            }
+            reload_certs(&certs);
+        };
         tracing::info!("{sig}: shutting down (finishing in-flight responses)");
         futures::future::join_all(handles.iter().map(|h| h.stop(true))).await;
     });

@@ -1,8 +1,8 @@
 //! The signals that stop `serve` and `upload`: SIGTERM, SIGINT and SIGHUP.
 //!
 //! Each program decides what a signal means (`serve` stops on any of them after its grace
-//! period; `upload` drains on SIGHUP and stops promptly on the others), so this only says
-//! which one arrived.
+//! period, except SIGHUP when it serves TLS: that reloads the certificate and key; `upload`
+//! drains on SIGHUP and stops promptly on the others), so this only says which one arrived.
 
 use std::fmt;
 use std::io;
@@ -16,7 +16,8 @@ pub enum Signal {
     Term,
     /// SIGINT: Ctrl-C.
     Int,
-    /// SIGHUP: `upload` reads it as "finish what was accepted, then exit".
+    /// SIGHUP: `upload` reads it as "finish what was accepted, then exit"; `serve` with TLS
+    /// as "reload the certificate and key".
     Hup,
 }
 

@@ -370,13 +370,25 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `nixcached ARGS… --listen 127.0.0.1:0` and waits until it listens.
+    /// Starts `nixcached ARGS… --listen 127.0.0.1:0` and waits until it listens; `url` is
+    /// `https://…` when it serves TLS.
     pub fn start(env: &NixEnv, args: &[&str]) -> Daemon {
+        let mut cmd = env.cmd(env!("CARGO_BIN_EXE_nixcached"));
+        cmd.args(args).args(["--listen", "127.0.0.1:0"]);
+        Daemon::spawn(cmd)
+    }
+
+    /// Starts `nixcached --config FILE` and waits until it listens; `url` is the first
+    /// listener it logs.
+    pub fn start_config(env: &NixEnv, config: &Path) -> Daemon {
+        let mut cmd = env.cmd(env!("CARGO_BIN_EXE_nixcached"));
+        cmd.arg("--config").arg(config);
+        Daemon::spawn(cmd)
+    }
+
+    fn spawn(mut cmd: Command) -> Daemon {
         use std::io::BufRead;
-        let mut child = env
-            .cmd(env!("CARGO_BIN_EXE_nixcached"))
-            .args(args)
-            .args(["--listen", "127.0.0.1:0"])
+        let mut child = cmd
             .env("RUST_LOG", "info")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
@@ -389,7 +401,8 @@ impl Daemon {
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if let Some(i) = line.find("Listening on http://") {
+                // `http://`, or `https://` when serving TLS.
+                if let Some(i) = line.find("Listening on http") {
                     let rest = &line[i + "Listening on ".len()..];
                     let url = rest.split('/').take(3).collect::<Vec<_>>().join("/");
                     let _ = tx.send(url);

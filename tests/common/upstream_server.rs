@@ -184,7 +184,15 @@ pub fn digest(path: &str) -> &str {
 
 /// The `URL:` of the narinfo nixcached serves for `path`.
 pub fn nar_url(daemon: &Daemon, path: &str) -> String {
-    let (code, body) = curl(&[&format!("{}/{}.narinfo", daemon.url, digest(path))]);
+    nar_url_with(daemon, path, &[])
+}
+
+/// [`nar_url`] with more curl arguments (a credential, a CA).
+pub fn nar_url_with(daemon: &Daemon, path: &str, curl_args: &[&str]) -> String {
+    let target = format!("{}/{}.narinfo", daemon.url, digest(path));
+    let mut args = curl_args.to_vec();
+    args.push(&target);
+    let (code, body) = curl(&args);
     assert_eq!(code, 200, "narinfo of {path}");
     String::from_utf8(body)
         .unwrap()

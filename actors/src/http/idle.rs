@@ -38,6 +38,11 @@ pub fn on_connect(idle: Duration) -> impl Fn(&dyn Any, &mut Extensions) + Send +
             t.as_raw_fd()
         } else if let Some(u) = conn.downcast_ref::<actix_web::rt::net::UnixStream>() {
             u.as_raw_fd()
+        } else if let Some(t) = conn.downcast_ref::<actix_tls::accept::rustls_0_23::TlsStream<
+            actix_web::rt::net::TcpStream,
+        >>() {
+            // Shutting the TCP socket under TLS down wakes the connection just the same.
+            t.get_ref().0.as_raw_fd()
         } else {
             return;
         };

@@ -8,6 +8,7 @@
 //! lacks, and any store failure or timeout, is a 404 (logged on our side); malformed requests
 //! are 400; wrong methods are 405 with `Allow`. Response bodies never carry internal detail.
 
+pub mod auth;
 pub mod error;
 pub mod explorer;
 pub mod idle;
@@ -73,6 +74,11 @@ pub struct CacheService {
     pub access: Option<Arc<crate::access::AccessLog>>,
     /// The public halves of the keys this server signs with, for the landing page.
     pub signing_keys: Vec<PublicKey>,
+    /// Who may read and write ([`auth`]); checked before any route is handled.
+    pub auth: Arc<auth::Access>,
+    /// Whether this cache accepts writes over HTTP (the push handler's `--allow-push`); a
+    /// writable cache must have a write credential, which `serve` checks at start.
+    pub writable: bool,
 }
 
 impl CacheService {
@@ -311,6 +317,11 @@ async fn dispatch(req: HttpRequest, ing: web::Data<Ingress>) -> HttpResponse {
     let rel = rest.strip_prefix('/').unwrap_or(rest).to_owned();
     let route = Route::of(&rel);
     let name = route.name();
+    // Before anything looks at the request: only `/healthz` (no content) is open.
+    if let Err(refused) = svc.auth.check(&req, route == Route::Health) {
+        svc.metrics.request(name, refused.status().as_u16());
+        return *refused;
+    }
     let resp = match *req.method() {
         Method::GET | Method::HEAD => handle(&req, &ing, route, &rel, &root).await,
         Method::OPTIONS => HttpResponse::Ok()

@@ -158,16 +158,10 @@ mod tests {
 
     const NARINFO: &str = "StorePath: /nix/store/5r1dlyl2wyar1nn50ry8xi6apps79m0j-dir1\nURL: nar/x.nar\nCompression: none\nNarHash: sha256:1vn8cv29b1lzdb1pfpx4klpf2xja1iq8jbrvfk82f2ms1gc0gz4y\nNarSize: 1240\nReferences: \n";
 
-    #[actix::test]
-    async fn links_stay_below_the_scope_prefix() {
-        let cache = BinaryCache::new(Arc::new(MemoryBlobs::new()));
-        cache.ensure_cache_info(&StoreDir::default()).await.unwrap();
-        cache
-            .put_narinfo(&NarInfo::parse(NARINFO).unwrap())
-            .await
-            .unwrap();
-        let opts = ServeOptions {
-            store: Arc::new(cache),
+    /// Options for serving `store` in these tests: defaults, public, one worker.
+    fn options(store: Arc<dyn Store>) -> ServeOptions {
+        ServeOptions {
+            store,
             listen: Vec::new(),
             keys: Vec::new(),
             priority: None,
@@ -181,7 +175,59 @@ mod tests {
             budgets: Default::default(),
             upload_stats: Vec::new(),
             access_records: None,
+            auth: Default::default(),
+            writable: false,
+            tls: None,
+        }
+    }
+
+    /// The hook the push handler relies on: a writable cache without a write credential does
+    /// not start; with one it does.
+    #[actix::test]
+    async fn writable_cache_needs_a_write_credential() {
+        use crate::http::auth::{hash_secret, Access, Credential, CredentialSpec};
+        let store: Arc<dyn Store> = Arc::new(BinaryCache::new(Arc::new(MemoryBlobs::new())));
+        let refused = ServeOptions {
+            writable: true,
+            ..options(store.clone())
         };
+        let e = start_service(&refused).await.err().expect("refused");
+        assert!(
+            e.to_string().contains("no credential with the write right"),
+            "{e}"
+        );
+        let reader = CredentialSpec {
+            token_hash: Some(hash_secret("r")),
+            rights: vec!["read".into()],
+            ..Default::default()
+        };
+        let reader_only = ServeOptions {
+            writable: true,
+            auth: Access::new("t", vec![Credential::from_spec(&reader).unwrap()]),
+            ..options(store.clone())
+        };
+        assert!(start_service(&reader_only).await.is_err());
+        let writer = CredentialSpec {
+            rights: vec!["write".into()],
+            ..reader
+        };
+        let ok = ServeOptions {
+            writable: true,
+            auth: Access::new("t", vec![Credential::from_spec(&writer).unwrap()]),
+            ..options(store)
+        };
+        assert!(start_service(&ok).await.unwrap().writable);
+    }
+
+    #[actix::test]
+    async fn links_stay_below_the_scope_prefix() {
+        let cache = BinaryCache::new(Arc::new(MemoryBlobs::new()));
+        cache.ensure_cache_info(&StoreDir::default()).await.unwrap();
+        cache
+            .put_narinfo(&NarInfo::parse(NARINFO).unwrap())
+            .await
+            .unwrap();
+        let opts = options(Arc::new(cache));
         let svc = start_service(&opts).await.unwrap();
         let app = actix_web::test::init_service(
             actix_web::App::new().service(crate::http::scope("/team", Ingress::start(svc))),

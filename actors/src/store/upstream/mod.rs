@@ -19,6 +19,7 @@ mod confine;
 pub mod disk_cache;
 pub mod health;
 mod narinfo;
+pub mod netrc;
 mod request;
 
 use std::path::PathBuf;
@@ -62,6 +63,9 @@ pub struct UpstreamOptions {
     /// from: where an upstream's narinfos point with absolute URLs, or its redirects lead
     /// (a CDN in front of a bucket). Nothing else is ever contacted.
     pub nar_hosts: Vec<String>,
+    /// A netrc file whose `machine` entries give upstreams Basic credentials; they go only
+    /// to the upstream's own scheme, host and port, never to a NAR host or redirect target.
+    pub netrc_file: Option<PathBuf>,
 }
 
 impl UpstreamOptions {
@@ -76,6 +80,7 @@ impl UpstreamOptions {
             skip_for: Duration::from_secs(30),
             nar_cache: None,
             nar_hosts: Vec::new(),
+            netrc_file: None,
         }
     }
 }
@@ -95,6 +100,8 @@ struct NarSource {
 struct Upstream {
     base: Url,
     health: Health,
+    /// Basic credentials for requests to `base`'s origin (from the netrc file).
+    login: Option<netrc::Login>,
 }
 
 struct Inner {
@@ -156,9 +163,28 @@ impl UpstreamStore {
             .read_timeout(options.timeout.max(Duration::from_secs(30)))
             .build()
             .map_err(|e| StoreError::backend("setting up the HTTP client for upstreams", e))?;
+        let netrc = match &options.netrc_file {
+            Some(path) => Some(netrc::Netrc::read(path)?),
+            None => None,
+        };
+        if let (Some(n), Some(path)) = (&netrc, &options.netrc_file) {
+            for base in &upstream_bases {
+                if n.login_for(base.host_str().unwrap_or("")).is_none() {
+                    tracing::warn!(
+                        "netrc file {} has no `machine {}` entry: upstream {base} gets no credentials",
+                        path.display(),
+                        base.host_str().unwrap_or("")
+                    );
+                }
+            }
+        }
         let upstreams = upstream_bases
             .into_iter()
             .map(|base| Upstream {
+                login: netrc
+                    .as_ref()
+                    .and_then(|n| n.login_for(base.host_str().unwrap_or("")))
+                    .cloned(),
                 health: Health::new(
                     base.to_string(),
                     options.failures_before_skip,

@@ -117,6 +117,13 @@ impl Inner {
         } else {
             self.http.get(url.clone())
         };
+        // Credentials only to the upstream's own origin: a NAR named by an absolute URL on
+        // another host gets none, and reqwest drops them on a redirect to another origin.
+        if let Some(login) = &up.login {
+            if url.origin() == up.base.origin() {
+                req = req.basic_auth(&login.user, Some(&login.password));
+            }
+        }
         if let Some((s, e)) = range {
             req = req.header(RANGE, format!("bytes={s}-{}", e - 1));
         }
