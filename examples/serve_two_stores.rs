@@ -134,6 +134,7 @@ fn options(store: Arc<dyn Store>) -> ServeOptions {
         budgets: Default::default(),
         upload_stats: Vec::new(),
         access_records: None,
+        push: None,
     }
 }
 

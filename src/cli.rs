@@ -349,6 +349,19 @@ pub struct ServeArgs {
     /// Keep no access records.
     #[arg(long)]
     pub no_access_records: bool,
+    /// Take pushes: `nix copy --to http://HOST:PORT` PUTs NARs and narinfos, which are
+    /// stored once their hashes and references check out. The store must be writable
+    /// (file://, s3://, gs://, ssh://), not the local Nix store.
+    #[arg(long)]
+    pub allow_push: bool,
+    /// With --allow-push, store only narinfos signed by this key (NAME:BASE64, as in Nix's
+    /// trusted-public-keys; repeatable); others get 403.
+    #[arg(
+        long = "push-trusted-key",
+        value_name = "NAME:KEY",
+        requires = "allow_push"
+    )]
+    pub push_trusted_keys: Vec<String>,
     #[command(flatten)]
     pub upstream: UpstreamArgs,
     /// Store to serve: /nix/store, local?root=DIR, file:///DIR, s3://BUCKET, gs://BUCKET,

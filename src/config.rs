@@ -19,6 +19,8 @@
 //! [[cache]]                      # served at http://127.0.0.1:38380/team/
 //! store = "file:///srv/team-cache"
 //! prefix = "/team"
+//! allow-push = true              # nix copy --to http://127.0.0.1:38380/team pushes into it
+//! push-trusted-keys = ["team-1:base64…"]   # pushed narinfos must be signed by one (optional)
 //!
 //! [[cache]]                      # its own listener
 //! store = "s3://bucket?region=eu-west-1"
@@ -143,6 +145,10 @@ pub struct CacheSection {
     pub nar_slots: usize,
     /// Explorer whole-NAR passes at once (`--explorer-slots`).
     pub explorer_slots: usize,
+    /// Take pushes (`nix copy --to http://…`) into the store (`--allow-push`).
+    pub allow_push: bool,
+    /// With `allow-push`, keys one of which must sign a pushed narinfo (`--push-trusted-key`).
+    pub push_trusted_keys: Vec<String>,
 }
 
 impl Default for CacheSection {
@@ -170,6 +176,8 @@ impl Default for CacheSection {
             metadata_slots: defaults::METADATA_SLOTS,
             nar_slots: defaults::NAR_SLOTS,
             explorer_slots: defaults::EXPLORER_SLOTS,
+            allow_push: false,
+            push_trusted_keys: Vec::new(),
         }
     }
 }
@@ -259,6 +267,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let mut shared = Vec::new();
     let mut own = Vec::new();
     for c in &cfg.caches {
+        let push = crate::serve::push_options(c.allow_push, &c.push_trusted_keys, Some(&c.store))
+            .with_context(|| format!("[[cache]] {}", c.store))?;
         let opts = ServeOptions {
             store: crate::serve::open_serve_store(Some(&c.store), &c.upstream_args())?,
             listen: c.listen.iter().map(|l| Listen::parse(l)).collect(),
@@ -287,6 +297,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             access_records: cfg.server.access_records.then(|| {
                 crate::serve::access_records_path(cfg.server.state_dir.as_deref(), &c.store)
             }),
+            push,
         };
         if c.listen.is_empty() {
             shared.push((c.prefix.clone(), opts));

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use nixcached_actors::formats::{PublicKey, SecretKey, StoreDir};
+use nixcached_actors::http::push::PushOptions;
 use nixcached_actors::lookup::CacheSettings;
 use nixcached_actors::serve::{Listen, ServeOptions, UiOptions};
 use nixcached_actors::store::binary_cache::BinaryCache;
@@ -200,8 +201,51 @@ pub fn access_records_path(state_dir: Option<&std::path::Path>, url: &str) -> Pa
         .join(nixcached_actors::access::file_name_for(url))
 }
 
+/// The push settings from `--allow-push` and `--push-trusted-key` (or the config keys
+/// `allow-push` and `push-trusted-keys`), for the store `url` (`None`: the default store).
+/// Refuses a store that cannot be written: the local Nix store, or upstreams alone.
+pub fn push_options(
+    allow: bool,
+    trusted: &[String],
+    url: Option<&str>,
+) -> anyhow::Result<Option<PushOptions>> {
+    if !allow {
+        if !trusted.is_empty() {
+            bail!("push-trusted-keys are given but pushing is not allowed; add --allow-push (allow-push = true) or drop them");
+        }
+        return Ok(None);
+    }
+    let unwritable = match url.map(StoreUrl::parse).transpose() {
+        Ok(Some(StoreUrl::Local(_))) => Some("the local Nix store"),
+        Ok(Some(StoreUrl::Http(_))) => Some("an http(s):// cache"),
+        Ok(None) if std::path::Path::new("/nix/var/nix/db/db.sqlite").is_file() => {
+            Some("the local Nix store (served by default)")
+        }
+        _ => None,
+    };
+    if let Some(what) = unwritable {
+        bail!(
+            "--allow-push: {what} cannot take pushes over HTTP; serve a file://, s3://, gs:// or ssh:// store to push into (nix copy --to it directly for a local store)"
+        );
+    }
+    let trusted_keys = trusted
+        .iter()
+        .map(|k| {
+            PublicKey::parse(k.trim()).with_context(|| {
+                format!("push trusted key {k:?}: give it as NAME:BASE64, as in nix.conf's trusted-public-keys")
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Some(PushOptions { trusted_keys }))
+}
+
 /// Runs `serve`.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let push = push_options(
+        args.allow_push,
+        &args.push_trusted_keys,
+        args.store.as_deref(),
+    )?;
     let store = open_serve_store(args.store.as_deref(), &args.upstream)?;
     let mut listen: Vec<Listen> = args.listen.iter().map(|l| Listen::parse(l)).collect();
     if args.systemd {
@@ -244,6 +288,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 args.store.as_deref().unwrap_or("default"),
             )
         }),
+        push,
     };
     actix_web::rt::System::new().block_on(nixcached_actors::serve::run(opts))?;
     tracing::info!("stopped");

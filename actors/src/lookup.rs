@@ -143,6 +143,13 @@ impl LookupShared {
         self.negative.invalidate_all();
     }
 
+    /// Forgets what the caches hold of `digest`, found or missing: after a push stored its
+    /// narinfo, the next request must see it.
+    pub async fn forget(&self, digest: &Digest) {
+        self.positive.invalidate(digest).await;
+        self.negative.invalidate(digest).await;
+    }
+
     /// Gauges for `/metrics`: entries of both caches (moka's counts, which trail the last
     /// few inserts until its housekeeping runs).
     pub fn render_metrics(&self) -> String {

@@ -82,6 +82,9 @@ pub struct ServeOptions {
     /// Where to keep the access records (when each path was last served, for `gc --max-age`
     /// and the explorer); `None` keeps none.
     pub access_records: Option<PathBuf>,
+    /// Take pushes (`PUT`, as `nix copy --to http://…` sends them) into the store; `None`
+    /// keeps the cache read-only over HTTP.
+    pub push: Option<crate::http::push::PushOptions>,
 }
 
 /// Settings of the explorer UI.
@@ -208,6 +211,10 @@ pub async fn start_service(opts: &ServeOptions) -> io::Result<Arc<CacheService>>
         trusted_keys,
         access,
         signing_keys: opts.keys.iter().map(|k| k.public()).collect(),
+        push: opts
+            .push
+            .as_ref()
+            .map(|p| Arc::new(crate::http::push::Pusher::new(p, opts.keys.clone()))),
     }))
 }
 

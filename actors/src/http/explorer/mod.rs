@@ -181,6 +181,7 @@ mod tests {
             budgets: Default::default(),
             upload_stats: Vec::new(),
             access_records: None,
+            push: None,
         };
         let svc = start_service(&opts).await.unwrap();
         let app = actix_web::test::init_service(
