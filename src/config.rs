@@ -387,6 +387,38 @@ mod tests {
     }
 
     #[test]
+    fn push_keys_become_push_options_and_unwritable_stores_are_refused() {
+        let key = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
+        let cfg = Config::parse(
+            &format!(
+                "[[cache]]\nstore = \"file:///srv/c\"\nallow-push = true\npush-trusted-keys = [\"{key}\"]\n"
+            ),
+            "t",
+        )
+        .unwrap();
+        let c = &cfg.caches[0];
+        let push = crate::serve::push_options(c.allow_push, &c.push_trusted_keys, Some(&c.store))
+            .unwrap()
+            .expect("pushes allowed");
+        assert_eq!(push.trusted_keys[0].name(), "cache.nixos.org-1");
+        // Read-only unless asked; trusted keys alone are a mistake worth saying.
+        assert!(
+            crate::serve::push_options(false, &[], Some("file:///srv/c"))
+                .unwrap()
+                .is_none()
+        );
+        let e =
+            crate::serve::push_options(false, &[key.into()], Some("file:///srv/c")).unwrap_err();
+        assert!(e.to_string().contains("--allow-push"), "{e}");
+        for store in ["/nix/store", "https://cache.nixos.org"] {
+            let e = crate::serve::push_options(true, &[], Some(store)).unwrap_err();
+            assert!(e.to_string().contains("cannot take pushes"), "{store}: {e}");
+        }
+        let e = crate::serve::push_options(true, &["nonsense".into()], Some("s3://b")).unwrap_err();
+        assert!(format!("{e:#}").contains("NAME:BASE64"), "{e:#}");
+    }
+
+    #[test]
     fn explorer_keys_become_ui_options() {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(d.path().join("ui/templates")).unwrap();

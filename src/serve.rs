@@ -30,6 +30,19 @@ pub fn read_keys(files: &[PathBuf]) -> anyhow::Result<Vec<SecretKey>> {
         .collect()
 }
 
+/// Parses public keys given as `NAME:BASE64`; `what` names them in errors.
+fn public_keys(keys: &[String], what: &str) -> anyhow::Result<Vec<PublicKey>> {
+    keys.iter()
+        .map(|k| {
+            PublicKey::parse(k.trim()).with_context(|| {
+                format!(
+                    "{what} {k:?}: give it as NAME:BASE64, as in nix.conf's trusted-public-keys"
+                )
+            })
+        })
+        .collect()
+}
+
 /// The explorer settings from `--client`, `--trusted-public-key`, `--max-list-frequency` and
 /// `--index-max-objects` (or their config-file keys).
 pub fn ui_options(
@@ -38,14 +51,7 @@ pub fn ui_options(
     max_list_frequency: std::time::Duration,
     index_max_objects: usize,
 ) -> anyhow::Result<UiOptions> {
-    let trusted_keys = trusted
-        .iter()
-        .map(|k| {
-            PublicKey::parse(k.trim()).with_context(|| {
-                format!("trusted public key {k:?}: give it as NAME:BASE64, as in nix.conf's trusted-public-keys")
-            })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let trusted_keys = public_keys(trusted, "trusted public key")?;
     if let Some(dir) = &client {
         if !dir.join("templates").is_dir() {
             bail!(
@@ -228,15 +234,9 @@ pub fn push_options(
             "--allow-push: {what} cannot take pushes over HTTP; serve a file://, s3://, gs:// or ssh:// store to push into (nix copy --to it directly for a local store)"
         );
     }
-    let trusted_keys = trusted
-        .iter()
-        .map(|k| {
-            PublicKey::parse(k.trim()).with_context(|| {
-                format!("push trusted key {k:?}: give it as NAME:BASE64, as in nix.conf's trusted-public-keys")
-            })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(Some(PushOptions { trusted_keys }))
+    Ok(Some(PushOptions {
+        trusted_keys: public_keys(trusted, "push trusted key")?,
+    }))
 }
 
 /// Runs `serve`.

@@ -6,7 +6,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::peers::{gcs_bucket, s3_bucket, ssh_url};
 use common::{curl, nix32_sha256, Closure, Daemon, NixEnv};
@@ -55,6 +55,13 @@ fn push_then_substitute(store: &str, copy_options: &str) -> (NixEnv, Closure, Da
         assert!(text.contains("Sig: push-1:"), "{text}");
     }
     assert!(d.logged(&format!("pushed {}", closure.app)));
+    // The signature is in the store, not added when served: a server without the key
+    // serves it too.
+    let plain = Daemon::start(&env, &["serve", store]);
+    let (code, body) = curl(&[&format!("{}/{}.narinfo", plain.url, digest(&closure.app))]);
+    assert_eq!(code, 200);
+    let text = String::from_utf8(body).unwrap();
+    assert!(text.contains("Sig: push-1:"), "{text}");
     (env, closure, d)
 }
 
@@ -103,26 +110,97 @@ fn nix_copy_pushes_into_a_remote_nix_store_over_ssh() {
     }
 }
 
+/// A cache folder served with pushes allowed, and a closure built to push into it.
+struct Bed {
+    env: NixEnv,
+    closure: Closure,
+    /// The cache folder.
+    cache: PathBuf,
+    d: Daemon,
+}
+
+impl Bed {
+    /// Serves the folder `cache` (relative to the environment) with `serve --allow-push`,
+    /// signing with a key of its own, plus the flags `extra` makes (given the environment).
+    fn new(cache: &str, extra: impl FnOnce(&NixEnv) -> Vec<String>) -> Bed {
+        let env = NixEnv::new();
+        let closure = env.build_closure();
+        let (sk, _) = env.keypair("push-1");
+        let extra = extra(&env);
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let cache = env.path(cache);
+        let d = serve_pushable(&env, &file_url(&cache), &sk, &extra);
+        Bed {
+            env,
+            closure,
+            cache,
+            d,
+        }
+    }
+
+    /// `curl -X PUT` of `body` to `path` below the server (sent as is, `..` included);
+    /// returns the status and the response text.
+    fn put(&self, path: &str, body: &[u8]) -> (u16, String) {
+        let file = self.env.path("body");
+        std::fs::write(&file, body).unwrap();
+        let (code, text) = curl(&[
+            "--path-as-is",
+            "-X",
+            "PUT",
+            "-H",
+            "Expect: 100-continue",
+            "--data-binary",
+            &format!("@{}", file.display()),
+            &format!("{}/{path}", self.d.url),
+        ]);
+        (code, String::from_utf8_lossy(&text).into_owned())
+    }
+
+    /// Pushes a path's NAR and then its narinfo, each expected to be taken.
+    fn push(&self, p: &Pushed) {
+        let (code, text) = self.put(&p.nar_url, &p.nar);
+        assert_eq!(code, 200, "{text}");
+        let (code, text) = self.put(&p.narinfo_key, p.narinfo.as_bytes());
+        assert_eq!(code, 200, "{text}");
+    }
+
+    /// The status of a GET of `path` below the server.
+    fn get(&self, path: &str) -> u16 {
+        curl(&[&format!("{}/{path}", self.d.url)]).0
+    }
+
+    /// Whether the cache folder holds `key`.
+    fn holds(&self, key: &str) -> bool {
+        self.cache.join(key).exists()
+    }
+
+    /// Every file of the cache folder under `nar/`.
+    fn nar_files(&self) -> Vec<String> {
+        files(&self.cache)
+            .into_iter()
+            .filter(|f| f.starts_with("nar/"))
+            .collect()
+    }
+}
+
 #[test]
 fn a_remembered_miss_is_forgotten_when_the_narinfo_is_pushed() {
-    let env = NixEnv::new();
-    let closure = env.build_closure();
-    let (sk, _) = env.keypair("push-1");
-    let cache = env.path("cache");
-    let d = serve_pushable(&env, &file_url(&cache), &sk, &[]);
-    let url = format!("{}/{}.narinfo", d.url, digest(&closure.app));
-    assert_eq!(curl(&[&url]).0, 404);
+    let b = Bed::new("cache", |_| Vec::new());
+    let key = format!("{}.narinfo", digest(&b.closure.app));
+    assert_eq!(b.get(&key), 404);
     // Remembered as a miss for an hour (--negative-ttl 1h) unless the push says otherwise.
-    assert_eq!(curl(&[&url]).0, 404);
-    env.copy_to(&d.url, &[&closure.app]);
-    assert_eq!(curl(&[&url]).0, 200);
-    assert_eq!(curl(&["-I", &url]).0, 200);
+    assert_eq!(b.get(&key), 404);
+    b.env.copy_to(&b.d.url, &[&b.closure.app]);
+    assert_eq!(b.get(&key), 200);
+    assert_eq!(curl(&["-I", &format!("{}/{key}", b.d.url)]).0, 200);
 }
 
 /// A store path's NAR and the narinfo text Nix would push for it uncompressed.
 struct Pushed {
     nar: Vec<u8>,
     nar_url: String,
+    /// `<digest>.narinfo`.
+    narinfo_key: String,
     narinfo: String,
 }
 
@@ -139,6 +217,7 @@ fn uncompressed(env: &NixEnv, path: &str, refs: &[&str]) -> Pushed {
     Pushed {
         nar,
         nar_url,
+        narinfo_key: format!("{}.narinfo", digest(path)),
         narinfo,
     }
 }
@@ -154,23 +233,6 @@ fn xz(data: &[u8], scratch: &Path) -> Vec<u8> {
         .unwrap();
     assert!(out.status.success());
     out.stdout
-}
-
-/// `curl -X PUT` of `body` to `url`; returns the status and the response text.
-fn put(url: &str, body: &[u8], scratch: &Path) -> (u16, String) {
-    let file = scratch.join("body");
-    std::fs::write(&file, body).unwrap();
-    let (code, text) = curl(&[
-        "--path-as-is",
-        "-X",
-        "PUT",
-        "-H",
-        "Expect: 100-continue",
-        "--data-binary",
-        &format!("@{}", file.display()),
-        url,
-    ]);
-    (code, String::from_utf8_lossy(&text).into_owned())
 }
 
 /// Every file below `dir`, relative.
@@ -196,144 +258,80 @@ fn files(dir: &Path) -> Vec<String> {
 
 #[test]
 fn a_nar_that_does_not_match_its_narinfo_is_refused_and_nothing_is_stored() {
-    let env = NixEnv::new();
-    let closure = env.build_closure();
-    let (sk, _) = env.keypair("push-1");
-    let cache = env.path("cache");
-    let d = serve_pushable(&env, &file_url(&cache), &sk, &[]);
-    let dep = uncompressed(&env, &closure.dep, &[]);
+    let b = Bed::new("cache", |_| Vec::new());
+    let dep = uncompressed(&b.env, &b.closure.dep, &[]);
     // A NAR named other than by its hash is refused as it ends: no file appears.
     let wrong_name = format!("nar/{}.nar", &nix32_sha256(b"x")["sha256:".len()..]);
-    let (code, text) = put(&format!("{}/{wrong_name}", d.url), &dep.nar, env.dir.path());
+    let (code, text) = b.put(&wrong_name, &dep.nar);
     assert_eq!(code, 422, "{text}");
     assert!(text.contains("name it nar/"), "{text}");
-    assert!(
-        !files(&cache).iter().any(|f| f.starts_with("nar/")),
-        "{:?}",
-        files(&cache)
-    );
+    assert!(b.nar_files().is_empty(), "{:?}", b.nar_files());
 
     // The NAR is fine, but the narinfo claims other contents.
-    let (code, text) = put(
-        &format!("{}/{}", d.url, dep.nar_url),
-        &dep.nar,
-        env.dir.path(),
-    );
+    let (code, text) = b.put(&dep.nar_url, &dep.nar);
     assert_eq!(code, 200, "{text}");
     let other = nix32_sha256(b"something else");
     // Uncompressed, FileHash and NarHash are one: both lie alike.
     let lying = dep.narinfo.replace(&nix32_sha256(&dep.nar), &other);
-    let (code, text) = put(
-        &format!("{}/{}.narinfo", d.url, digest(&closure.dep)),
-        lying.as_bytes(),
-        env.dir.path(),
-    );
+    let (code, text) = b.put(&dep.narinfo_key, lying.as_bytes());
     assert_eq!(code, 422, "{text}");
     assert!(text.contains("FileHash"), "{text}");
     // Compressed: the file is what the narinfo says, the NAR inside is not.
-    let xz = xz(&dep.nar, env.dir.path());
+    let xz = xz(&dep.nar, b.env.dir.path());
     let file_hash = nix32_sha256(&xz);
     let xz_url = format!("nar/{}.nar.xz", &file_hash["sha256:".len()..]);
-    assert_eq!(
-        put(&format!("{}/{xz_url}", d.url), &xz, env.dir.path()).0,
-        200
-    );
+    assert_eq!(b.put(&xz_url, &xz).0, 200);
     let lying = format!(
         "StorePath: {}\nURL: {xz_url}\nCompression: xz\nFileHash: {file_hash}\nFileSize: {}\nNarHash: {other}\nNarSize: {}\nReferences: \n",
-        closure.dep,
+        b.closure.dep,
         xz.len(),
         dep.nar.len()
     );
-    let (code, text) = put(
-        &format!("{}/{}.narinfo", d.url, digest(&closure.dep)),
-        lying.as_bytes(),
-        env.dir.path(),
-    );
+    let (code, text) = b.put(&dep.narinfo_key, lying.as_bytes());
     assert_eq!(code, 422, "{text}");
     assert!(text.contains("NarHash"), "{text}");
     let bigger = dep.narinfo.replace(
         &format!("Size: {}", dep.nar.len()),
         &format!("Size: {}", dep.nar.len() + 1),
     );
-    let (code, text) = put(
-        &format!("{}/{}.narinfo", d.url, digest(&closure.dep)),
-        bigger.as_bytes(),
-        env.dir.path(),
-    );
+    let (code, text) = b.put(&dep.narinfo_key, bigger.as_bytes());
     assert_eq!(code, 422, "{text}");
     assert!(text.contains("Size"), "{text}");
-    assert!(!cache
-        .join(format!("{}.narinfo", digest(&closure.dep)))
-        .exists());
-    assert_eq!(
-        curl(&[&format!("{}/{}.narinfo", d.url, digest(&closure.dep))]).0,
-        404
-    );
+    assert!(!b.holds(&dep.narinfo_key));
+    assert_eq!(b.get(&dep.narinfo_key), 404);
 
     // A narinfo before its NAR: 409, and it says what to do.
-    let lib = uncompressed(&env, &closure.lib, &[&closure.dep]);
-    let (code, text) = put(
-        &format!("{}/{}.narinfo", d.url, digest(&closure.lib)),
-        lib.narinfo.as_bytes(),
-        env.dir.path(),
-    );
+    let lib = uncompressed(&b.env, &b.closure.lib, &[&b.closure.dep]);
+    let (code, text) = b.put(&lib.narinfo_key, lib.narinfo.as_bytes());
     assert_eq!(code, 409, "{text}");
     assert!(text.contains("push the NAR first"), "{text}");
 }
 
 #[test]
 fn a_narinfo_whose_reference_is_absent_is_refused() {
-    let env = NixEnv::new();
-    let closure = env.build_closure();
-    let (sk, _) = env.keypair("push-1");
-    let cache = env.path("cache");
-    let d = serve_pushable(&env, &file_url(&cache), &sk, &[]);
-    let lib = uncompressed(&env, &closure.lib, &[&closure.dep]);
-    let (code, text) = put(
-        &format!("{}/{}", d.url, lib.nar_url),
-        &lib.nar,
-        env.dir.path(),
-    );
+    let b = Bed::new("cache", |_| Vec::new());
+    let lib = uncompressed(&b.env, &b.closure.lib, &[&b.closure.dep]);
+    let (code, text) = b.put(&lib.nar_url, &lib.nar);
     assert_eq!(code, 200, "{text}");
-    let narinfo_url = format!("{}/{}.narinfo", d.url, digest(&closure.lib));
-    let (code, text) = put(&narinfo_url, lib.narinfo.as_bytes(), env.dir.path());
+    let (code, text) = b.put(&lib.narinfo_key, lib.narinfo.as_bytes());
     assert_eq!(code, 409, "{text}");
-    assert!(text.contains(&closure.dep[11..]), "{text}");
+    assert!(text.contains(&b.closure.dep[11..]), "{text}");
     assert!(text.contains("push references first"), "{text}");
-    assert!(!cache
-        .join(format!("{}.narinfo", digest(&closure.lib)))
-        .exists());
+    assert!(!b.holds(&lib.narinfo_key));
 
-    // Once the reference is there, the same narinfo is taken (self-references aside).
-    let dep = uncompressed(&env, &closure.dep, &[]);
-    assert_eq!(
-        put(
-            &format!("{}/{}", d.url, dep.nar_url),
-            &dep.nar,
-            env.dir.path()
-        )
-        .0,
-        200
-    );
-    let dep_url = format!("{}/{}.narinfo", d.url, digest(&closure.dep));
-    assert_eq!(put(&dep_url, dep.narinfo.as_bytes(), env.dir.path()).0, 200);
-    let (code, text) = put(&narinfo_url, lib.narinfo.as_bytes(), env.dir.path());
+    // Once the reference is there, the same narinfo is taken.
+    b.push(&uncompressed(&b.env, &b.closure.dep, &[]));
+    let (code, text) = b.put(&lib.narinfo_key, lib.narinfo.as_bytes());
     assert_eq!(code, 200, "{text}");
-    assert!(cache
-        .join(format!("{}.narinfo", digest(&closure.lib)))
-        .is_file());
+    assert!(b.holds(&lib.narinfo_key));
 }
 
 #[test]
 fn nar_urls_of_other_shapes_are_refused_and_nothing_is_written_outside() {
-    let env = NixEnv::new();
-    let closure = env.build_closure();
-    let (sk, _) = env.keypair("push-1");
-    let outer = env.path("outer");
-    let cache = outer.join("cache");
-    let d = serve_pushable(&env, &file_url(&cache), &sk, &[]);
+    let b = Bed::new("outer/cache", |_| Vec::new());
+    let outer = b.env.path("outer");
     let before = files(&outer);
-    let dep = uncompressed(&env, &closure.dep, &[]);
+    let dep = uncompressed(&b.env, &b.closure.dep, &[]);
     let hash = &dep.nar_url[4..56];
     for path in [
         "../x".to_owned(),
@@ -345,25 +343,19 @@ fn nar_urls_of_other_shapes_are_refused_and_nothing_is_written_outside() {
         format!("nar/{hash}.rar"),
         format!("nar/{hash}.nar.xz.sh"),
     ] {
-        let (code, text) = put(&format!("{}/{path}", d.url), &dep.nar, env.dir.path());
+        let (code, text) = b.put(&path, &dep.nar);
         assert!((400..500).contains(&code), "{path}: {code} {text}");
     }
     // Narinfos whose URL points elsewhere.
-    let (code, _) = put(
-        &format!("{}/{}", d.url, dep.nar_url),
-        &dep.nar,
-        env.dir.path(),
-    );
-    assert_eq!(code, 200);
-    let narinfo_url = format!("{}/{}.narinfo", d.url, digest(&closure.dep));
+    assert_eq!(b.put(&dep.nar_url, &dep.nar).0, 200);
     for url in [
         format!("http://evil.example/{}", dep.nar_url),
         format!("/{}", dep.nar_url),
         format!("nar/../../{hash}.nar"),
-        format!("{}/../../x.nar", cache.display()),
+        format!("{}/../../x.nar", b.cache.display()),
     ] {
         let text = dep.narinfo.replace(&dep.nar_url, &url);
-        let (code, body) = put(&narinfo_url, text.as_bytes(), env.dir.path());
+        let (code, body) = b.put(&dep.narinfo_key, text.as_bytes());
         assert!((400..500).contains(&code), "{url}: {code} {body}");
     }
     let mut want = before;
@@ -400,30 +392,22 @@ fn short_body(base: &str, path: &str, declared: usize, sent: &[u8]) {
 
 #[test]
 fn an_upload_cut_short_leaves_no_nar() {
-    let env = NixEnv::new();
-    let closure = env.build_closure();
-    let (sk, _) = env.keypair("push-1");
-    let cache = env.path("cache");
-    let d = serve_pushable(&env, &file_url(&cache), &sk, &[]);
-    let app = uncompressed(&env, &closure.app, &[]);
+    let b = Bed::new("cache", |_| Vec::new());
+    let app = uncompressed(&b.env, &b.closure.app, &[]);
     short_body(
-        &d.url,
+        &b.d.url,
         &app.nar_url,
         app.nar.len(),
         &app.nar[..app.nar.len() / 2],
     );
     // The server notices the closed connection, fails the write and removes the temporary.
-    assert!(d.logged("broke off"), "{:?}", d.log());
+    assert!(b.d.logged("broke off"), "{:?}", b.d.log());
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let left: Vec<String> = files(&cache)
-        .into_iter()
-        .filter(|f| f.starts_with("nar/"))
-        .collect();
-    assert!(left.is_empty(), "{left:?}");
-    assert_eq!(curl(&[&format!("{}/{}", d.url, app.nar_url)]).0, 404);
+    assert!(b.nar_files().is_empty(), "{:?}", b.nar_files());
+    assert_eq!(b.get(&app.nar_url), 404);
 
     // curl killed in the middle of a body it streams slowly.
-    let slow = env.path("slow");
+    let slow = b.env.path("slow");
     std::fs::write(&slow, &app.nar).unwrap();
     let mut child = std::process::Command::new("curl")
         .args([
@@ -437,18 +421,14 @@ fn an_upload_cut_short_leaves_no_nar() {
             "-T",
         ])
         .arg(&slow)
-        .arg(format!("{}/{}", d.url, app.nar_url))
+        .arg(format!("{}/{}", b.d.url, app.nar_url))
         .spawn()
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(1500));
     child.kill().unwrap();
     child.wait().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(500));
-    let left: Vec<String> = files(&cache)
-        .into_iter()
-        .filter(|f| f.starts_with("nar/"))
-        .collect();
-    assert!(left.is_empty(), "{left:?}");
+    assert!(b.nar_files().is_empty(), "{:?}", b.nar_files());
 }
 
 #[test]
@@ -456,16 +436,19 @@ fn without_allow_push_a_put_is_405_and_nothing_is_written() {
     let env = NixEnv::new();
     let closure = env.build_closure();
     let cache = env.path("cache");
-    std::fs::create_dir_all(&cache).unwrap();
-    let d = Daemon::start(&env, &["serve", &format!("file://{}", cache.display())]);
+    let d = Daemon::start(&env, &["serve", &file_url(&cache)]);
     let dep = uncompressed(&env, &closure.dep, &[]);
-    let (code, text) = put(
+    let (code, text) = curl(&[
+        "-X",
+        "PUT",
+        "--data-binary",
+        "@/dev/null",
         &format!("{}/{}", d.url, dep.nar_url),
-        &dep.nar,
-        env.dir.path(),
-    );
+    ]);
+    let text = String::from_utf8_lossy(&text);
     assert_eq!(code, 405, "{text}");
     assert!(text.contains("--allow-push"), "{text}");
+    let to = d.url.clone();
     let out = env.output(
         "nix",
         &[
@@ -473,7 +456,7 @@ fn without_allow_push_a_put_is_405_and_nothing_is_written() {
             "--from",
             &env.store_arg(),
             "--to",
-            &d.url,
+            &to,
             &closure.dep,
         ],
     );
@@ -501,47 +484,28 @@ fn the_local_store_cannot_be_served_for_pushes() {
 
 #[test]
 fn with_push_trusted_keys_an_unsigned_narinfo_is_403() {
-    let env = NixEnv::new();
-    let closure = env.build_closure();
-    let (sk, _) = env.keypair("push-1");
-    let (pusher_sk, pusher_pk) = env.keypair("pusher-1");
-    let cache = env.path("cache");
-    let d = serve_pushable(
-        &env,
-        &file_url(&cache),
-        &sk,
-        &["--push-trusted-key", &pusher_pk],
-    );
-    let dep = uncompressed(&env, &closure.dep, &[]);
-    assert_eq!(
-        put(
-            &format!("{}/{}", d.url, dep.nar_url),
-            &dep.nar,
-            env.dir.path()
-        )
-        .0,
-        200
-    );
-    let narinfo_url = format!("{}/{}.narinfo", d.url, digest(&closure.dep));
-    let (code, text) = put(&narinfo_url, dep.narinfo.as_bytes(), env.dir.path());
+    let b = Bed::new("cache", |env| {
+        let (_, pk) = env.keypair("pusher-1");
+        vec!["--push-trusted-key".into(), pk]
+    });
+    let dep = uncompressed(&b.env, &b.closure.dep, &[]);
+    assert_eq!(b.put(&dep.nar_url, &dep.nar).0, 200);
+    let (code, text) = b.put(&dep.narinfo_key, dep.narinfo.as_bytes());
     assert_eq!(code, 403, "{text}");
     assert!(text.contains("pusher-1"), "{text}");
-    assert!(!cache
-        .join(format!("{}.narinfo", digest(&closure.dep)))
-        .exists());
+    assert!(!b.holds(&dep.narinfo_key));
     // The real Nix is refused the same way; signed by the trusted key, the closure goes in.
-    let out = env.output(
-        "nix",
-        &[
-            "copy",
-            "--from",
-            &env.store_arg(),
-            "--to",
-            &d.url,
-            &closure.app,
-        ],
-    );
-    assert!(!out.status.success());
+    let (env, to) = (&b.env, b.d.url.clone());
+    let copy = [
+        "copy",
+        "--from",
+        &env.store_arg(),
+        "--to",
+        &to,
+        &b.closure.app,
+    ];
+    assert!(!env.output("nix", &copy).status.success());
+    let sk = env.path("pusher-1.sk");
     env.run(
         "nix",
         &[
@@ -550,11 +514,11 @@ fn with_push_trusted_keys_an_unsigned_narinfo_is_403() {
             "--store",
             &env.store_arg(),
             "-k",
-            pusher_sk.to_str().unwrap(),
+            sk.to_str().unwrap(),
             "-r",
-            &closure.app,
+            &b.closure.app,
         ],
     );
-    env.copy_to(&d.url, &[&closure.app]);
-    assert_eq!(curl(&[&narinfo_url]).0, 200);
+    env.run("nix", &copy);
+    assert_eq!(b.get(&dep.narinfo_key), 200);
 }

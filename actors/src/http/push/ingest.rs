@@ -60,6 +60,32 @@ enum Fed {
     StoreGone,
 }
 
+/// The body's next chunk (`None` at its end), refusing a body that breaks off or sends
+/// nothing for [`BODY_STALL`].
+async fn next_chunk<S, E>(
+    mut body: std::pin::Pin<&mut S>,
+    what: &str,
+) -> Result<Option<Bytes>, Refusal>
+where
+    S: Stream<Item = Result<Bytes, E>>,
+    E: Display,
+{
+    match tokio::time::timeout(BODY_STALL, body.next()).await {
+        Err(_) => Err(Refusal::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "{what}: the body sent nothing for {}s; nothing was stored, push it again",
+                BODY_STALL.as_secs()
+            ),
+        )),
+        Ok(None) => Ok(None),
+        Ok(Some(Err(e))) => Err(Refusal::bad(format!(
+            "{what}: the body broke off ({e}); nothing was stored, push it again"
+        ))),
+        Ok(Some(Ok(c))) => Ok(Some(c)),
+    }
+}
+
 /// Feeds `body` to `store` (and a copy of each chunk to `tee`), hashing and counting it, up
 /// to `cap` bytes. Returns how it ended, and the store's sender, kept open so the caller
 /// decides whether the store's write completes or fails.
@@ -78,25 +104,10 @@ where
     let mut counter = HashingCounter::new();
     let mut tee_quit = false;
     loop {
-        let chunk = match tokio::time::timeout(BODY_STALL, body.next()).await {
-            Err(_) => {
-                let r = Refusal::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    format!(
-                        "{what}: the body sent nothing for {}s; nothing was stored, push it again",
-                        BODY_STALL.as_secs()
-                    ),
-                );
-                return (Fed::Refused(r), store);
-            }
+        let chunk = match next_chunk(body.as_mut(), what).await {
+            Err(r) => return (Fed::Refused(r), store),
             Ok(None) => break,
-            Ok(Some(Err(e))) => {
-                let r = Refusal::bad(format!(
-                    "{what}: the body broke off ({e}); nothing was stored, push it again"
-                ));
-                return (Fed::Refused(r), store);
-            }
-            Ok(Some(Ok(c))) => c,
+            Ok(Some(c)) => c,
         };
         counter.update(&chunk);
         if counter.len() > cap {
@@ -307,27 +318,11 @@ where
     }
     let mut body = std::pin::pin!(body);
     let mut out = Vec::new();
-    loop {
-        match tokio::time::timeout(BODY_STALL, body.next()).await {
-            Err(_) => {
-                return Err(Refusal::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    format!("{what}: the body stalled; nothing was stored, push it again"),
-                ))
-            }
-            Ok(None) => break,
-            Ok(Some(Err(e))) => {
-                return Err(Refusal::bad(format!(
-                    "{what}: the body broke off ({e}); nothing was stored, push it again"
-                )))
-            }
-            Ok(Some(Ok(c))) => {
-                if out.len() + c.len() > cap {
-                    return Err(too_large());
-                }
-                out.extend_from_slice(&c);
-            }
+    while let Some(c) = next_chunk(body.as_mut(), what).await? {
+        if out.len() + c.len() > cap {
+            return Err(too_large());
         }
+        out.extend_from_slice(&c);
     }
     String::from_utf8(out)
         .map_err(|_| Refusal::bad(format!("{what} is not UTF-8 text; nothing was stored")))
