@@ -1,6 +1,7 @@
 //! The fixture of the push tests: a served cache folder taking pushes, and NARs and
 //! narinfos made by hand to push into it.
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use crate::common::{curl, nix32_sha256, Closure, Daemon, NixEnv};
@@ -149,4 +150,27 @@ pub fn files(dir: &Path) -> Vec<String> {
     }
     out.sort();
     out
+}
+
+/// Sends a request whose body ends before its Content-Length, then closes the connection.
+pub fn short_body(base: &str, path: &str, declared: usize, sent: &[u8]) {
+    let addr = base.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "PUT /{path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {declared}\r\nExpect: 100-continue\r\n\r\n"
+    )
+    .unwrap();
+    // The server answers the expectation before any of the body is sent.
+    let mut continued = [0u8; 25];
+    s.read_exact(&mut continued).unwrap();
+    assert!(
+        String::from_utf8_lossy(&continued).starts_with("HTTP/1.1 100 Continue"),
+        "{}",
+        String::from_utf8_lossy(&continued)
+    );
+    s.write_all(sent).unwrap();
+    s.flush().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    drop(s);
 }

@@ -1,9 +1,7 @@
 //! Hostile pushes, by curl and by a raw socket: refused with a 4xx saying what to do, and
 //! nothing stored.
 
-use std::io::{Read, Write};
-
-use crate::bed::{files, uncompressed, xz, Bed};
+use crate::bed::{files, short_body, uncompressed, xz, Bed};
 use crate::common::{curl, nix32_sha256, Daemon, NixEnv};
 use crate::file_url;
 
@@ -116,29 +114,6 @@ fn nar_urls_of_other_shapes_are_refused_and_nothing_is_written_outside() {
     ]);
     want.sort();
     assert_eq!(files(&outer), want);
-}
-
-/// Sends a request whose body ends before its Content-Length, then closes the connection.
-fn short_body(base: &str, path: &str, declared: usize, sent: &[u8]) {
-    let addr = base.trim_start_matches("http://");
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "PUT /{path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {declared}\r\nExpect: 100-continue\r\n\r\n"
-    )
-    .unwrap();
-    // The server answers the expectation before any of the body is sent.
-    let mut continued = [0u8; 25];
-    s.read_exact(&mut continued).unwrap();
-    assert!(
-        String::from_utf8_lossy(&continued).starts_with("HTTP/1.1 100 Continue"),
-        "{}",
-        String::from_utf8_lossy(&continued)
-    );
-    s.write_all(sent).unwrap();
-    s.flush().unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    drop(s);
 }
 
 #[test]

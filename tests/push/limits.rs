@@ -1,10 +1,15 @@
 //! What a push may cost and what survives a restart: bodies are capped, large NARs stream
 //! through in bounded memory, and a narinfo pushed after a restart is checked against its NAR
-//! read back from the store.
+//! read back from the store; a body that breaks off leaves no object in a bucket either.
 
-use crate::bed::{uncompressed, Bed};
-use crate::common::curl;
-use crate::digest;
+use std::io::Read;
+
+use nixcached_actors::store::url::StoreUrl;
+
+use crate::bed::{short_body, uncompressed, Bed};
+use crate::common::peers::{gcs_bucket, s3_bucket};
+use crate::common::{block_on, curl, nix32_sha256, NixEnv};
+use crate::{digest, serve_pushable};
 
 #[test]
 fn after_a_restart_a_narinfo_is_checked_against_its_nar_read_back() {
@@ -84,4 +89,32 @@ fn large_nars_are_pushed_in_bounded_memory() {
         peak / 1024
     );
     assert!(peak < 100 * 1024, "peak RSS {peak} KiB");
+}
+
+#[test]
+fn an_upload_cut_short_leaves_no_object_in_s3_or_gcs() {
+    let env = NixEnv::new();
+    let (sk, _) = env.keypair("push-1");
+    // Larger than a multipart part or a resumable chunk, so the store has begun writing
+    // when the body breaks off.
+    let dir = env.path("cut");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut random = vec![0u8; 20 << 20];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut random)
+        .unwrap();
+    std::fs::write(dir.join("data"), &random).unwrap();
+    let path = env.add(&dir);
+    let nar = env.dump(&env.real(&path));
+    let nar_url = format!("nar/{}.nar", &nix32_sha256(&nar)["sha256:".len()..]);
+    for store in [s3_bucket("cut"), gcs_bucket("cut")] {
+        let d = serve_pushable(&env, &store, &sk, &[]);
+        short_body(&d.url, &nar_url, nar.len(), &nar[..nar.len() - 1000]);
+        assert!(d.logged("broke off"), "{store}: {:?}", d.log());
+        let opened = StoreUrl::parse(&store).unwrap().open().unwrap();
+        let exists = block_on(opened.exists(&nar_url)).unwrap();
+        assert!(!exists, "{store}: {nar_url} is there");
+        assert_eq!(curl(&[&format!("{}/{nar_url}", d.url)]).0, 404, "{store}");
+    }
 }
