@@ -118,3 +118,30 @@ fn an_upload_cut_short_leaves_no_object_in_s3_or_gcs() {
         assert_eq!(curl(&[&format!("{}/{nar_url}", d.url)]).0, 404, "{store}");
     }
 }
+
+#[test]
+fn build_logs_are_pushed_by_nix_store_copy_log() {
+    let b = Bed::new("cache", |_| Vec::new());
+    let drv = b.env.deriver_of(&b.closure.lib);
+    let store = b.env.store_arg();
+    b.env.run(
+        "nix",
+        &[
+            "store",
+            "copy-log",
+            "--from",
+            &store,
+            "--to",
+            &b.d.url,
+            &format!("/nix/store/{drv}"),
+        ],
+    );
+    let (code, log) = curl(&[&format!("{}/log/{drv}", b.d.url)]);
+    assert_eq!(code, 200);
+    assert!(String::from_utf8_lossy(&log).contains("building testlib"));
+    // A log for what is not a derivation's name goes nowhere.
+    let (code, text) = b.put("log/../../x.drv", b"x");
+    assert!((400..500).contains(&code), "{code} {text}");
+    let (code, text) = b.put("log/not-a-store-path.drv", b"x");
+    assert_eq!(code, 400, "{text}");
+}
