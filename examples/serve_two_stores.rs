@@ -135,8 +135,8 @@ fn options(store: Arc<dyn Store>) -> ServeOptions {
         upload_stats: Vec::new(),
         access_records: None,
         auth: Default::default(),
-        writable: false,
         tls: None,
+        push: None,
     }
 }
 

@@ -380,6 +380,19 @@ pub struct ServeArgs {
     /// Private key (PEM) of --tls-cert.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Take pushes: `nix copy --to http://HOST:PORT` PUTs NARs and narinfos, which are
+    /// stored once their hashes and references check out. The store must be writable
+    /// (file://, s3://, gs://, ssh://), not the local Nix store.
+    #[arg(long)]
+    pub allow_push: bool,
+    /// With --allow-push, store only narinfos signed by this key (NAME:BASE64, as in Nix's
+    /// trusted-public-keys; repeatable); others get 403.
+    #[arg(
+        long = "push-trusted-key",
+        value_name = "NAME:KEY",
+        requires = "allow_push"
+    )]
+    pub push_trusted_keys: Vec<String>,
     #[command(flatten)]
     pub upstream: UpstreamArgs,
     /// Store to serve: /nix/store, local?root=DIR, file:///DIR, s3://BUCKET, gs://BUCKET,

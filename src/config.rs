@@ -24,6 +24,8 @@
 //! [[cache.credential]]           # private: reads need this (`nixcached credential new`)
 //! token-hash = "sha256:…"        # or user = "ci" and password-hash = "sha256:…"
 //! rights = ["read", "write"]
+//! allow-push = true              # nix copy --to http://127.0.0.1:38380/team pushes into it
+//! push-trusted-keys = ["team-1:base64…"]   # pushed narinfos must be signed by one (optional)
 //!
 //! [[cache]]                      # its own listener
 //! store = "s3://bucket?region=eu-west-1"
@@ -168,6 +170,10 @@ pub struct CacheSection {
     pub tls_cert: Option<PathBuf>,
     /// Its private key (PEM).
     pub tls_key: Option<PathBuf>,
+    /// Take pushes (`nix copy --to http://…`) into the store (`--allow-push`).
+    pub allow_push: bool,
+    /// With `allow-push`, keys one of which must sign a pushed narinfo (`--push-trusted-key`).
+    pub push_trusted_keys: Vec<String>,
 }
 
 impl Default for CacheSection {
@@ -200,6 +206,8 @@ impl Default for CacheSection {
             credentials_file: None,
             tls_cert: None,
             tls_key: None,
+            allow_push: false,
+            push_trusted_keys: Vec::new(),
         }
     }
 }
@@ -298,6 +306,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let mut shared = Vec::new();
     let mut own = Vec::new();
     for c in &cfg.caches {
+        let push = crate::serve::push_options(c.allow_push, &c.push_trusted_keys, Some(&c.store))
+            .with_context(|| format!("[[cache]] {}", c.store))?;
         let opts = ServeOptions {
             store: crate::serve::open_serve_store(Some(&c.store), &c.upstream_args())?,
             listen: c.listen.iter().map(|l| Listen::parse(l)).collect(),
@@ -332,9 +342,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 &c.credential,
             )
             .with_context(|| format!("[[cache]] {}", c.store))?,
-            writable: false,
             tls: crate::serve::tls_files(c.tls_cert.as_ref(), c.tls_key.as_ref())
                 .with_context(|| format!("[[cache]] {}", c.store))?,
+            push,
         };
         if c.listen.is_empty() {
             if opts.tls.is_some() {
@@ -427,6 +437,38 @@ mod tests {
             .to_string();
         assert!(e.contains("nar-slots must be at least 1"), "{e}");
         assert!(e.contains("/nix/store"), "{e}");
+    }
+
+    #[test]
+    fn push_keys_become_push_options_and_unwritable_stores_are_refused() {
+        let key = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
+        let cfg = Config::parse(
+            &format!(
+                "[[cache]]\nstore = \"file:///srv/c\"\nallow-push = true\npush-trusted-keys = [\"{key}\"]\n"
+            ),
+            "t",
+        )
+        .unwrap();
+        let c = &cfg.caches[0];
+        let push = crate::serve::push_options(c.allow_push, &c.push_trusted_keys, Some(&c.store))
+            .unwrap()
+            .expect("pushes allowed");
+        assert_eq!(push.trusted_keys[0].name(), "cache.nixos.org-1");
+        // Read-only unless asked; trusted keys alone are a mistake worth saying.
+        assert!(
+            crate::serve::push_options(false, &[], Some("file:///srv/c"))
+                .unwrap()
+                .is_none()
+        );
+        let e =
+            crate::serve::push_options(false, &[key.into()], Some("file:///srv/c")).unwrap_err();
+        assert!(e.to_string().contains("--allow-push"), "{e}");
+        for store in ["/nix/store", "https://cache.nixos.org"] {
+            let e = crate::serve::push_options(true, &[], Some(store)).unwrap_err();
+            assert!(e.to_string().contains("cannot take pushes"), "{store}: {e}");
+        }
+        let e = crate::serve::push_options(true, &["nonsense".into()], Some("s3://b")).unwrap_err();
+        assert!(format!("{e:#}").contains("NAME:BASE64"), "{e:#}");
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use nixcached_actors::formats::{PublicKey, SecretKey, StoreDir};
 use nixcached_actors::http::auth::{Access, Credential, CredentialSpec};
+use nixcached_actors::http::push::PushOptions;
 use nixcached_actors::lookup::CacheSettings;
 use nixcached_actors::serve::{Listen, ServeOptions, UiOptions};
 use nixcached_actors::store::binary_cache::BinaryCache;
@@ -31,6 +32,19 @@ pub fn read_keys(files: &[PathBuf]) -> anyhow::Result<Vec<SecretKey>> {
         .collect()
 }
 
+/// Parses public keys given as `NAME:BASE64`; `what` names them in errors.
+fn public_keys(keys: &[String], what: &str) -> anyhow::Result<Vec<PublicKey>> {
+    keys.iter()
+        .map(|k| {
+            PublicKey::parse(k.trim()).with_context(|| {
+                format!(
+                    "{what} {k:?}: give it as NAME:BASE64, as in nix.conf's trusted-public-keys"
+                )
+            })
+        })
+        .collect()
+}
+
 /// The explorer settings from `--client`, `--trusted-public-key`, `--max-list-frequency` and
 /// `--index-max-objects` (or their config-file keys).
 pub fn ui_options(
@@ -39,14 +53,7 @@ pub fn ui_options(
     max_list_frequency: std::time::Duration,
     index_max_objects: usize,
 ) -> anyhow::Result<UiOptions> {
-    let trusted_keys = trusted
-        .iter()
-        .map(|k| {
-            PublicKey::parse(k.trim()).with_context(|| {
-                format!("trusted public key {k:?}: give it as NAME:BASE64, as in nix.conf's trusted-public-keys")
-            })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let trusted_keys = public_keys(trusted, "trusted public key")?;
     if let Some(dir) = &client {
         if !dir.join("templates").is_dir() {
             bail!(
@@ -236,8 +243,45 @@ pub fn tls_files(
     }
 }
 
+/// The push settings from `--allow-push` and `--push-trusted-key` (or the config keys
+/// `allow-push` and `push-trusted-keys`), for the store `url` (`None`: the default store).
+/// Refuses a store that cannot be written: the local Nix store, or upstreams alone.
+pub fn push_options(
+    allow: bool,
+    trusted: &[String],
+    url: Option<&str>,
+) -> anyhow::Result<Option<PushOptions>> {
+    if !allow {
+        if !trusted.is_empty() {
+            bail!("push-trusted-keys are given but pushing is not allowed; add --allow-push (allow-push = true) or drop them");
+        }
+        return Ok(None);
+    }
+    let unwritable = match url.map(StoreUrl::parse).transpose() {
+        Ok(Some(StoreUrl::Local(_))) => Some("the local Nix store"),
+        Ok(Some(StoreUrl::Http(_))) => Some("an http(s):// cache"),
+        Ok(None) if std::path::Path::new("/nix/var/nix/db/db.sqlite").is_file() => {
+            Some("the local Nix store (served by default)")
+        }
+        _ => None,
+    };
+    if let Some(what) = unwritable {
+        bail!(
+            "--allow-push: {what} cannot take pushes over HTTP; serve a file://, s3://, gs:// or ssh:// store to push into (nix copy --to it directly for a local store)"
+        );
+    }
+    Ok(Some(PushOptions {
+        trusted_keys: public_keys(trusted, "push trusted key")?,
+    }))
+}
+
 /// Runs `serve`.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let push = push_options(
+        args.allow_push,
+        &args.push_trusted_keys,
+        args.store.as_deref(),
+    )?;
     let store = open_serve_store(args.store.as_deref(), &args.upstream)?;
     let mut listen: Vec<Listen> = args.listen.iter().map(|l| Listen::parse(l)).collect();
     if args.systemd {
@@ -281,8 +325,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             )
         }),
         auth: access("nixcached", args.credentials.as_deref(), &[])?,
-        writable: false,
         tls: tls_files(args.tls_cert.as_ref(), args.tls_key.as_ref())?,
+        push,
     };
     actix_web::rt::System::new().block_on(nixcached_actors::serve::run(opts))?;
     tracing::info!("stopped");

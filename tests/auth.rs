@@ -4,51 +4,11 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 
+use common::credentials::{bearer, credentials_file, new_credential};
 use common::upstream_server::{digest, nar_url, nar_url_with, nix_cache};
 use common::{curl, curl_headers, Daemon, NixEnv};
-
-/// Runs `nixcached credential new ARGS`; returns (token, the TOML entry it printed).
-fn new_credential(args: &[&str]) -> (String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_nixcached"))
-        .args(["credential", "new"])
-        .args(args)
-        .output()
-        .unwrap();
-    common::assert_succeeded(&out);
-    let text = String::from_utf8(out.stdout).unwrap();
-    // The token is the second comment line, alone.
-    let token = text
-        .lines()
-        .nth(1)
-        .unwrap()
-        .trim_start_matches("# ")
-        .to_owned();
-    assert_eq!(token.len(), 64, "{text}");
-    let entry = text
-        .lines()
-        .skip_while(|l| !l.starts_with("[["))
-        .collect::<Vec<_>>()
-        .join("\n");
-    (token, entry + "\n")
-}
-
-/// A `--credentials` file of these entries (printed for a config's `[[cache]]`).
-fn credentials_file(env: &NixEnv, name: &str, entries: &[&str]) -> String {
-    let path = env.path(name);
-    let text = entries
-        .iter()
-        .map(|e| e.replace("[[cache.credential]]", "[[credential]]"))
-        .collect::<String>();
-    std::fs::write(&path, text).unwrap();
-    path.display().to_string()
-}
-
-fn bearer(token: &str) -> String {
-    format!("Authorization: Bearer {token}")
-}
 
 /// Every read route of a private cache needs the read credential; `/healthz` stays open;
 /// wrong or missing credentials are 401 with both challenges, a read credential on a write

@@ -319,3 +319,49 @@ fn a_cache_nix_226_writes_is_served_to_nix_28() {
         }
     }
 }
+
+/// `nix copy --to http://…` from each client into `serve --allow-push` (with the write
+/// credential from a netrc file): the cache each push lands is consistent (`fsck` finds
+/// nothing), carries the server's signature, and both clients substitute from it.
+#[test]
+fn both_clients_push_with_nix_copy_and_both_substitute_what_each_pushed() {
+    for pusher in BOTH {
+        let env = NixEnv::with_client(pusher);
+        let closure = env.build_closure();
+        let (sk, pk) = env.keypair("pushed-1");
+        let (_, wrong_pk) = env.keypair("pushed-wrong");
+        let (_, creds) = common::credentials::push_writer(&env);
+        let cache = env.path("pushed");
+        std::fs::create_dir_all(&cache).unwrap();
+        let url = format!("file://{}", cache.display());
+        let d = Daemon::start(
+            &env,
+            &[
+                "serve",
+                "--allow-push",
+                "--credentials",
+                &creds,
+                "--secret-key-file",
+                sk.to_str().unwrap(),
+                &url,
+            ],
+        );
+        env.copy_to(&format!("{}?write-nar-listing=1", d.url), &[&closure.app]);
+        let fsck = env
+            .cmd(env!("CARGO_BIN_EXE_nixcached"))
+            .args(["fsck", "--trusted-public-key", &pk, &url])
+            .output()
+            .unwrap();
+        common::assert_succeeded(&fsck);
+        for p in &closure.paths {
+            let ni = std::fs::read_to_string(cache.join(format!("{}.narinfo", digest(p))))
+                .unwrap_or_else(|e| panic!("{pusher:?} pushed no narinfo for {p}: {e}"));
+            assert!(ni.contains("Sig: pushed-1:"), "{pusher:?}: {ni}");
+        }
+        for client in BOTH {
+            let fresh = NixEnv::with_client(client);
+            let tag = format!("{pusher:?}-to-{client:?}");
+            substitute_and_verify(&fresh, &d.url, &closure.app, &pk, &wrong_pk, &tag);
+        }
+    }
+}

@@ -106,6 +106,9 @@ pub struct LookupShared {
     fetcher: Addr<Fetcher>,
     keys: Vec<SecretKey>,
     metrics: Arc<Metrics>,
+    /// Counts [`LookupShared::forget`] calls, so a miss fetched while a push landed is not
+    /// remembered after the push's `forget` ran.
+    forgets: std::sync::atomic::AtomicU64,
 }
 
 impl LookupShared {
@@ -134,6 +137,7 @@ impl LookupShared {
             fetcher,
             keys,
             metrics,
+            forgets: Default::default(),
         })
     }
 
@@ -141,6 +145,15 @@ impl LookupShared {
     pub fn invalidate_all(&self) {
         self.positive.invalidate_all();
         self.negative.invalidate_all();
+    }
+
+    /// Forgets what the caches hold of `digest`, found or missing: after a push stored its
+    /// narinfo, the next request must see it.
+    pub async fn forget(&self, digest: &Digest) {
+        self.forgets
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.positive.invalidate(digest).await;
+        self.negative.invalidate(digest).await;
     }
 
     /// Gauges for `/metrics`: entries of both caches (moka's counts, which trail the last
@@ -196,6 +209,7 @@ impl LookupShared {
         Metrics::add(&self.metrics.cache_misses, 1);
         let this = self.clone();
         let d = digest;
+        let forgets = self.forgets.load(std::sync::atomic::Ordering::SeqCst);
         self.positive
             .try_get_with(digest, async move {
                 let fetched = this
@@ -215,6 +229,12 @@ impl LookupShared {
                     }
                     Err(e @ StoreError::NotFound(_)) => {
                         this.negative.insert(d, ()).await;
+                        // A push may have stored it since the store was asked: its `forget`
+                        // either ran after this insert (and removed it) or counted first, and
+                        // then the miss is taken back here.
+                        if this.forgets.load(std::sync::atomic::Ordering::SeqCst) != forgets {
+                            this.negative.invalidate(&d).await;
+                        }
                         Err(e)
                     }
                     Err(e) => Err(e),

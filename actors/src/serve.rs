@@ -86,11 +86,11 @@ pub struct ServeOptions {
     pub access_records: Option<PathBuf>,
     /// Who may read and write (public and read-only when it has no credential).
     pub auth: Access,
-    /// Whether the cache accepts writes over HTTP; start-up refuses a writable cache without
-    /// a write credential.
-    pub writable: bool,
     /// Certificate and key when the cache's own listeners speak TLS (HTTPS and HTTP/2).
     pub tls: Option<TlsFiles>,
+    /// Take pushes (`PUT`, as `nix copy --to http://…` sends them) into the store; `None`
+    /// keeps the cache read-only over HTTP.
+    pub push: Option<crate::http::push::PushOptions>,
 }
 
 /// Settings of the explorer UI.
@@ -131,8 +131,8 @@ pub const FIRST_ANSWER_WAIT: Duration = Duration::from_secs(5);
 /// to what Nix asks, says why on `/healthz` and in the log, and serves once the store
 /// answers ([`crate::store::guarded`]).
 pub async fn start_service(opts: &ServeOptions) -> io::Result<Arc<CacheService>> {
-    // TODO(push): `writable` is set by `--allow-push`; this is the check it relies on.
-    if opts.writable && !opts.auth.has_writer() {
+    // Nothing writable without a write credential: a push could otherwise come from anyone.
+    if opts.push.is_some() && !opts.auth.has_writer() {
         return Err(io::Error::other(format!(
             "{}: the cache accepts uploads but has no credential with the write right; add one \
              (`nixcached credential new --rights write`) or do not make it writable",
@@ -226,7 +226,10 @@ pub async fn start_service(opts: &ServeOptions) -> io::Result<Arc<CacheService>>
         access,
         signing_keys: opts.keys.iter().map(|k| k.public()).collect(),
         auth: Arc::new(opts.auth.clone()),
-        writable: opts.writable,
+        push: opts
+            .push
+            .as_ref()
+            .map(|p| Arc::new(crate::http::push::Pusher::new(p, opts.keys.clone()))),
     }))
 }
 

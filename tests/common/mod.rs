@@ -5,6 +5,7 @@
 
 pub mod browser;
 pub mod conformance;
+pub mod credentials;
 pub mod fault_proxy;
 pub mod modern;
 pub mod peers;

@@ -14,6 +14,7 @@ pub mod explorer;
 pub mod idle;
 pub mod nar_path;
 pub mod negotiate;
+pub mod push;
 pub mod range;
 pub mod templates;
 
@@ -76,9 +77,8 @@ pub struct CacheService {
     pub signing_keys: Vec<PublicKey>,
     /// Who may read and write ([`auth`]); checked before any route is handled.
     pub auth: Arc<auth::Access>,
-    /// Whether this cache accepts writes over HTTP (the push handler's `--allow-push`); a
-    /// writable cache must have a write credential, which `serve` checks at start.
-    pub writable: bool,
+    /// Pushes (`PUT`) into the store, when the cache takes them (`--allow-push`).
+    pub push: Option<Arc<push::Pusher>>,
 }
 
 impl CacheService {
@@ -305,7 +305,15 @@ fn nar_content_type(url: &str) -> &'static str {
     }
 }
 
-async fn dispatch(req: HttpRequest, ing: web::Data<Ingress>) -> HttpResponse {
+/// The answer to a method this cache does not take, such as `PUT` without `--allow-push`.
+fn read_only() -> HttpResponse {
+    HttpResponse::MethodNotAllowed()
+        .insert_header((header::ALLOW, "GET, HEAD, OPTIONS"))
+        .content_type("text/plain; charset=utf-8")
+        .body("405 method not allowed: this cache is read-only over HTTP (serve it with --allow-push to take nix copy --to)\n")
+}
+
+async fn dispatch(req: HttpRequest, ing: web::Data<Ingress>, body: web::Payload) -> HttpResponse {
     let svc = &ing.service;
     // Below a scope (a cache served under a path prefix) only the rest of the path counts.
     let rest = req.match_info().unprocessed();
@@ -325,12 +333,17 @@ async fn dispatch(req: HttpRequest, ing: web::Data<Ingress>) -> HttpResponse {
     let resp = match *req.method() {
         Method::GET | Method::HEAD => handle(&req, &ing, route, &rel, &root).await,
         Method::OPTIONS => HttpResponse::Ok()
-            .insert_header((header::ALLOW, "GET, HEAD, OPTIONS"))
+            .insert_header((
+                header::ALLOW,
+                if svc.push.is_some() {
+                    "GET, HEAD, OPTIONS, PUT"
+                } else {
+                    "GET, HEAD, OPTIONS"
+                },
+            ))
             .finish(),
-        _ => HttpResponse::MethodNotAllowed()
-            .insert_header((header::ALLOW, "GET, HEAD, OPTIONS"))
-            .content_type("text/plain; charset=utf-8")
-            .body("405 method not allowed: this cache is read-only over HTTP\n"),
+        Method::PUT => push::put(&req, &ing, route, &rel, body).await,
+        _ => read_only(),
     };
     svc.metrics.request(name, resp.status().as_u16());
     resp

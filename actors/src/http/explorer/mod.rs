@@ -176,19 +176,18 @@ mod tests {
             upload_stats: Vec::new(),
             access_records: None,
             auth: Default::default(),
-            writable: false,
             tls: None,
+            push: None,
         }
     }
 
-    /// The hook the push handler relies on: a writable cache without a write credential does
-    /// not start; with one it does.
+    /// A cache that takes pushes without a write credential does not start; with one it does.
     #[actix::test]
-    async fn writable_cache_needs_a_write_credential() {
+    async fn a_cache_taking_pushes_needs_a_write_credential() {
         use crate::http::auth::{hash_secret, Access, Credential, CredentialSpec};
         let store: Arc<dyn Store> = Arc::new(BinaryCache::new(Arc::new(MemoryBlobs::new())));
         let refused = ServeOptions {
-            writable: true,
+            push: Some(Default::default()),
             ..options(store.clone())
         };
         let e = start_service(&refused).await.err().expect("refused");
@@ -202,7 +201,7 @@ mod tests {
             ..Default::default()
         };
         let reader_only = ServeOptions {
-            writable: true,
+            push: Some(Default::default()),
             auth: Access::new("t", vec![Credential::from_spec(&reader).unwrap()]),
             ..options(store.clone())
         };
@@ -212,11 +211,11 @@ mod tests {
             ..reader
         };
         let ok = ServeOptions {
-            writable: true,
+            push: Some(Default::default()),
             auth: Access::new("t", vec![Credential::from_spec(&writer).unwrap()]),
             ..options(store)
         };
-        assert!(start_service(&ok).await.unwrap().writable);
+        assert!(start_service(&ok).await.unwrap().push.is_some());
     }
 
     #[actix::test]

@@ -479,7 +479,12 @@ impl Store for SshStore {
         }
         let (hash, compression) = spool_url(&info.url)
             .ok_or_else(|| StoreError::Invalid(format!("{} is not a NAR URL", info.url)))?;
-        if compression != info.compression || hash != nixbase32::encode(info.nar_hash.digest()) {
+        // nixcached's upload names a NAR by its NAR hash, Nix's `nix copy` (pushing through
+        // `serve --allow-push`) by its file hash: either name is the content.
+        let names = |h: &crate::formats::Hash| hash == nixbase32::encode(h.digest());
+        if compression != info.compression
+            || !(names(&info.nar_hash) || info.file_hash.as_ref().is_some_and(names))
+        {
             return Err(StoreError::Invalid(format!(
                 "the narinfo of {} (NarHash {}, Compression {}) does not match its URL {}",
                 info.store_path, info.nar_hash, info.compression, info.url
