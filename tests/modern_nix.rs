@@ -330,22 +330,10 @@ fn both_clients_push_with_nix_copy_and_both_substitute_what_each_pushed() {
         let closure = env.build_closure();
         let (sk, pk) = env.keypair("pushed-1");
         let (_, wrong_pk) = env.keypair("pushed-wrong");
-        let (_, creds) = common::credentials::push_writer(&env);
         let cache = env.path("pushed");
         std::fs::create_dir_all(&cache).unwrap();
         let url = format!("file://{}", cache.display());
-        let d = Daemon::start(
-            &env,
-            &[
-                "serve",
-                "--allow-push",
-                "--credentials",
-                &creds,
-                "--secret-key-file",
-                sk.to_str().unwrap(),
-                &url,
-            ],
-        );
+        let d = common::credentials::serve_pushable(&env, &url, &sk, &[]);
         env.copy_to(&format!("{}?write-nar-listing=1", d.url), &[&closure.app]);
         let fsck = env
             .cmd(env!("CARGO_BIN_EXE_nixcached"))

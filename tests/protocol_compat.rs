@@ -281,29 +281,32 @@ fn nix_serve_nar_urls_are_answered_for_the_nar_they_name() {
     assert_eq!(code, 404);
 }
 
+/// `nixcached upload` of `path`'s closure from the environment's store into the folder `dest`
+/// (relative to the environment), with `extra` flags; it ends at the end of its input.
+fn upload_once(env: &NixEnv, path: &str, dest: &str, extra: &[&str]) {
+    let input = env.path(&format!("paths-{dest}"));
+    std::fs::write(&input, format!("{path}\n")).unwrap();
+    let out = env
+        .cmd(BIN)
+        .args(["upload", "--input", input.to_str().unwrap()])
+        .args(["--from", &format!("local?root={}", env.store_arg())])
+        .args([
+            "--state-dir",
+            env.path(&format!("state-{dest}")).to_str().unwrap(),
+        ])
+        .args(extra)
+        .arg(format!("file://{}", env.path(dest).display()))
+        .output()
+        .unwrap();
+    common::assert_succeeded(&out);
+}
+
 #[test]
 fn upload_writes_build_logs_that_nix_log_reads_from_the_cache() {
     let env = NixEnv::new();
     let c = env.build_closure();
-    let input = env.path("paths");
-    std::fs::write(&input, format!("{}\n", c.app)).unwrap();
-    let upload = |dest: &str, extra: &[&str]| {
-        let out = env
-            .cmd(BIN)
-            .args(["upload", "--input", input.to_str().unwrap()])
-            .args(["--from", &format!("local?root={}", env.store_arg())])
-            .args([
-                "--state-dir",
-                env.path(&format!("state-{dest}")).to_str().unwrap(),
-            ])
-            .args(extra)
-            .arg(format!("file://{}", env.path(dest).display()))
-            .output()
-            .unwrap();
-        common::assert_succeeded(&out);
-    };
-    upload("with-logs", &[]);
-    upload("without-logs", &["--write-build-logs=false"]);
+    upload_once(&env, &c.app, "with-logs", &[]);
+    upload_once(&env, &c.app, "without-logs", &["--write-build-logs=false"]);
     let drv = env.deriver_of(&c.lib);
     let log = env.path(&format!("with-logs/log/{drv}"));
     assert!(log.exists(), "no log/{drv} written");
@@ -317,4 +320,162 @@ fn upload_writes_build_logs_that_nix_log_reads_from_the_cache() {
     );
     let shown = env.run("nix", &["log", "--store", &d.url, &c.lib]);
     assert!(shown.contains("building testlib"), "nix log said {shown:?}");
+}
+
+/// A content-addressed derivation built by the real Nix (experimental `ca-derivations`):
+/// returns (its .drv, its output, the realisation id, the expression file).
+fn build_ca(env: &NixEnv) -> (String, String, String, std::path::PathBuf) {
+    let bb = env.path("cabb/bin");
+    std::fs::create_dir_all(&bb).unwrap();
+    std::fs::copy("/bin/busybox", bb.join("busybox")).unwrap();
+    let bb = env.add(&env.path("cabb"));
+    let file = env.path("ca.nix");
+    std::fs::write(
+        &file,
+        format!(
+            r#"let bb = builtins.storePath "{bb}"; in builtins.derivation {{
+  name = "ca-thing"; system = builtins.currentSystem; builder = "${{bb}}/bin/busybox";
+  args = [ "sh" "-c" "echo building ca-thing; mkdir -p $out; echo hi > $out/x" ];
+  __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256"; }}"#
+        ),
+    )
+    .unwrap();
+    let store = env.store_arg();
+    let f = file.to_str().unwrap();
+    let drv = env
+        .run("nix-instantiate", &["--store", &store, f])
+        .trim()
+        .to_owned();
+    let out = env
+        .run("nix-build", &["--store", &store, f, "--no-out-link"])
+        .trim()
+        .to_owned();
+    let info = env.run("nix", &["realisation", "info", "--store", &store, &drv]);
+    let id = info.split_whitespace().next().unwrap().to_owned();
+    assert!(id.ends_with("!out"), "{info}");
+    (drv, out, id, file)
+}
+
+/// Realises `drv` into a fresh store with `url` as the only substituter and no local builds
+/// allowed: it succeeds only if the output is found through its realisation.
+fn substitute_ca(src: &NixEnv, url: &str, pk: &str, drv: &str, out: &str, tag: &str) {
+    let fresh = NixEnv::new();
+    fresh.set_nix_config(Some(CA.into()));
+    let store = fresh.path(&format!("fresh-{tag}"));
+    let store = store.to_str().unwrap();
+    // The derivation and its inputs, not its output.
+    src.run(
+        "nix",
+        &[
+            "copy",
+            "--derivation",
+            "--no-check-sigs",
+            "--from",
+            &src.store_arg(),
+            "--to",
+            store,
+            drv,
+        ],
+    );
+    let out_path = fresh.run(
+        "nix-store",
+        &[
+            "--store",
+            store,
+            "--realise",
+            drv,
+            "--max-jobs",
+            "0",
+            "--option",
+            "substituters",
+            url,
+            "--option",
+            "trusted-public-keys",
+            pk,
+        ],
+    );
+    assert!(out_path.contains(out), "{tag}: realised {out_path:?}");
+    assert!(
+        Path::new(store)
+            .join(out.trim_start_matches('/'))
+            .join("x")
+            .exists(),
+        "{tag}: no output"
+    );
+}
+
+const CA: &str = "experimental-features = nix-command ca-derivations";
+
+#[test]
+fn content_addressed_outputs_are_found_by_their_realisations_served_uploaded_and_pushed() {
+    let env = NixEnv::new();
+    env.set_nix_config(Some(CA.into()));
+    let (drv, out, id, file) = build_ca(&env);
+    let (sk, pk) = env.keypair("ca-1");
+    // `nix copy` of the derivation's output by expression, which takes its realisation along.
+    let copy_ca = |to: &str| {
+        let f = file.to_str().unwrap();
+        env.run(
+            "nix",
+            &["copy", "--store", &env.store_arg(), "--to", to, "-f", f],
+        );
+    };
+
+    // Served from the local store's database.
+    let local = Daemon::start(
+        &env,
+        &[
+            "serve",
+            "--secret-key-file",
+            sk.to_str().unwrap(),
+            &format!("local?root={}", env.store_arg()),
+        ],
+    );
+    let served = get(&format!("{}/realisations/{id}.doi", local.url));
+    // What Nix itself writes into a cache for it, byte for byte.
+    let by_nix = env.path("by-nix");
+    copy_ca(&format!("file://{}", by_nix.display()));
+    let nix_text = std::fs::read_to_string(by_nix.join(format!("realisations/{id}.doi"))).unwrap();
+    assert_eq!(served, nix_text);
+    substitute_ca(&env, &local.url, &pk, &drv, &out, "local");
+    let (code, _) = curl(&[&format!(
+        "{}/realisations/{}.doi",
+        local.url,
+        id.replace("!out", "!dev")
+    )]);
+    assert_eq!(code, 404);
+    let (code, _) = curl(&[&format!("{}/realisations/sha256:..!out.doi", local.url)]);
+    assert_eq!(code, 400);
+
+    // Uploaded with the path, into a cache served to a fresh client.
+    upload_once(
+        &env,
+        &out,
+        "ca-cache",
+        &["--secret-key-file", sk.to_str().unwrap()],
+    );
+    let cache = env.path("ca-cache");
+    let uploaded = std::fs::read_to_string(cache.join(format!("realisations/{id}.doi"))).unwrap();
+    assert_eq!(uploaded, nix_text);
+    let over_cache = Daemon::start(&env, &["serve", &format!("file://{}", cache.display())]);
+    substitute_ca(&env, &over_cache.url, &pk, &drv, &out, "uploaded");
+
+    // Pushed by the real nix copy into a cache taking pushes.
+    let pushed = env.path("ca-pushed");
+    std::fs::create_dir_all(&pushed).unwrap();
+    let push = common::credentials::serve_pushable(
+        &env,
+        &format!("file://{}", pushed.display()),
+        &sk,
+        &[],
+    );
+    // The credential's netrc, and the experimental feature.
+    let netrc = env.path("push-netrc");
+    env.set_nix_config(Some(format!("{CA}\nnetrc-file = {}", netrc.display())));
+    copy_ca(&push.url);
+    assert_eq!(
+        std::fs::read_to_string(pushed.join(format!("realisations/{id}.doi"))).unwrap(),
+        nix_text
+    );
+    substitute_ca(&env, &push.url, &pk, &drv, &out, "pushed");
 }

@@ -236,6 +236,7 @@ async fn write_path(
         write_missing_references(source, dest, &info, opts).await?;
     }
     dest.put_narinfo(&info).await.map_err(destination_error)?;
+    write_realisations(source, dest, digest).await?;
     Ok(info)
 }
 
@@ -273,6 +274,20 @@ async fn write_log(source: &dyn Store, dest: &dyn Store, info: &NarInfo) {
             info.store_path
         ),
     }
+}
+
+/// Writes the realisations whose output is this path (content-addressed derivations'
+/// outputs built here), after its narinfo: a client that reads one can then substitute it.
+async fn write_realisations(source: &dyn Store, dest: &dyn Store, digest: &Digest) -> Result<()> {
+    for (id, json) in source.realisations_of(digest).await? {
+        match dest.put_realisation(&id, &json).await {
+            Ok(()) => tracing::debug!("wrote realisation {id}"),
+            // A remote Nix store over ssh has no command for them.
+            Err(StoreError::Unsupported(_)) => {}
+            Err(e) => return Err(destination_error(e)),
+        }
+    }
+    Ok(())
 }
 
 /// Writes again, references first, the references of `info` that the destination lacks.

@@ -66,3 +66,26 @@ pub fn push_writer(env: &NixEnv) -> (String, String) {
     env.set_nix_config(Some(format!("netrc-file = {}", netrc.display())));
     (token, creds)
 }
+
+/// `nixcached serve --allow-push` of `store` with `env`'s write credential
+/// ([`push_writer`]), signing with `sk`, plus `extra` flags.
+pub fn serve_pushable(
+    env: &NixEnv,
+    store: &str,
+    sk: &std::path::Path,
+    extra: &[&str],
+) -> super::Daemon {
+    // Pushes need a write credential; reads stay public.
+    let (_, creds) = push_writer(env);
+    let mut args = vec![
+        "serve",
+        "--allow-push",
+        "--credentials",
+        &creds,
+        "--secret-key-file",
+        sk.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    args.push(store);
+    super::Daemon::start(env, &args)
+}

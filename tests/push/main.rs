@@ -22,23 +22,12 @@ pub fn digest(path: &str) -> &str {
     &path["/nix/store/".len()..][..32]
 }
 
-/// `nixcached serve --allow-push --secret-key-file SK STORE EXTRA…`.
+/// `nixcached serve --allow-push` with the environment's write credential, `--secret-key-file
+/// SK`, a negative cache of an hour (so a push must invalidate it), and `extra` flags.
 pub fn serve_pushable(env: &NixEnv, store: &str, sk: &Path, extra: &[&str]) -> Daemon {
-    // Pushes need a write credential; reads stay public.
-    let (_, creds) = common::credentials::push_writer(env);
-    let mut args = vec![
-        "serve",
-        "--allow-push",
-        "--credentials",
-        &creds,
-        "--secret-key-file",
-        sk.to_str().unwrap(),
-        "--negative-ttl",
-        "1h",
-    ];
+    let mut args = vec!["--negative-ttl", "1h"];
     args.extend_from_slice(extra);
-    args.push(store);
-    Daemon::start(env, &args)
+    common::credentials::serve_pushable(env, store, sk, &args)
 }
 
 /// The file:// URL of a cache folder, created empty.

@@ -213,6 +213,8 @@ enum Route<'a> {
     /// `<digest>.narinfo` or `<digest>.ls` whose digest is malformed.
     BadDigest,
     Log(&'a str),
+    /// `realisations/<id>.doi`: what a content-addressed derivation's output realised to.
+    Realisation(&'a str),
     Nar(&'a str),
     Static(&'a str),
     Browse(Digest, &'a str),
@@ -230,6 +232,7 @@ impl<'a> Route<'a> {
             Route::Listing(_) => "ls",
             Route::BadDigest => "bad-digest",
             Route::Log(_) => "log",
+            Route::Realisation(_) => "realisation",
             Route::Nar(_) => "nar",
             Route::Static(_) => "static",
             Route::Browse(..) => "browse",
@@ -260,6 +263,12 @@ impl<'a> Route<'a> {
                 }
                 if let Some(drv) = r.strip_prefix("log/") {
                     return Route::Log(drv);
+                }
+                if let Some(id) = r
+                    .strip_prefix("realisations/")
+                    .and_then(|r| r.strip_suffix(".doi"))
+                {
+                    return Route::Realisation(id);
                 }
                 if let Some(name) = r.strip_prefix("_/") {
                     return Route::Static(name);
@@ -408,7 +417,33 @@ async fn handle(
             Ok(Err(e)) => respond(svc, Mode::Protocol, rel, e.into()),
             Err(e) => respond(svc, Mode::Protocol, rel, e.into()),
         },
+        Route::Realisation(id) => realisation(svc, rel, id).await,
         Route::Nar(key) => nar(req, ing, key).await,
+    }
+}
+
+/// A realisation, from the store (a cache's `realisations/` folder, the local store's
+/// database, or an upstream), checked to be the one asked for.
+async fn realisation(svc: &CacheService, rel: &str, id: &str) -> HttpResponse {
+    if let Err(e) = crate::store::realisation::check_id(id) {
+        return respond(svc, Mode::Protocol, rel, e.into());
+    }
+    match tokio::time::timeout(svc.backend_timeout, svc.store.realisation(id)).await {
+        Ok(Ok(json)) => HttpResponse::Ok()
+            .content_type("application/json")
+            .insert_header((header::CACHE_CONTROL, NARINFO_MAX_AGE))
+            .body(json),
+        Ok(Err(e)) => respond(svc, Mode::Protocol, rel, e.into()),
+        Err(_) => respond(
+            svc,
+            Mode::Protocol,
+            rel,
+            crate::store::StoreError::backend(
+                format!("reading {rel}"),
+                "the store did not answer within --backend-timeout",
+            )
+            .into(),
+        ),
     }
 }
 

@@ -141,6 +141,28 @@ impl Store for BinaryCache {
         super::encoded::decode_whole(blob, super::MAX_LOG_BYTES, &key).await
     }
 
+    async fn realisation(&self, id: &str) -> Result<String> {
+        super::realisation::check_id(id)?;
+        let key = super::realisation::key(id);
+        let text = self
+            .read_small(&key, super::realisation::MAX_REALISATION_BYTES)
+            .await?;
+        super::realisation::check_text(id, &text)?;
+        Ok(text)
+    }
+
+    async fn put_realisation(&self, id: &str, json: &str) -> Result<()> {
+        super::realisation::check_id(id)?;
+        self.blobs
+            .put(
+                &super::realisation::key(id),
+                once(json.to_owned()),
+                "application/json",
+            )
+            .await
+            .map(|_| ())
+    }
+
     async fn list(&self) -> Result<Vec<Digest>> {
         Ok(self
             .blobs

@@ -341,6 +341,18 @@ impl Store for GuardedStore {
         self.guard(self.inner.log(drv)).await
     }
 
+    async fn realisation(&self, id: &str) -> Result<String> {
+        self.guard(self.inner.realisation(id)).await
+    }
+
+    async fn realisations_of(&self, digest: &Digest) -> Result<Vec<(String, String)>> {
+        self.inner.realisations_of(digest).await
+    }
+
+    async fn put_realisation(&self, id: &str, json: &str) -> Result<()> {
+        self.inner.put_realisation(id, json).await
+    }
+
     async fn list(&self) -> Result<Vec<Digest>> {
         self.guard(self.inner.list()).await
     }

@@ -90,6 +90,17 @@ impl Store for LayeredStore {
         .await
     }
 
+    async fn realisation(&self, id: &str) -> Result<String> {
+        self.either(&super::realisation::key(id), |s| async move {
+            s.realisation(id).await
+        })
+        .await
+    }
+
+    async fn put_realisation(&self, id: &str, json: &str) -> Result<()> {
+        self.primary.put_realisation(id, json).await
+    }
+
     async fn log(&self, drv: &str) -> Result<Blob> {
         self.either(&format!("log/{drv}"), |s| async move { s.log(drv).await })
             .await

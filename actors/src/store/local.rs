@@ -306,6 +306,42 @@ impl LocalStore {
 }
 
 /// A local store is used through `Arc` so that blocking database work can own a handle.
+/// Realisations (id, Nix's JSON) from the database's `Realisations` table, selected by
+/// `filter` on `r` (the realisation) and `v` (its output's row in `ValidPaths`). A database
+/// that never had content-addressed derivations enabled has no such table: none there.
+fn realisation_rows(
+    c: &Connection,
+    filter: &str,
+    params: [&String; 2],
+) -> rusqlite::Result<Vec<(String, String)>> {
+    let sql = format!(
+        "SELECT r.drvPath, r.outputName, v.path, r.signatures FROM Realisations r \
+         JOIN ValidPaths v ON r.outputPath = v.id {filter}"
+    );
+    let mut stmt = match c.prepare_cached(&sql) {
+        Ok(s) => s,
+        Err(rusqlite::Error::SqliteFailure(_, Some(msg))) if msg.contains("no such table") => {
+            return Ok(Vec::new())
+        }
+        Err(e) => return Err(e),
+    };
+    let rows = stmt.query_map(params, |r| {
+        let id = format!("{}!{}", r.get::<_, String>(0)?, r.get::<_, String>(1)?);
+        let path: String = r.get(2)?;
+        let sigs: Option<String> = r.get(3)?;
+        Ok((id, path, sigs.unwrap_or_default()))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, path, sigs) = row?;
+        let base = path.rsplit('/').next().unwrap_or_default().to_owned();
+        let sigs: Vec<String> = sigs.split_whitespace().map(str::to_owned).collect();
+        let json = super::realisation::render(&id, &base, &sigs);
+        out.push((id, json));
+    }
+    Ok(out)
+}
+
 #[async_trait]
 impl Store for Arc<LocalStore> {
     fn describe(&self) -> String {
@@ -402,6 +438,33 @@ impl Store for Arc<LocalStore> {
             &format!("log/{drv}"),
         )
         .await
+    }
+
+    async fn realisation(&self, id: &str) -> Result<String> {
+        super::realisation::check_id(id)?;
+        let (drv_hash, output) = id.split_once('!').expect("checked");
+        let (drv_hash, output) = (drv_hash.to_owned(), output.to_owned());
+        let found = self
+            .with_db(move |c| {
+                realisation_rows(
+                    c,
+                    "WHERE r.drvPath = ?1 AND r.outputName = ?2",
+                    [&drv_hash, &output],
+                )
+            })
+            .await?;
+        found
+            .into_iter()
+            .next()
+            .map(|(_, json)| json)
+            .ok_or_else(|| StoreError::NotFound(super::realisation::key(id)))
+    }
+
+    async fn realisations_of(&self, digest: &Digest) -> Result<Vec<(String, String)>> {
+        let dir = self.layout.store_dir.as_str();
+        let (lo, hi) = (format!("{dir}/{digest}-"), format!("{dir}/{digest}."));
+        self.with_db(move |c| realisation_rows(c, "WHERE v.path >= ?1 AND v.path < ?2", [&lo, &hi]))
+            .await
     }
 
     async fn list(&self) -> Result<Vec<Digest>> {

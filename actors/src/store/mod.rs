@@ -17,6 +17,7 @@ pub mod layered;
 pub mod local;
 pub mod memory;
 pub mod nix_object;
+pub mod realisation;
 pub mod s3;
 pub mod ssh;
 pub mod upstream;
@@ -303,6 +304,26 @@ pub trait Store: Send + Sync + 'static {
 
     /// The build log of a derivation (`<digest>-<name>.drv`), uncompressed.
     async fn log(&self, drv: &str) -> Result<Blob>;
+
+    /// The realisation `id` (`sha256:<drv hash>!<output>`, checked by the caller with
+    /// [`realisation::check_id`]) of a content-addressed derivation's output, as Nix's JSON.
+    async fn realisation(&self, id: &str) -> Result<String> {
+        Err(StoreError::NotFound(realisation::key(id)))
+    }
+
+    /// The realisations whose output is the object with this digest, as (id, JSON): what
+    /// `upload` writes along with the object. Only a local store knows them.
+    async fn realisations_of(&self, _digest: &Digest) -> Result<Vec<(String, String)>> {
+        Ok(Vec::new())
+    }
+
+    /// Writes a realisation; callers write it only after its output's narinfo.
+    async fn put_realisation(&self, id: &str, _json: &str) -> Result<()> {
+        Err(StoreError::Unsupported(format!(
+            "{} cannot store realisations ({id})",
+            self.describe()
+        )))
+    }
 
     /// The digests of every object in the store (order unspecified).
     async fn list(&self) -> Result<Vec<Digest>>;

@@ -180,6 +180,7 @@ pub(super) async fn put(
         Route::NarInfo(digest) => put_narinfo(svc, pusher, digest, declared, body).await,
         Route::Listing(digest) => put_listing(svc, digest, declared, body).await,
         Route::Log(drv) => put_log(svc, drv, body).await,
+        Route::Realisation(id) => put_realisation(svc, id, declared, body).await,
         Route::CacheInfo => put_cache_info(svc, declared, body).await,
         Route::BadDigest => Err(Refusal::bad(format!(
             "{rel} does not name a store path digest; push <32-character digest>.narinfo"
@@ -410,6 +411,38 @@ async fn put_log(svc: &CacheService, drv: &str, body: web::Payload) -> Result<()
     ingest::ingest(body, &what, MAX_LOG_BYTES, write)
         .await
         .map_err(|s| Failed::of(s, &format!("writing {what}")))
+}
+
+/// A realisation, stored once its output's narinfo is in the cache (as a narinfo waits for
+/// its references): a client that reads it can then substitute the output.
+async fn put_realisation(
+    svc: &CacheService,
+    id: &str,
+    declared: Option<u64>,
+    body: web::Payload,
+) -> Result<(), Failed> {
+    use crate::store::realisation::{check_id, check_text, key, MAX_REALISATION_BYTES};
+    check_id(id).map_err(|e| Refusal::bad(e.to_string()))?;
+    let name = key(id);
+    let json = ingest::small_text(body, &name, declared, MAX_REALISATION_BYTES).await?;
+    let out = check_text(id, &json)
+        .map_err(|e| Refusal::bad(format!("{e}; push the realisation nix copy writes")))?;
+    let narinfo = format!("{}.narinfo", out.digest());
+    let present = svc
+        .store
+        .exists(&narinfo)
+        .await
+        .map_err(|e| Failed::Store(format!("looking for {narinfo}"), e))?;
+    if !present {
+        return Err(Refusal::conflict(format!(
+            "{name} names {out}, which this cache does not hold; push the path first (nix copy does)"
+        ))
+        .into());
+    }
+    svc.store
+        .put_realisation(id, &json)
+        .await
+        .map_err(store_failed(format!("writing {name}")))
 }
 
 async fn put_cache_info(

@@ -533,6 +533,15 @@ impl Store for UpstreamStore {
         Ok(text)
     }
 
+    async fn realisation(&self, id: &str) -> Result<String> {
+        super::realisation::check_id(id)?;
+        let key = super::realisation::key(id);
+        let (_, resp) = self.inner.first_found(&key, false).await?;
+        let text = Inner::text(resp, &key, super::realisation::MAX_REALISATION_BYTES).await?;
+        super::realisation::check_text(id, &text)?;
+        Ok(text)
+    }
+
     async fn log(&self, drv: &str) -> Result<Blob> {
         crate::formats::StorePath::from_base_name(drv)
             .map_err(|e| StoreError::Invalid(e.to_string()))?;
