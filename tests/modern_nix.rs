@@ -353,3 +353,26 @@ fn both_clients_push_with_nix_copy_and_both_substitute_what_each_pushed() {
         }
     }
 }
+
+/// A content-addressed derivation's output, found by each client through its realisation
+/// (`realisations/<id>.doi`) served from the local store, with no local build allowed.
+#[test]
+fn both_clients_substitute_a_content_addressed_output_through_its_realisation() {
+    use common::ca::{build_ca, substitute_ca, CA};
+    let src = NixEnv::new();
+    src.set_nix_config(Some(CA.into()));
+    let (drv, out, _, _) = build_ca(&src);
+    let (sk, pk) = src.keypair("ca-modern-1");
+    let d = Daemon::start(
+        &src,
+        &[
+            "serve",
+            "--secret-key-file",
+            sk.to_str().unwrap(),
+            &format!("local?root={}", src.store_arg()),
+        ],
+    );
+    for client in BOTH {
+        substitute_ca(client, &src, &d.url, &pk, &drv, &out, "realised");
+    }
+}

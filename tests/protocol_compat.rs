@@ -6,6 +6,8 @@ mod common;
 
 use std::path::Path;
 
+use common::ca::{build_ca, substitute_ca, CA};
+use common::modern::Client;
 use common::peers::{new_gcs_bucket, new_s3_bucket};
 use common::{curl, Daemon, NixEnv};
 use nixcached_actors::formats::Compression;
@@ -322,90 +324,6 @@ fn upload_writes_build_logs_that_nix_log_reads_from_the_cache() {
     assert!(shown.contains("building testlib"), "nix log said {shown:?}");
 }
 
-/// A content-addressed derivation built by the real Nix (experimental `ca-derivations`):
-/// returns (its .drv, its output, the realisation id, the expression file).
-fn build_ca(env: &NixEnv) -> (String, String, String, std::path::PathBuf) {
-    let bb = env.path("cabb/bin");
-    std::fs::create_dir_all(&bb).unwrap();
-    std::fs::copy("/bin/busybox", bb.join("busybox")).unwrap();
-    let bb = env.add(&env.path("cabb"));
-    let file = env.path("ca.nix");
-    std::fs::write(
-        &file,
-        format!(
-            r#"let bb = builtins.storePath "{bb}"; in builtins.derivation {{
-  name = "ca-thing"; system = builtins.currentSystem; builder = "${{bb}}/bin/busybox";
-  args = [ "sh" "-c" "echo building ca-thing; mkdir -p $out; echo hi > $out/x" ];
-  __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256"; }}"#
-        ),
-    )
-    .unwrap();
-    let store = env.store_arg();
-    let f = file.to_str().unwrap();
-    let drv = env
-        .run("nix-instantiate", &["--store", &store, f])
-        .trim()
-        .to_owned();
-    let out = env
-        .run("nix-build", &["--store", &store, f, "--no-out-link"])
-        .trim()
-        .to_owned();
-    let info = env.run("nix", &["realisation", "info", "--store", &store, &drv]);
-    let id = info.split_whitespace().next().unwrap().to_owned();
-    assert!(id.ends_with("!out"), "{info}");
-    (drv, out, id, file)
-}
-
-/// Realises `drv` into a fresh store with `url` as the only substituter and no local builds
-/// allowed: it succeeds only if the output is found through its realisation.
-fn substitute_ca(src: &NixEnv, url: &str, pk: &str, drv: &str, out: &str, tag: &str) {
-    let fresh = NixEnv::new();
-    fresh.set_nix_config(Some(CA.into()));
-    let store = fresh.path(&format!("fresh-{tag}"));
-    let store = store.to_str().unwrap();
-    // The derivation and its inputs, not its output.
-    src.run(
-        "nix",
-        &[
-            "copy",
-            "--derivation",
-            "--no-check-sigs",
-            "--from",
-            &src.store_arg(),
-            "--to",
-            store,
-            drv,
-        ],
-    );
-    let out_path = fresh.run(
-        "nix-store",
-        &[
-            "--store",
-            store,
-            "--realise",
-            drv,
-            "--max-jobs",
-            "0",
-            "--option",
-            "substituters",
-            url,
-            "--option",
-            "trusted-public-keys",
-            pk,
-        ],
-    );
-    assert!(out_path.contains(out), "{tag}: realised {out_path:?}");
-    assert!(
-        Path::new(store)
-            .join(out.trim_start_matches('/'))
-            .join("x")
-            .exists(),
-        "{tag}: no output"
-    );
-}
-
-const CA: &str = "experimental-features = nix-command ca-derivations";
-
 #[test]
 fn content_addressed_outputs_are_found_by_their_realisations_served_uploaded_and_pushed() {
     let env = NixEnv::new();
@@ -437,7 +355,7 @@ fn content_addressed_outputs_are_found_by_their_realisations_served_uploaded_and
     copy_ca(&format!("file://{}", by_nix.display()));
     let nix_text = std::fs::read_to_string(by_nix.join(format!("realisations/{id}.doi"))).unwrap();
     assert_eq!(served, nix_text);
-    substitute_ca(&env, &local.url, &pk, &drv, &out, "local");
+    substitute_ca(Client::Nix28, &env, &local.url, &pk, &drv, &out, "local");
     let (code, _) = curl(&[&format!(
         "{}/realisations/{}.doi",
         local.url,
@@ -458,7 +376,15 @@ fn content_addressed_outputs_are_found_by_their_realisations_served_uploaded_and
     let uploaded = std::fs::read_to_string(cache.join(format!("realisations/{id}.doi"))).unwrap();
     assert_eq!(uploaded, nix_text);
     let over_cache = Daemon::start(&env, &["serve", &format!("file://{}", cache.display())]);
-    substitute_ca(&env, &over_cache.url, &pk, &drv, &out, "uploaded");
+    substitute_ca(
+        Client::Nix28,
+        &env,
+        &over_cache.url,
+        &pk,
+        &drv,
+        &out,
+        "uploaded",
+    );
 
     // Pushed by the real nix copy into a cache taking pushes.
     let pushed = env.path("ca-pushed");
@@ -477,5 +403,5 @@ fn content_addressed_outputs_are_found_by_their_realisations_served_uploaded_and
         std::fs::read_to_string(pushed.join(format!("realisations/{id}.doi"))).unwrap(),
         nix_text
     );
-    substitute_ca(&env, &push.url, &pk, &drv, &out, "pushed");
+    substitute_ca(Client::Nix28, &env, &push.url, &pk, &drv, &out, "pushed");
 }

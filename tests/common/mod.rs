@@ -4,6 +4,7 @@
 #![allow(dead_code)] // Each test binary uses a different part of the harness.
 
 pub mod browser;
+pub mod ca;
 pub mod conformance;
 pub mod credentials;
 pub mod fault_proxy;
