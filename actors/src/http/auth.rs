@@ -306,8 +306,9 @@ impl Access {
         }
     }
 
-    /// `Ok` when the request may write, else the response to send (401 or 403). The push
-    /// handler calls this too, so no write path depends on [`Access::check`] alone.
+    /// `Ok` when the request may write, else the response to send (401 or 403); what
+    /// [`Access::check`] asks of every non-read method once the cache has a credential (and a
+    /// cache taking pushes always has one: `serve` refuses to start it otherwise).
     pub fn may_write(&self, req: &HttpRequest) -> Result<(), Refused> {
         match self.rights_of(req) {
             None => Err(Box::new(self.challenge())),

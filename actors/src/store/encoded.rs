@@ -15,6 +15,9 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 use super::{Blob, ByteStream, Result, StoreError};
 use crate::formats::Compression;
+// Nix's own compressors need no more (xz's default preset takes 8 MiB), and a hostile header
+// asking for more must not make a decoder allocate it.
+use crate::nar_files::MAX_DECODER_WINDOW;
 
 /// The compression a `Content-Encoding` value names; `None` for identity, an empty value,
 /// or an encoding that is not a compression Nix writes (the bytes are then taken as they
@@ -52,12 +55,6 @@ fn encoding_of(declared: Option<Compression>, head: &[u8]) -> Option<Compression
         .or_else(|| sniff(head))
 }
 
-/// The decoder's window bound: what Nix's own compressors use (xz's default preset takes
-/// 8 MiB), and no more, so a hostile header cannot make a decoder allocate gigabytes.
-fn window() -> u64 {
-    crate::nar_files::MAX_DECODER_WINDOW
-}
-
 /// Decodes a small object read whole (narinfo, listing, `nix-cache-info`) that was stored
 /// with `declared` encoding (or that starts with a compression's magic number), refusing one
 /// that decodes to more than `max` bytes.
@@ -71,7 +68,7 @@ pub async fn decode_small(
         return Ok(bytes);
     };
     let mut out = Vec::new();
-    c.decoder_within(&bytes[..], window())
+    c.decoder_within(&bytes[..], MAX_DECODER_WINDOW)
         .take(max as u64 + 1)
         .read_to_end(&mut out)
         .await
@@ -120,7 +117,7 @@ pub async fn spool_decoded(
         .map_err(|e| StoreError::backend(format!("spooling {what}"), e))?;
     let mut spool = tokio::fs::File::from_std(spool);
     let reader = tokio::io::BufReader::new(tokio_util::io::StreamReader::new(stream));
-    let mut decoder = c.decoder_within(reader, window()).take(max + 1);
+    let mut decoder = c.decoder_within(reader, MAX_DECODER_WINDOW).take(max + 1);
     let total = tokio::io::copy(&mut decoder, &mut spool)
         .await
         .map_err(|e| {

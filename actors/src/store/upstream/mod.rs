@@ -548,20 +548,24 @@ impl Store for UpstreamStore {
         let key = format!("log/{drv}");
         let (_, resp) = self.inner.first_found(&key, false).await?;
         let encoding = content_encoding(&resp);
-        let total = declared_total(&resp);
-        let stream = capped(body(resp), super::MAX_LOG_BYTES, key.clone());
-        let blob = Blob {
-            stream,
-            span: (0, total.unwrap_or(0)),
-            encoding,
-            total: total.unwrap_or(0),
+        // A plain log goes out as it comes and needs its length; an encoded one is decoded
+        // into a file first, which measures it.
+        let total = match (declared_total(&resp), encoding) {
+            (Some(n), _) => n,
+            (None, Some(_)) => 0,
+            (None, None) => {
+                return Err(StoreError::backend(
+                    format!("fetching {key}"),
+                    "the upstream sent no Content-Length",
+                ))
+            }
         };
-        if encoding.is_none() && total.is_none() {
-            return Err(StoreError::backend(
-                format!("fetching {key}"),
-                "the upstream sent no Content-Length",
-            ));
-        }
+        let blob = Blob {
+            stream: capped(body(resp), super::MAX_LOG_BYTES, key.clone()),
+            span: (0, total),
+            encoding,
+            total,
+        };
         // Stored with `log-compression` (brotli on cache.nixos.org), or plain.
         super::encoded::decode_whole(blob, super::MAX_LOG_BYTES, &key).await
     }
